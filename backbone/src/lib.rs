@@ -1,1 +1,546 @@
-//! placeholder
+//! The backbone core: a directory of signed node records, as a sans-IO
+//! state machine.
+//!
+//! The driver feeds every UDP datagram to [`Directory::handle_datagram`],
+//! calls [`Directory::handle_timeout`] when [`Directory::poll_timeout`] says,
+//! and sends what [`Directory::poll_transmit`] hands back. One port carries
+//! STUN (answered with the sender's reflexive address) and the backbone
+//! protocol; anything else is dropped and counted.
+//!
+//! Registration rules:
+//! * the record must verify (signature, address derived from the key);
+//! * its sequence number must exceed the stored one for that address (a
+//!   replayed or older record loses; an exact duplicate is acknowledged
+//!   without refreshing the record, so a replay cannot keep a dead node
+//!   alive);
+//! * a hostname held by one live identity cannot be taken by another;
+//! * a record lives for `record_ttl` after its last registration.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use meshtun_addr::{MeshAddr, NetworkId};
+use meshtun_nat::{classify, DatagramKind};
+use meshtun_proto::message::Deregistration;
+use meshtun_proto::{Message, Query, RecordError, RejectCode, SignedRecord, VerifiedRecord};
+
+/// Tunables of a directory.
+#[derive(Clone, Debug)]
+pub struct DirectoryConfig {
+    /// How long a record lives without a heartbeat.
+    pub record_ttl: Duration,
+    /// Most records returned by one lookup.
+    pub max_lookup_results: usize,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        DirectoryConfig { record_ttl: Duration::from_secs(75), max_lookup_results: 8 }
+    }
+}
+
+/// A datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// One stored record.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    pub record: VerifiedRecord,
+    /// Source address of the latest accepted registration.
+    pub observed: SocketAddr,
+    pub registered_at: Instant,
+    pub expires_at: Instant,
+}
+
+/// Counters, for status and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DirectoryStats {
+    pub registrations: u64,
+    pub registrations_rejected: u64,
+    pub deregistrations: u64,
+    pub expirations: u64,
+    pub lookups: u64,
+    pub lookups_rejected: u64,
+    pub stun_requests: u64,
+    pub dropped_malformed: u64,
+    pub dropped_unknown: u64,
+}
+
+
+/// The directory of live records.
+pub struct Directory {
+    config: DirectoryConfig,
+    records: HashMap<MeshAddr, Entry>,
+    hostnames: HashMap<(NetworkId, String), MeshAddr>,
+    wg_keys: HashMap<(NetworkId, [u8; 32]), MeshAddr>,
+    /// Expiry order; entries may be stale (checked against `records`).
+    expiry: BTreeSet<(Instant, MeshAddr)>,
+    transmits: VecDeque<Transmit>,
+    stats: DirectoryStats,
+}
+
+impl Directory {
+    pub fn new(config: DirectoryConfig) -> Directory {
+        Directory {
+            config,
+            records: HashMap::new(),
+            hostnames: HashMap::new(),
+            wg_keys: HashMap::new(),
+            expiry: BTreeSet::new(),
+            transmits: VecDeque::new(),
+            stats: DirectoryStats::default(),
+        }
+    }
+
+    pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.expire(now);
+        match classify(datagram) {
+            DatagramKind::Stun => match meshtun_nat::binding_response(datagram, from) {
+                Ok(payload) => {
+                    self.stats.stun_requests += 1;
+                    self.transmits.push_back(Transmit { dst: from, payload });
+                }
+                Err(_) => self.stats.dropped_malformed += 1,
+            },
+            DatagramKind::Backbone => match Message::decode(datagram) {
+                Ok(message) => self.handle_message(from, message, now),
+                Err(error) => {
+                    tracing::trace!(%from, %error, "dropping malformed backbone datagram");
+                    self.stats.dropped_malformed += 1;
+                }
+            },
+            DatagramKind::WireGuard | DatagramKind::Unknown => self.stats.dropped_unknown += 1,
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.expire(now);
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    /// When the next record expires.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.expiry.iter().next().map(|(at, _)| *at)
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &Entry> {
+        self.records.values()
+    }
+
+    pub fn get(&self, addr: &MeshAddr) -> Option<&Entry> {
+        self.records.get(addr)
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+
+    pub fn stats(&self) -> &DirectoryStats {
+        &self.stats
+    }
+
+    pub fn config(&self) -> &DirectoryConfig {
+        &self.config
+    }
+
+    fn handle_message(&mut self, from: SocketAddr, message: Message, now: Instant) {
+        match message {
+            Message::Register { request_id, record } => {
+                let reply = match self.register(from, &record, now) {
+                    Ok(()) => Message::RegisterAck {
+                        request_id,
+                        observed: from,
+                        ttl_secs: self.config.record_ttl.as_secs().min(u32::MAX as u64) as u32,
+                    },
+                    Err((code, detail)) => {
+                        self.stats.registrations_rejected += 1;
+                        tracing::debug!(%from, code = code.as_str(), %detail, "registration refused");
+                        Message::Reject { request_id, code, detail }
+                    }
+                };
+                self.send(from, &reply);
+            }
+            Message::Deregister { request_id, deregistration } => {
+                let reply = match self.deregister(&deregistration) {
+                    Ok(()) => Message::DeregisterAck { request_id },
+                    Err((code, detail)) => Message::Reject { request_id, code, detail },
+                };
+                self.send(from, &reply);
+            }
+            Message::Lookup { request_id, from: asker, query } => {
+                let reply = match self.records.get(&asker) {
+                    Some(entry) if entry.observed == from => {
+                        self.stats.lookups += 1;
+                        Message::LookupReply { request_id, records: self.lookup(&query) }
+                    }
+                    _ => {
+                        self.stats.lookups_rejected += 1;
+                        Message::Reject {
+                            request_id,
+                            code: RejectCode::NotRegistered,
+                            detail: String::new(),
+                        }
+                    }
+                };
+                self.send(from, &reply);
+            }
+            // Replies are for nodes; a backbone ignores them.
+            Message::RegisterAck { .. }
+            | Message::DeregisterAck { .. }
+            | Message::LookupReply { .. }
+            | Message::Reject { .. } => self.stats.dropped_unknown += 1,
+        }
+    }
+
+    fn register(
+        &mut self,
+        from: SocketAddr,
+        signed: &SignedRecord,
+        now: Instant,
+    ) -> Result<(), (RejectCode, String)> {
+        let verified = signed.verify().map_err(|e| {
+            let code = match e {
+                RecordError::BadSignature | RecordError::WrongIdentity => RejectCode::BadSignature,
+                RecordError::AddressNotDerived { .. } | RecordError::ReservedAddress(_) => {
+                    RejectCode::AddressNotDerived
+                }
+                RecordError::Malformed(_) => RejectCode::Malformed,
+            };
+            (code, e.to_string())
+        })?;
+        let record = &verified.record;
+        let addr = record.mesh_addr();
+        if let Some(existing) = self.records.get(&addr) {
+            if existing.record.signed == *signed {
+                return Ok(()); // a retransmission: acknowledge, refresh nothing
+            }
+            if record.seq <= existing.record.record.seq {
+                return Err((
+                    RejectCode::StaleSequence,
+                    format!(
+                        "sequence {} is not newer than the stored {}",
+                        record.seq, existing.record.record.seq
+                    ),
+                ));
+            }
+        }
+        if let Some(name) = &record.hostname {
+            if let Some(holder) = self.hostnames.get(&(record.network, name.clone())) {
+                if *holder != addr {
+                    return Err((
+                        RejectCode::HostnameTaken,
+                        format!("hostname {name:?} is held by {holder}"),
+                    ));
+                }
+            }
+        }
+        self.remove(&addr);
+        if let Some(name) = &record.hostname {
+            self.hostnames.insert((record.network, name.clone()), addr);
+        }
+        self.wg_keys.insert((record.network, record.wg_key), addr);
+        let expires_at = now + self.config.record_ttl;
+        self.expiry.insert((expires_at, addr));
+        self.records.insert(
+            addr,
+            Entry { record: verified, observed: from, registered_at: now, expires_at },
+        );
+        self.stats.registrations += 1;
+        Ok(())
+    }
+
+    fn deregister(&mut self, d: &Deregistration) -> Result<(), (RejectCode, String)> {
+        let Some(entry) = self.records.get(&d.addr) else {
+            return Err((RejectCode::UnknownNode, format!("{} is not registered", d.addr)));
+        };
+        if !d.verify(&entry.record.record.identity_key) {
+            return Err((RejectCode::BadSignature, "deregistration signature invalid".into()));
+        }
+        if d.seq <= entry.record.record.seq {
+            return Err((RejectCode::StaleSequence, "deregistration is older than the record".into()));
+        }
+        self.remove(&d.addr);
+        self.stats.deregistrations += 1;
+        Ok(())
+    }
+
+    fn lookup(&self, query: &Query) -> Vec<SignedRecord> {
+        let found = match query {
+            Query::Address(addr) => Some(*addr),
+            Query::Hostname { network, name } => {
+                self.hostnames.get(&(*network, name.clone())).copied()
+            }
+            Query::WgKey { network, key } => self.wg_keys.get(&(*network, *key)).copied(),
+        };
+        found
+            .and_then(|addr| self.records.get(&addr))
+            .map(|entry| entry.record.signed.clone())
+            .into_iter()
+            .take(self.config.max_lookup_results)
+            .collect()
+    }
+
+    fn remove(&mut self, addr: &MeshAddr) {
+        let Some(entry) = self.records.remove(addr) else { return };
+        let record = &entry.record.record;
+        self.expiry.remove(&(entry.expires_at, *addr));
+        if let Some(name) = &record.hostname {
+            let key = (record.network, name.clone());
+            if self.hostnames.get(&key) == Some(addr) {
+                self.hostnames.remove(&key);
+            }
+        }
+        let key = (record.network, record.wg_key);
+        if self.wg_keys.get(&key) == Some(addr) {
+            self.wg_keys.remove(&key);
+        }
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while let Some(&(at, addr)) = self.expiry.iter().next() {
+            if at > now {
+                break;
+            }
+            self.expiry.remove(&(at, addr));
+            if self.records.get(&addr).is_some_and(|e| e.expires_at == at) {
+                tracing::debug!(%addr, "record expired");
+                self.remove(&addr);
+                self.stats.expirations += 1;
+            }
+        }
+    }
+
+    fn send(&mut self, dst: SocketAddr, message: &Message) {
+        self.transmits.push_back(Transmit { dst, payload: message.encode() });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshtun_proto::{Identity, NodeRecord};
+
+    const NODE_A: &str = "198.18.0.2:51820";
+    const NODE_B: &str = "198.18.0.3:51820";
+
+    fn sock(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn record(id: &Identity, seq: u64, hostname: Option<&str>) -> SignedRecord {
+        let record = NodeRecord {
+            network: NetworkId::PUBLIC,
+            node: id.node_addr(),
+            identity_key: id.public_key(),
+            pow_nonce: id.nonce(),
+            wg_key: [seq as u8; 32],
+            endpoints: vec![],
+            hostname: hostname.map(str::to_string),
+            capabilities: vec![],
+            groups: vec![],
+            seq,
+        };
+        SignedRecord::sign(id, &record).unwrap()
+    }
+
+    fn exchange(dir: &mut Directory, from: &str, message: Message, now: Instant) -> Message {
+        dir.handle_datagram(sock(from), &message.encode(), now);
+        let reply = dir.poll_transmit().expect("a reply");
+        assert_eq!(reply.dst, sock(from));
+        assert!(dir.poll_transmit().is_none());
+        Message::decode(&reply.payload).unwrap()
+    }
+
+    fn register(dir: &mut Directory, from: &str, signed: SignedRecord, now: Instant) -> Message {
+        exchange(dir, from, Message::Register { request_id: 1, record: signed }, now)
+    }
+
+    fn identities() -> (Identity, Identity) {
+        (Identity::generate([1; 32]), Identity::generate([2; 32]))
+    }
+
+    #[test]
+    fn valid_registration_is_acknowledged_with_the_observed_endpoint() {
+        let (a, _) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        let reply = register(&mut dir, NODE_A, record(&a, 1, Some("alpha")), now);
+        assert_eq!(reply, Message::RegisterAck { request_id: 1, observed: sock(NODE_A), ttl_secs: 75 });
+        assert_eq!(dir.len(), 1);
+    }
+
+    #[test]
+    fn registration_with_a_bad_signature_is_rejected() {
+        let (a, _) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let mut signed = record(&a, 1, None);
+        signed.signature[0] ^= 1;
+        let reply = register(&mut dir, NODE_A, signed, Instant::now());
+        assert!(matches!(reply, Message::Reject { code: RejectCode::BadSignature, .. }));
+        assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn registration_for_an_address_not_derived_from_the_key_is_rejected() {
+        let (a, b) = identities();
+        // B's record body with A's node address, signed by B.
+        let mut body: NodeRecord = postcard_body(&record(&b, 1, None));
+        body.node = a.node_addr();
+        let forged = SignedRecord {
+            body: postcard_encode(&body),
+            signature: b.sign(&[b"meshtun record v1\0".as_slice(), &postcard_encode(&body)].concat()).to_vec(),
+        };
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let reply = register(&mut dir, NODE_B, forged, Instant::now());
+        assert!(matches!(reply, Message::Reject { code: RejectCode::AddressNotDerived, .. }));
+    }
+
+    #[test]
+    fn replayed_or_older_sequence_loses_and_does_not_refresh() {
+        let (a, _) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let t0 = Instant::now();
+        let old = record(&a, 5, None);
+        register(&mut dir, NODE_A, old.clone(), t0);
+        let newer = record(&a, 6, None);
+        register(&mut dir, NODE_A, newer.clone(), t0 + Duration::from_secs(1));
+        let reply = register(&mut dir, NODE_A, old, t0 + Duration::from_secs(2));
+        assert!(matches!(reply, Message::Reject { code: RejectCode::StaleSequence, .. }));
+        // An exact replay of the current record is acknowledged but does not extend its life.
+        let expiry = dir.get(&a.mesh_addr(NetworkId::PUBLIC)).unwrap().expires_at;
+        let reply = register(&mut dir, NODE_A, newer, t0 + Duration::from_secs(30));
+        assert!(matches!(reply, Message::RegisterAck { .. }));
+        assert_eq!(dir.get(&a.mesh_addr(NetworkId::PUBLIC)).unwrap().expires_at, expiry);
+    }
+
+    #[test]
+    fn a_live_hostname_cannot_be_taken_by_another_identity() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let t0 = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, Some("papers")), t0);
+        let reply = register(&mut dir, NODE_B, record(&b, 1, Some("papers")), t0);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::HostnameTaken, .. }));
+        // Once A's record expires, the name is free.
+        let later = t0 + DirectoryConfig::default().record_ttl + Duration::from_secs(1);
+        dir.handle_timeout(later);
+        assert!(dir.is_empty());
+        let reply = register(&mut dir, NODE_B, record(&b, 2, Some("papers")), later);
+        assert!(matches!(reply, Message::RegisterAck { .. }));
+    }
+
+    #[test]
+    fn lookups_find_records_by_address_hostname_and_wireguard_key() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, Some("alpha")), now);
+        let b_record = record(&b, 3, Some("beta"));
+        register(&mut dir, NODE_B, b_record.clone(), now);
+        let from = a.mesh_addr(NetworkId::PUBLIC);
+        for query in [
+            Query::Address(b.mesh_addr(NetworkId::PUBLIC)),
+            Query::Hostname { network: NetworkId::PUBLIC, name: "beta".into() },
+            Query::WgKey { network: NetworkId::PUBLIC, key: [3; 32] },
+        ] {
+            let reply = exchange(&mut dir, NODE_A, Message::Lookup { request_id: 4, from, query }, now);
+            assert_eq!(reply, Message::LookupReply { request_id: 4, records: vec![b_record.clone()] });
+        }
+        let reply = exchange(
+            &mut dir,
+            NODE_A,
+            Message::Lookup {
+                request_id: 5,
+                from,
+                query: Query::Hostname { network: NetworkId::PUBLIC, name: "nobody".into() },
+            },
+            now,
+        );
+        assert_eq!(reply, Message::LookupReply { request_id: 5, records: vec![] });
+    }
+
+    #[test]
+    fn lookups_from_unregistered_sources_are_refused_to_prevent_reflection() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, None), now);
+        let lookup = Message::Lookup {
+            request_id: 1,
+            from: a.mesh_addr(NetworkId::PUBLIC),
+            query: Query::Address(b.mesh_addr(NetworkId::PUBLIC)),
+        };
+        // Same claimed asker, but from a spoofed source address.
+        let reply = exchange(&mut dir, "203.0.113.9:999", lookup.clone(), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::NotRegistered, .. }));
+        assert!(lookup.encode().len() >= Message::Reject {
+            request_id: 1,
+            code: RejectCode::NotRegistered,
+            detail: String::new()
+        }
+        .encode()
+        .len());
+    }
+
+    #[test]
+    fn signed_deregistration_forgets_the_node_and_frees_its_hostname() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, Some("alpha")), now);
+        let addr = a.mesh_addr(NetworkId::PUBLIC);
+        // A forged deregistration (signed by B) is refused.
+        let forged = Deregistration::sign(&b, addr, 2);
+        let reply = exchange(&mut dir, NODE_B, Message::Deregister { request_id: 1, deregistration: forged }, now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::BadSignature, .. }));
+        let real = Deregistration::sign(&a, addr, 2);
+        let reply = exchange(&mut dir, NODE_A, Message::Deregister { request_id: 2, deregistration: real }, now);
+        assert_eq!(reply, Message::DeregisterAck { request_id: 2 });
+        assert!(dir.is_empty());
+        let reply = register(&mut dir, NODE_B, record(&b, 1, Some("alpha")), now);
+        assert!(matches!(reply, Message::RegisterAck { .. }));
+    }
+
+    #[test]
+    fn stun_binding_requests_are_answered_with_the_reflexive_address() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let request = meshtun_nat::binding_request([5; 12]);
+        dir.handle_datagram(sock(NODE_A), &request, Instant::now());
+        let reply = dir.poll_transmit().unwrap();
+        assert_eq!(meshtun_nat::parse_binding_response(&reply.payload, &[5; 12]).unwrap(), sock(NODE_A));
+    }
+
+    #[test]
+    fn garbage_is_dropped_and_counted() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        for datagram in [&b""[..], b"MT\x01", b"MT\x01\xff\xff\xff", b"\x01\x00\x00\x00", b"hello"] {
+            dir.handle_datagram(sock(NODE_A), datagram, now);
+        }
+        assert!(dir.poll_transmit().is_none());
+        let stats = dir.stats();
+        assert_eq!(stats.dropped_malformed + stats.dropped_unknown, 5);
+    }
+
+    fn postcard_body(signed: &SignedRecord) -> NodeRecord {
+        signed.verify().unwrap().record
+    }
+
+    fn postcard_encode(record: &NodeRecord) -> Vec<u8> {
+        // Records are postcard-encoded; re-encode through the public signing
+        // path's format by signing with a throwaway check skipped.
+        meshtun_proto::record::encode_body(record)
+    }
+}

@@ -1,1 +1,724 @@
-//! placeholder
+//! The meshtun packet engine core, sans-IO.
+//!
+//! [`Node`] owns everything a mesh node decides: its registration with the
+//! backbones, lookups of unknown peers, one WireGuard session per peer,
+//! cryptokey routing, and what to do with packets nobody can take. The
+//! driver (the daemon in `src/`, or the in-memory simulator in tests) moves
+//! bytes:
+//!
+//! * IP packets read from the TUN go to [`Node::handle_tun_packet`];
+//! * UDP datagrams go to [`Node::handle_udp`];
+//! * at [`Node::poll_timeout`] it calls [`Node::handle_timeout`];
+//! * then it drains [`Node::poll_transmit`] (UDP out), [`Node::poll_tun`]
+//!   (packets for the TUN) and [`Node::poll_event`].
+//!
+//! Time comes in as `now`; randomness from the seed in [`NodeConfig`]. The
+//! one exception is inside boringtun's `Tunn`, which reads the monotonic
+//! clock for its own WireGuard timers and draws handshake ephemerals from
+//! the OS. That is contained in [`peer`]; nothing else depends on it.
+
+mod backbone_client;
+pub mod packet;
+pub mod peer;
+mod stats;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{Ipv6Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use boringtun::noise::{Packet, Tunn};
+use boringtun::x25519::{PublicKey, StaticSecret};
+use meshtun_addr::{MeshAddr, NetworkId};
+use meshtun_nat::{classify, DatagramKind};
+use meshtun_proto::{Identity, Message, NodeRecord, Query, SignedRecord, VerifiedRecord};
+use rand::{RngCore, SeedableRng};
+use rand_chacha::ChaCha20Rng;
+use serde::Serialize;
+
+pub use backbone_client::{BackboneState, BackboneStatus};
+use backbone_client::BackboneClient;
+use peer::{Peer, PeerId, PeerStatus};
+pub use stats::{DropReason, Stats};
+
+/// Largest IP packet the engine carries.
+pub const MAX_PACKET: usize = 65535;
+/// WireGuard adds at most this much to a packet.
+const WG_OVERHEAD: usize = 32;
+/// A handshake initiation is 148 bytes, the floor for boringtun's buffers.
+const MIN_WG_BUFFER: usize = 148;
+
+/// How a node behaves. The defaults suit a real deployment; tests shorten
+/// the intervals.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub network: NetworkId,
+    pub hostname: Option<String>,
+    pub capabilities: Vec<String>,
+    pub groups: Vec<String>,
+    pub backbones: Vec<SocketAddr>,
+    /// Where this node's UDP socket can be reached directly (interface
+    /// addresses with the listening port).
+    pub local_endpoints: Vec<SocketAddr>,
+    /// Re-registration interval; records on the backbone live a few of these.
+    pub heartbeat_interval: Duration,
+    /// How long to wait for a backbone's answer before retrying.
+    pub request_timeout: Duration,
+    /// Longest wait between retries to an unreachable backbone.
+    pub max_backoff: Duration,
+    /// How many times a lookup is sent before the destination is declared
+    /// unreachable.
+    pub lookup_attempts: u32,
+    /// How long a failed lookup is remembered, so that a retrying
+    /// application gets its ICMPv6 error at once instead of a lookup storm.
+    pub negative_cache: Duration,
+    /// The first record sequence number. The driver passes wall-clock
+    /// milliseconds so a restarted node's records still win.
+    pub initial_seq: u64,
+    /// WireGuard persistent keepalive in seconds (keeps NAT mappings open).
+    pub persistent_keepalive: Option<u16>,
+    /// Packets held per destination while its lookup and handshake run.
+    pub max_queued_per_destination: usize,
+    /// Destinations with packets waiting at once.
+    pub max_pending_destinations: usize,
+    pub rng_seed: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            network: NetworkId::PUBLIC,
+            hostname: None,
+            capabilities: vec![],
+            groups: vec![],
+            backbones: vec![],
+            local_endpoints: vec![],
+            heartbeat_interval: Duration::from_secs(20),
+            request_timeout: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            lookup_attempts: 4,
+            negative_cache: Duration::from_secs(2),
+            initial_seq: 1,
+            persistent_keepalive: Some(25),
+            max_queued_per_destination: 64,
+            max_pending_destinations: 1024,
+            rng_seed: 0,
+        }
+    }
+}
+
+/// A UDP datagram to send.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transmit {
+    pub dst: SocketAddr,
+    pub payload: Vec<u8>,
+}
+
+/// Things worth telling the operator about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    BackboneRegistered { backbone: SocketAddr, observed: SocketAddr },
+    BackboneUnreachable { backbone: SocketAddr, error: String },
+    RegistrationRejected { backbone: SocketAddr, code: String, detail: String },
+    PeerAdded { peer: String, hostname: Option<String> },
+    PeerUp { peer: String, endpoint: SocketAddr },
+    LookupFailed { peer: String, reason: String },
+    Deregistered { backbone: SocketAddr },
+}
+
+/// A snapshot for `meshtun status`.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    pub address: String,
+    pub ipv6: Ipv6Addr,
+    pub hostname: Option<String>,
+    pub record_seq: u64,
+    pub endpoints: Vec<SocketAddr>,
+    pub backbones: Vec<BackboneStatus>,
+    pub peers: Vec<PeerStatus>,
+    pub stats: Stats,
+}
+
+struct PendingLookup {
+    query: Query,
+    request_id: u64,
+    attempts: u32,
+    next_retry: Instant,
+    /// Packets for an address lookup, or the stashed handshake for a
+    /// key lookup.
+    packets: VecDeque<Vec<u8>>,
+    handshake: Option<(SocketAddr, Vec<u8>)>,
+}
+
+/// One mesh node.
+pub struct Node {
+    config: NodeConfig,
+    identity: Identity,
+    me: MeshAddr,
+    my_ip: Ipv6Addr,
+    wg_secret: StaticSecret,
+    wg_public: PublicKey,
+    backbones: BackboneClient,
+    peers: Vec<Option<Peer>>,
+    free_peer_ids: Vec<PeerId>,
+    by_addr: HashMap<MeshAddr, PeerId>,
+    by_wg_key: HashMap<[u8; 32], PeerId>,
+    lookups: HashMap<Query, PendingLookup>,
+    lookup_by_request: HashMap<u64, Query>,
+    unreachable_until: HashMap<MeshAddr, Instant>,
+    transmits: VecDeque<Transmit>,
+    tun_out: VecDeque<Vec<u8>>,
+    events: VecDeque<Event>,
+    next_wg_tick: Option<Instant>,
+    rng: ChaCha20Rng,
+    buf: Vec<u8>,
+    stats: Stats,
+    shutting_down: bool,
+}
+
+/// How often boringtun's timers are driven (as its own device does).
+const WG_TICK: Duration = Duration::from_millis(250);
+
+impl Node {
+    pub fn new(config: NodeConfig, identity: Identity, wg_secret: StaticSecret, now: Instant) -> Node {
+        let me = identity.mesh_addr(config.network);
+        let wg_public = PublicKey::from(&wg_secret);
+        let mut rng = ChaCha20Rng::seed_from_u64(config.rng_seed);
+        let backbones = BackboneClient::new(&config, identity.clone(), rng.next_u64(), now);
+        let mut node = Node {
+            me,
+            my_ip: me.to_ipv6(),
+            identity,
+            wg_secret,
+            wg_public,
+            backbones,
+            peers: Vec::new(),
+            free_peer_ids: Vec::new(),
+            by_addr: HashMap::new(),
+            by_wg_key: HashMap::new(),
+            lookups: HashMap::new(),
+            lookup_by_request: HashMap::new(),
+            unreachable_until: HashMap::new(),
+            transmits: VecDeque::new(),
+            tun_out: VecDeque::new(),
+            events: VecDeque::new(),
+            next_wg_tick: None,
+            rng,
+            buf: vec![0; MAX_PACKET + WG_OVERHEAD],
+            stats: Stats::default(),
+            shutting_down: false,
+            config,
+        };
+        node.refresh_record();
+        node
+    }
+
+    pub fn mesh_addr(&self) -> MeshAddr {
+        self.me
+    }
+
+    pub fn mesh_ip(&self) -> Ipv6Addr {
+        self.my_ip
+    }
+
+    pub fn wg_public_key(&self) -> [u8; 32] {
+        self.wg_public.to_bytes()
+    }
+
+    /// The record this node currently publishes.
+    pub fn record(&self) -> &NodeRecord {
+        self.backbones.record()
+    }
+
+    /// Replaces the directly reachable endpoints (interfaces changed).
+    pub fn set_local_endpoints(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
+        if endpoints != self.config.local_endpoints {
+            self.config.local_endpoints = endpoints;
+            self.refresh_record();
+            self.backbones.register_now(now);
+        }
+    }
+
+    /// Replaces the backbone list (addresses re-resolved by the driver).
+    pub fn set_backbones(&mut self, backbones: Vec<SocketAddr>, now: Instant) {
+        self.backbones.set_backbones(backbones, now);
+    }
+
+    /// An IP packet read from the TUN.
+    pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        if ip_version_is_not_6(packet) {
+            self.drop_packet(DropReason::NotIpv6);
+            return;
+        }
+        let Some((_, dst)) = packet::ipv6_addresses(packet) else {
+            self.drop_packet(DropReason::Malformed);
+            return;
+        };
+        let dest = match MeshAddr::from_ipv6(dst) {
+            Ok(dest) if dest.network == self.me.network && dest.is_unicast() && dest != self.me => dest,
+            // Multicast (router solicitations, MLD) and foreign prefixes are
+            // not routable over the mesh.
+            _ => {
+                tracing::trace!(%dst, "no mesh route");
+                self.drop_packet(DropReason::NoRoute);
+                return;
+            }
+        };
+        if let Some(&id) = self.by_addr.get(&dest) {
+            self.encapsulate(id, packet);
+            return;
+        }
+        if let Some(&until) = self.unreachable_until.get(&dest) {
+            if until > now {
+                self.answer_unreachable(packet);
+                return;
+            }
+            self.unreachable_until.remove(&dest);
+        }
+        self.queue_for_lookup(Query::Address(dest), packet, now);
+    }
+
+    /// A UDP datagram received on the node's socket.
+    pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        match classify(datagram) {
+            DatagramKind::Backbone => self.handle_backbone_datagram(from, datagram, now),
+            DatagramKind::WireGuard => self.handle_wireguard(from, datagram, now),
+            DatagramKind::Stun | DatagramKind::Unknown => {
+                tracing::trace!(%from, len = datagram.len(), "dropping unexpected datagram");
+                self.drop_packet(DropReason::Malformed);
+            }
+        }
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
+        self.retry_lookups(now);
+        if self.next_wg_tick.is_some_and(|t| t <= now) {
+            self.tick_wireguard();
+            self.next_wg_tick = (!self.by_addr.is_empty()).then(|| now + WG_TICK);
+        }
+        self.unreachable_until.retain(|_, until| *until > now);
+    }
+
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let lookups = self.lookups.values().map(|l| l.next_retry).min();
+        [self.backbones.poll_timeout(), lookups, self.next_wg_tick]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        self.transmits.pop_front()
+    }
+
+    pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
+        self.tun_out.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Starts leaving the mesh: sends signed deregistrations to every
+    /// backbone. The driver keeps polling until [`Node::is_deregistered`] or
+    /// its own deadline.
+    pub fn shutdown(&mut self, now: Instant) {
+        self.shutting_down = true;
+        self.backbones.deregister(now, &mut self.transmits);
+    }
+
+    pub fn is_deregistered(&self) -> bool {
+        self.shutting_down && self.backbones.all_deregistered()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn status(&self, now: Instant) -> NodeStatus {
+        NodeStatus {
+            address: self.me.to_string(),
+            ipv6: self.my_ip,
+            hostname: self.config.hostname.clone(),
+            record_seq: self.backbones.record().seq,
+            endpoints: self.backbones.record().endpoints.clone(),
+            backbones: self.backbones.status(now),
+            peers: self.peers.iter().flatten().map(|p| p.status(now)).collect(),
+            stats: self.stats.clone(),
+        }
+    }
+
+    fn refresh_record(&mut self) {
+        let record = NodeRecord {
+            network: self.config.network,
+            node: self.identity.node_addr(),
+            identity_key: self.identity.public_key(),
+            pow_nonce: self.identity.nonce(),
+            wg_key: self.wg_public.to_bytes(),
+            endpoints: Vec::new(),
+            hostname: self.config.hostname.clone(),
+            capabilities: self.config.capabilities.clone(),
+            groups: self.config.groups.clone(),
+            seq: 0,
+        };
+        self.backbones.set_record_template(record, self.config.local_endpoints.clone());
+    }
+
+    fn handle_backbone_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        if !self.backbones.is_backbone(from) {
+            self.drop_packet(DropReason::UnexpectedSource);
+            return;
+        }
+        let message = match Message::decode(datagram) {
+            Ok(m) => m,
+            Err(error) => {
+                tracing::debug!(%from, %error, "malformed backbone message");
+                self.drop_packet(DropReason::Malformed);
+                return;
+            }
+        };
+        match message {
+            Message::LookupReply { request_id, records } => {
+                self.handle_lookup_reply(request_id, records, now)
+            }
+            Message::Reject { request_id, .. } if self.lookup_by_request.contains_key(&request_id) => {
+                // The backbone does not know us (yet): re-register, and let
+                // the lookup's retry go out after that.
+                self.backbones.register_now(now);
+            }
+            other => {
+                let record_changed = self.backbones.handle_message(from, other, now, &mut self.events);
+                if record_changed {
+                    self.backbones.register_now(now);
+                }
+            }
+        }
+    }
+
+    fn queue_for_lookup(&mut self, query: Query, packet: &[u8], now: Instant) {
+        if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
+            self.drop_packet(DropReason::QueueFull);
+            return;
+        }
+        let max = self.config.max_queued_per_destination;
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
+            query,
+            request_id: 0,
+            attempts: 0,
+            next_retry: now,
+            packets: VecDeque::new(),
+            handshake: None,
+        });
+        if lookup.packets.len() >= max {
+            self.stats.count_drop(DropReason::QueueFull);
+            return;
+        }
+        lookup.packets.push_back(packet.to_vec());
+        if lookup.attempts == 0 {
+            self.retry_lookups(now);
+        }
+    }
+
+    fn stash_handshake_for_lookup(&mut self, key: [u8; 32], from: SocketAddr, datagram: &[u8], now: Instant) {
+        let query = Query::WgKey { network: self.me.network, key };
+        if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
+            self.drop_packet(DropReason::QueueFull);
+            return;
+        }
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
+            query,
+            request_id: 0,
+            attempts: 0,
+            next_retry: now,
+            packets: VecDeque::new(),
+            handshake: None,
+        });
+        lookup.handshake = Some((from, datagram.to_vec()));
+        if lookup.attempts == 0 {
+            self.retry_lookups(now);
+        }
+    }
+
+    fn retry_lookups(&mut self, now: Instant) {
+        let due: Vec<Query> = self
+            .lookups
+            .values()
+            .filter(|l| l.next_retry <= now)
+            .map(|l| l.query.clone())
+            .collect();
+        for query in due {
+            let Some(lookup) = self.lookups.get_mut(&query) else { continue };
+            if lookup.attempts >= self.config.lookup_attempts {
+                self.fail_lookup(&query, "no backbone answered", now);
+                continue;
+            }
+            let Some(backbone) = self.backbones.pick_registered(lookup.attempts as usize) else {
+                // Not registered anywhere yet: wait, but let the attempt count.
+                lookup.attempts += 1;
+                lookup.next_retry = now + self.config.request_timeout;
+                continue;
+            };
+            self.lookup_by_request.remove(&lookup.request_id);
+            lookup.request_id = self.rng.next_u64();
+            lookup.attempts += 1;
+            lookup.next_retry = now + self.config.request_timeout;
+            self.lookup_by_request.insert(lookup.request_id, query.clone());
+            let message = Message::Lookup { request_id: lookup.request_id, from: self.me, query };
+            tracing::debug!(%backbone, request_id = lookup.request_id, "lookup sent");
+            self.transmits.push_back(Transmit { dst: backbone, payload: message.encode() });
+        }
+    }
+
+    fn fail_lookup(&mut self, query: &Query, reason: &str, now: Instant) {
+        let Some(lookup) = self.lookups.remove(query) else { return };
+        self.lookup_by_request.remove(&lookup.request_id);
+        self.stats.lookups_failed += 1;
+        if let Query::Address(dest) = query {
+            self.events.push_back(Event::LookupFailed { peer: dest.to_string(), reason: reason.into() });
+            self.unreachable_until.insert(*dest, now + self.config.negative_cache);
+            for packet in &lookup.packets {
+                self.answer_unreachable(packet);
+            }
+        }
+        for _ in &lookup.packets {
+            self.stats.count_drop(DropReason::LookupFailed);
+        }
+    }
+
+    fn handle_lookup_reply(&mut self, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
+        let Some(query) = self.lookup_by_request.remove(&request_id) else {
+            self.drop_packet(DropReason::UnexpectedSource);
+            return;
+        };
+        let found = records.iter().find_map(|signed| match signed.verify() {
+            Ok(v) if record_answers(&v, &query) => Some(v),
+            Ok(_) => {
+                tracing::warn!("backbone answered a lookup with a record that does not match it");
+                self.stats.bad_records += 1;
+                None
+            }
+            Err(error) => {
+                tracing::warn!(%error, "backbone sent a record that does not verify");
+                self.stats.bad_records += 1;
+                None
+            }
+        });
+        let Some(verified) = found else {
+            self.fail_lookup(&query, "not registered with the backbone", now);
+            return;
+        };
+        let Some(lookup) = self.lookups.remove(&query) else { return };
+        let id = self.upsert_peer(verified.record, now);
+        if let Some((from, datagram)) = lookup.handshake {
+            self.handle_wireguard(from, &datagram, now);
+        }
+        for packet in lookup.packets {
+            self.encapsulate(id, &packet);
+        }
+    }
+
+    fn upsert_peer(&mut self, record: NodeRecord, now: Instant) -> PeerId {
+        let addr = record.mesh_addr();
+        if let Some(&id) = self.by_addr.get(&addr) {
+            if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
+                if record.seq > peer.record.seq && record.wg_key == peer.record.wg_key {
+                    peer.update_record(record);
+                    return id;
+                }
+                if record.wg_key == peer.record.wg_key {
+                    return id;
+                }
+            }
+            self.remove_peer(id);
+        }
+        let id = match self.free_peer_ids.pop() {
+            Some(id) => id,
+            None => {
+                self.peers.push(None);
+                PeerId((self.peers.len() - 1) as u32)
+            }
+        };
+        let tunn = Tunn::new(
+            self.wg_secret.clone(),
+            PublicKey::from(record.wg_key),
+            None,
+            self.config.persistent_keepalive,
+            id.0,
+            None,
+        );
+        self.events.push_back(Event::PeerAdded {
+            peer: addr.to_string(),
+            hostname: record.hostname.clone(),
+        });
+        tracing::info!(peer = %addr, hostname = ?record.hostname, "peer added");
+        self.by_wg_key.insert(record.wg_key, id);
+        self.by_addr.insert(addr, id);
+        if let Some(slot) = self.peers.get_mut(id.index()) {
+            *slot = Some(Peer::new(id, record, tunn, now));
+        }
+        if self.next_wg_tick.is_none() {
+            self.next_wg_tick = Some(now + WG_TICK);
+        }
+        id
+    }
+
+    fn remove_peer(&mut self, id: PeerId) {
+        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::take) else { return };
+        self.by_addr.remove(&peer.addr);
+        if self.by_wg_key.get(&peer.record.wg_key) == Some(&id) {
+            self.by_wg_key.remove(&peer.record.wg_key);
+        }
+        self.free_peer_ids.push(id);
+    }
+
+    fn encapsulate(&mut self, id: PeerId, packet: &[u8]) {
+        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
+        let need = (packet.len() + WG_OVERHEAD).max(MIN_WG_BUFFER);
+        if need > self.buf.len() {
+            self.stats.count_drop(DropReason::Malformed);
+            return;
+        }
+        match peer.tunn.encapsulate(packet, &mut self.buf) {
+            boringtun::noise::TunnResult::WriteToNetwork(out) => {
+                peer.tx_packets += 1;
+                self.stats.tx_packets += 1;
+                self.stats.tx_bytes += packet.len() as u64;
+                for dst in peer.send_targets() {
+                    self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
+                }
+            }
+            boringtun::noise::TunnResult::Done => {}
+            boringtun::noise::TunnResult::Err(error) => {
+                tracing::debug!(peer = %peer.addr, ?error, "encapsulate failed");
+                self.stats.count_drop(DropReason::WireGuard);
+            }
+            _ => {}
+        }
+    }
+
+    fn handle_wireguard(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let id = match Tunn::parse_incoming_packet(datagram) {
+            Ok(Packet::HandshakeInit(init)) => {
+                match boringtun::noise::handshake::parse_handshake_anon(&self.wg_secret, &self.wg_public, &init) {
+                    Ok(half) => match self.by_wg_key.get(&half.peer_static_public) {
+                        Some(&id) => id,
+                        None => {
+                            tracing::debug!(%from, "handshake from an unknown key; looking it up");
+                            self.stash_handshake_for_lookup(half.peer_static_public, from, datagram, now);
+                            return;
+                        }
+                    },
+                    Err(error) => {
+                        tracing::trace!(%from, ?error, "handshake not for us");
+                        self.drop_packet(DropReason::WireGuard);
+                        return;
+                    }
+                }
+            }
+            Ok(Packet::HandshakeResponse(p)) => PeerId(p.receiver_idx >> 8),
+            Ok(Packet::PacketCookieReply(p)) => PeerId(p.receiver_idx >> 8),
+            Ok(Packet::PacketData(p)) => PeerId(p.receiver_idx >> 8),
+            Err(_) => {
+                self.drop_packet(DropReason::Malformed);
+                return;
+            }
+        };
+        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else {
+            self.drop_packet(DropReason::UnknownPeer);
+            return;
+        };
+        let mut datagram = datagram;
+        let mut first = true;
+        loop {
+            let result = peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
+            datagram = &[];
+            match result {
+                boringtun::noise::TunnResult::Done => {
+                    if first {
+                        peer.confirm_endpoint(from, now, &mut self.events);
+                    }
+                    break;
+                }
+                boringtun::noise::TunnResult::Err(error) => {
+                    tracing::trace!(peer = %peer.addr, %from, ?error, "decapsulate failed");
+                    self.stats.count_drop(DropReason::WireGuard);
+                    break;
+                }
+                boringtun::noise::TunnResult::WriteToNetwork(out) => {
+                    if first {
+                        peer.confirm_endpoint(from, now, &mut self.events);
+                    }
+                    let dst = peer.endpoint.unwrap_or(from);
+                    self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
+                }
+                boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
+                    peer.confirm_endpoint(from, now, &mut self.events);
+                    let dst = packet::ipv6_addresses(packet).map(|(_, d)| d);
+                    if src != peer.ip {
+                        // Cryptokey routing: a peer may only send from its own address.
+                        tracing::debug!(peer = %peer.addr, %src, "dropping packet with a spoofed source");
+                        self.stats.count_drop(DropReason::SpoofedSource);
+                    } else if dst != Some(self.my_ip) {
+                        self.stats.count_drop(DropReason::NoRoute);
+                    } else {
+                        peer.rx_packets += 1;
+                        self.stats.rx_packets += 1;
+                        self.stats.rx_bytes += packet.len() as u64;
+                        self.tun_out.push_back(packet.to_vec());
+                    }
+                    break;
+                }
+                boringtun::noise::TunnResult::WriteToTunnelV4(_, _) => {
+                    peer.confirm_endpoint(from, now, &mut self.events);
+                    self.stats.count_drop(DropReason::NotIpv6);
+                    break;
+                }
+            }
+            first = false;
+        }
+    }
+
+    fn tick_wireguard(&mut self) {
+        for peer in self.peers.iter_mut().flatten() {
+            match peer.tunn.update_timers(&mut self.buf) {
+                boringtun::noise::TunnResult::WriteToNetwork(out) => {
+                    for dst in peer.send_targets() {
+                        self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
+                    }
+                }
+                boringtun::noise::TunnResult::Err(error) => {
+                    tracing::trace!(peer = %peer.addr, ?error, "wireguard timer");
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn answer_unreachable(&mut self, packet: &[u8]) {
+        if let Some(error) = packet::icmpv6_address_unreachable(self.my_ip, packet) {
+            self.tun_out.push_back(error);
+        }
+    }
+
+    fn drop_packet(&mut self, reason: DropReason) {
+        self.stats.count_drop(reason);
+    }
+}
+
+fn ip_version_is_not_6(packet: &[u8]) -> bool {
+    packet::ip_version(packet).is_some_and(|v| v != 6)
+}
+
+/// Whether a verified record is an answer to the query that asked for it
+/// (a lying backbone could otherwise hand over a valid record of someone else).
+fn record_answers(verified: &VerifiedRecord, query: &Query) -> bool {
+    let record = &verified.record;
+    match query {
+        Query::Address(addr) => record.mesh_addr() == *addr,
+        Query::Hostname { network, name } => {
+            record.network == *network && record.hostname.as_deref() == Some(name.as_str())
+        }
+        Query::WgKey { network, key } => record.network == *network && record.wg_key == *key,
+    }
+}
