@@ -1,1 +1,291 @@
-fn main() {}
+//! The `meshtun` command: CLI, node daemon and backbone.
+
+mod backbone_server;
+mod cli_error;
+mod control;
+mod daemon;
+mod state;
+mod tun_device;
+mod udp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use meshtun_addr::NetworkId;
+
+use cli_error::CliError;
+
+const DEFAULT_STATE_DIR: &str = "/var/lib/meshtun";
+const DEFAULT_SOCKET: &str = "/run/meshtun/meshtun.sock";
+const DEFAULT_BACKBONE_SOCKET: &str = "/run/meshtun/backbone.sock";
+
+/// meshtun: an overlay network for fleets of agents.
+///
+/// Every host gets a permanent mesh address (N:XXXX.XXXX.XXXX, mapped into
+/// IPv6 fd4d:6573:6874::/48) on a TUN interface. Packets go straight to
+/// the peer, encrypted end to end with WireGuard; a backbone only helps
+/// peers find each other and never sees plaintext.
+///
+/// Quick start on one host:  sudo meshtun up --backbone 198.18.0.1:7400 --hostname my-agent
+#[derive(Parser, Debug)]
+#[command(name = "meshtun", version, propagate_version = true)]
+struct Cli {
+    /// Print machine-readable JSON: {"status":"ok","data":{...}} or
+    /// {"status":"error","code":"...","message":"...","hint":"..."}.
+    #[arg(long, global = true)]
+    json: bool,
+
+    /// Log level (error, warn, info, debug, trace). RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "info", env = "MESHTUN_LOG_LEVEL")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Join the mesh: create the TUN interface, register with the backbone(s)
+    /// and carry traffic, in the foreground until SIGINT/SIGTERM or `meshtun down`.
+    Up(UpArgs),
+    /// Stop the running daemon: it deregisters and removes its interface.
+    Down(SocketArgs),
+    /// Show this node (address, backbones, peers) or, given a backbone's
+    /// socket, the backbone's records.
+    Status(SocketArgs),
+    /// Print this node's mesh address, IPv6 address and public key,
+    /// creating the identity if there is none yet.
+    Id(IdArgs),
+    /// Run a backbone: a directory of signed node records that answers
+    /// lookups and STUN. It never sees plaintext and cannot forge records.
+    Backbone(BackboneArgs),
+}
+
+#[derive(Args, Debug)]
+struct StateArgs {
+    /// Where the identity and keys live (created 0700; files 0600).
+    #[arg(long, default_value = DEFAULT_STATE_DIR, env = "MESHTUN_STATE_DIR")]
+    state_dir: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct SocketArgs {
+    /// The daemon's control socket.
+    #[arg(long, default_value = DEFAULT_SOCKET, env = "MESHTUN_SOCKET")]
+    socket: PathBuf,
+}
+
+#[derive(Args, Debug)]
+struct UpArgs {
+    /// Backbone to register with, as HOST:PORT (repeatable).
+    #[arg(long = "backbone", value_name = "HOST:PORT", required = true)]
+    backbones: Vec<String>,
+    /// Name other agents can look this node up by (one lowercase DNS label).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Mesh network number (0 is the public mesh).
+    #[arg(long, default_value_t = 0)]
+    network: u16,
+    /// Name of the TUN interface.
+    #[arg(long, default_value = "meshtun0")]
+    interface: String,
+    /// UDP port for WireGuard and backbone traffic (0 picks a free one).
+    #[arg(long, default_value_t = 51820)]
+    listen_port: u16,
+    /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay.
+    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(1280..=9000))]
+    mtu: u16,
+    /// Seconds between heartbeats to the backbone.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    heartbeat_secs: u64,
+    #[command(flatten)]
+    state: StateArgs,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
+#[derive(Args, Debug)]
+struct IdArgs {
+    /// Mesh network number the address is shown in.
+    #[arg(long, default_value_t = 0)]
+    network: u16,
+    #[command(flatten)]
+    state: StateArgs,
+}
+
+#[derive(Args, Debug)]
+struct BackboneArgs {
+    /// UDP address to serve nodes on.
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: SocketAddr,
+    /// Seconds a record lives without a heartbeat.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    record_ttl: u64,
+    /// The backbone's control socket.
+    #[arg(long, default_value = DEFAULT_BACKBONE_SOCKET)]
+    socket: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    let json = cli.json;
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => return report(json, &anyhow::anyhow!("cannot start the runtime: {e}")),
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => report(json, &e),
+    }
+}
+
+fn report(json: bool, error: &anyhow::Error) -> ExitCode {
+    let cli = cli_error::classify(error);
+    if json {
+        println!("{}", control::error_envelope(cli.code, &cli.message, cli.hint.as_deref()));
+    } else {
+        eprintln!("meshtun: error: {}", cli.message);
+        if let Some(hint) = &cli.hint {
+            eprintln!("  hint: {hint}");
+        }
+    }
+    ExitCode::FAILURE
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    match cli.command {
+        Command::Up(args) => {
+            let network = network_id(args.network)?;
+            daemon::run(
+                daemon::UpOptions {
+                    backbones: args.backbones,
+                    hostname: args.hostname,
+                    network,
+                    state_dir: args.state.state_dir,
+                    socket: args.socket.socket,
+                    interface: args.interface,
+                    listen_port: args.listen_port,
+                    mtu: args.mtu,
+                    heartbeat: Duration::from_secs(args.heartbeat_secs),
+                },
+                json,
+            )
+            .await
+        }
+        Command::Backbone(args) => {
+            backbone_server::run(
+                backbone_server::BackboneOptions {
+                    listen: args.listen,
+                    socket: args.socket,
+                    record_ttl: Duration::from_secs(args.record_ttl),
+                },
+                json,
+            )
+            .await
+        }
+        Command::Id(args) => {
+            let network = network_id(args.network)?;
+            let state = state::StateDir::open(&args.state.state_dir)?;
+            let (identity, _) = state.load_or_create_identity()?;
+            let addr = identity.mesh_addr(network);
+            let public_key: String = identity.public_key().iter().map(|b| format!("{b:02x}")).collect();
+            if json {
+                print_ok(serde_json::json!({
+                    "address": addr.to_string(),
+                    "ipv6": addr.to_ipv6(),
+                    "public_key": public_key,
+                    "pow_nonce": identity.nonce(),
+                }));
+            } else {
+                println!("address     {addr}\nipv6        {}\npublic key  {public_key}", addr.to_ipv6());
+            }
+            Ok(())
+        }
+        Command::Status(args) => {
+            let data = control::call(&args.socket, &control::Request::Status).await?;
+            if json {
+                print_ok(data);
+            } else {
+                print_status(&data);
+            }
+            Ok(())
+        }
+        Command::Down(args) => {
+            let data = control::call(&args.socket, &control::Request::Down).await?;
+            if json {
+                print_ok(data);
+            } else {
+                println!("meshtun: stopped {}", data["stopped"].as_str().unwrap_or("daemon"));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn network_id(n: u16) -> anyhow::Result<NetworkId> {
+    let id = NetworkId(n);
+    if id.is_reserved() {
+        return Err(CliError::new("invalid_argument", format!("network {n} is reserved")).hint("use 0 for the public mesh").into());
+    }
+    Ok(id)
+}
+
+fn print_ok(data: serde_json::Value) {
+    println!("{}", control::ok_envelope(data));
+}
+
+fn print_status(data: &serde_json::Value) {
+    let s = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    if data["role"] == "backbone" {
+        println!("backbone on {}  (record ttl {} s)", s(&data["listen"]), s(&data["record_ttl_secs"]));
+        let records = data["records"].as_array().cloned().unwrap_or_default();
+        println!("{} record(s)", records.len());
+        for r in records {
+            println!(
+                "  {:<18} {:<16} observed {:<22} expires in {:.0} s",
+                s(&r["address"]),
+                s(&r["hostname"]),
+                s(&r["observed"]),
+                r["expires_in_secs"].as_f64().unwrap_or(0.0)
+            );
+        }
+        return;
+    }
+    println!("node {}  {}  hostname {}", s(&data["address"]), s(&data["ipv6"]), s(&data["hostname"]));
+    println!("interface {}  UDP port {}", s(&data["interface"]), s(&data["listen_port"]));
+    for b in data["backbones"].as_array().cloned().unwrap_or_default() {
+        let extra = match &b["last_error"] {
+            serde_json::Value::String(e) => format!("  ({e}; next try in {:.0} s)", b["next_attempt_in_secs"].as_f64().unwrap_or(0.0)),
+            _ => String::new(),
+        };
+        println!("backbone {}  {}  seen as {}{extra}", s(&b["address"]), s(&b["state"]), s(&b["observed"]));
+    }
+    let peers = data["peers"].as_array().cloned().unwrap_or_default();
+    println!("{} peer(s)", peers.len());
+    for p in peers {
+        println!(
+            "  {:<18} {:<16} endpoint {:<22} handshake {} ago  tx {} B  rx {} B",
+            s(&p["address"]),
+            s(&p["hostname"]),
+            s(&p["endpoint"]),
+            p["handshake_age_secs"].as_f64().map(|a| format!("{a:.0} s")).unwrap_or_else(|| "never".into()),
+            s(&p["tx_bytes"]),
+            s(&p["rx_bytes"])
+        );
+    }
+}

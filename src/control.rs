@@ -1,0 +1,118 @@
+//! The local control socket: one JSON request per connection, one JSON
+//! answer (`{"status":"ok","data":...}` or an error envelope).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::cli_error::CliError;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    Status,
+    Down,
+}
+
+/// A request waiting for the main loop's answer.
+pub struct Pending {
+    pub request: Request,
+    pub reply: oneshot::Sender<serde_json::Value>,
+}
+
+/// Binds the control socket (mode 0600), refusing if a live daemon holds it.
+pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| CliError::new("io_error", format!("cannot create {}: {e}", dir.display()))
+                .hint("run as root, or pass --socket with a path you can write"))?;
+    }
+    if path.exists() {
+        if UnixStream::connect(path).await.is_ok() {
+            return Err(CliError::new("already_running", format!("a daemon is already listening on {}", path.display()))
+                .hint("stop it with `meshtun down`, or give this one its own --socket")
+                .into());
+        }
+        std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path)
+        .map_err(|e| CliError::new("io_error", format!("cannot listen on {}: {e}", path.display())))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+/// Accepts connections and forwards each request to the main loop.
+pub async fn serve(listener: UnixListener, to_main: mpsc::Sender<Pending>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let to_main = to_main.clone();
+        tokio::spawn(async move {
+            let (read, mut write) = stream.into_split();
+            let mut line = String::new();
+            let answer = match BufReader::new(read).read_line(&mut line).await {
+                Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(request) => {
+                        let (reply, rx) = oneshot::channel();
+                        if to_main.send(Pending { request, reply }).await.is_err() {
+                            return;
+                        }
+                        rx.await.unwrap_or_else(|_| error_envelope("shutting_down", "the daemon is stopping", None))
+                    }
+                    Err(e) => error_envelope("bad_request", &format!("cannot parse request: {e}"), None),
+                },
+                Err(_) => return,
+            };
+            let mut text = answer.to_string();
+            text.push('\n');
+            let _ = write.write_all(text.as_bytes()).await;
+        });
+    }
+}
+
+pub fn ok_envelope(data: serde_json::Value) -> serde_json::Value {
+    serde_json::json!({ "status": "ok", "data": data })
+}
+
+pub fn error_envelope(code: &str, message: &str, hint: Option<&str>) -> serde_json::Value {
+    serde_json::json!({ "status": "error", "code": code, "message": message, "hint": hint })
+}
+
+/// Sends one request to a daemon and returns its `data`.
+pub async fn call(path: &Path, request: &Request) -> anyhow::Result<serde_json::Value> {
+    let stream = match UnixStream::connect(path).await {
+        Ok(s) => s,
+        Err(e) => {
+            let (code, hint) = match e.kind() {
+                std::io::ErrorKind::PermissionDenied => ("permission_denied", "run as root (sudo), the socket is mode 0600"),
+                _ => ("daemon_not_running", "start one with `meshtun up` (or `meshtun backbone`), or point --socket at the right path"),
+            };
+            return Err(CliError::new(code, format!("cannot reach the daemon at {}: {e}", path.display())).hint(hint).into());
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), BufReader::new(read).read_line(&mut line))
+        .await
+        .map_err(|_| CliError::new("timeout", "the daemon did not answer within 10 s"))??;
+    let answer: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| CliError::new("bad_response", format!("unreadable answer from the daemon: {e}")))?;
+    if answer["status"] == "ok" {
+        Ok(answer["data"].clone())
+    } else {
+        Err(CliError {
+            code: "daemon_error",
+            message: answer["message"].as_str().unwrap_or("unknown error").to_string(),
+            hint: answer["hint"].as_str().map(str::to_string),
+        }
+        .into())
+    }
+}

@@ -1,0 +1,92 @@
+//! Creating the mesh TUN interface and giving it the node's IPv6 address.
+//!
+//! The tun crate cannot set IPv6 addresses on Linux (it configures through
+//! an AF_INET socket), so the address goes on with the AF_INET6
+//! `SIOCSIFADDR` ioctl. Duplicate address detection is switched off first:
+//! the address is ours by construction, and a tentative address would
+//! refuse traffic for a second.
+
+use std::net::Ipv6Addr;
+use std::path::Path;
+
+use anyhow::Context;
+
+use crate::cli_error::CliError;
+
+/// `struct in6_ifreq` from `<linux/ipv6.h>`.
+#[repr(C)]
+struct In6Ifreq {
+    addr: libc::in6_addr,
+    prefixlen: u32,
+    ifindex: libc::c_int,
+}
+
+nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, In6Ifreq);
+
+/// Creates the TUN interface `name`, up, with `address/prefix_len`.
+pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8) -> anyhow::Result<tun::AsyncDevice> {
+    if !Path::new("/dev/net/tun").exists() {
+        return Err(CliError::new("no_tun", "/dev/net/tun does not exist: this kernel or container has no TUN device")
+            .hint("load the module (modprobe tun) or, in a container, pass the device through (docker run --device /dev/net/tun --cap-add NET_ADMIN)")
+            .into());
+    }
+    if nix::net::if_::if_nametoindex(name).is_ok() {
+        return Err(CliError::new("interface_busy", format!("network interface {name} already exists"))
+            .hint(format!("is another meshtun running? Stop it (meshtun down) or choose another name with --interface; `ip link show {name}` shows who has it"))
+            .into());
+    }
+    let mut config = tun::Configuration::default();
+    // The tun crate brings the link up and sets the MTU (AF_INET ioctls
+    // that work for any interface); the IPv6 address is ours to add.
+    config.tun_name(name).mtu(mtu).up();
+    let device = tun::create_as_async(&config).map_err(|e| tun_error(e, name))?;
+
+    let sysctl = |key: &str, value: &str| {
+        let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
+        std::fs::write(&path, value).with_context(|| format!("cannot write {path}"))
+    };
+    sysctl("disable_ipv6", "0")?;
+    sysctl("accept_dad", "0")?;
+    // The engine drops router solicitations anyway; do not send them.
+    let _ = sysctl("router_solicitations", "0");
+
+    let ifindex = nix::net::if_::if_nametoindex(name)
+        .with_context(|| format!("interface {name} vanished right after creation"))?;
+    let socket = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet6,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .context("cannot open an IPv6 socket to configure the interface (is IPv6 disabled on this host?)")?;
+    let request = In6Ifreq {
+        addr: libc::in6_addr { s6_addr: address.octets() },
+        prefixlen: u32::from(prefix_len),
+        ifindex: ifindex as libc::c_int,
+    };
+    use std::os::fd::AsRawFd;
+    // SAFETY: the request is a valid in6_ifreq that outlives the call.
+    unsafe { set_ipv6_address(socket.as_raw_fd(), &request) }
+        .with_context(|| format!("cannot add {address}/{prefix_len} to {name}"))?;
+    Ok(device)
+}
+
+fn tun_error(e: tun::Error, name: &str) -> anyhow::Error {
+    let text = e.to_string();
+    let denied = matches!(&e, tun::Error::Io(io) if io.kind() == std::io::ErrorKind::PermissionDenied)
+        || text.contains("Operation not permitted")
+        || text.contains("Permission denied");
+    if denied {
+        CliError::new("not_root", format!("not allowed to create the TUN interface {name}: {text}"))
+            .hint("run as root (sudo meshtun up ...) or grant the binary CAP_NET_ADMIN (setcap cap_net_admin+ep $(command -v meshtun))")
+            .into()
+    } else if text.contains("busy") || text.contains("exists") {
+        CliError::new("interface_busy", format!("cannot create {name}: {text}"))
+            .hint("choose another name with --interface")
+            .into()
+    } else {
+        CliError::new("no_tun", format!("cannot create the TUN interface {name}: {text}"))
+            .hint("check that /dev/net/tun is usable and the name is a valid interface name (at most 15 characters)")
+            .into()
+    }
+}
