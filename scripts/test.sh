@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs the whole meshtun test suite: unit and property tests, the
+# deterministic network simulator, and the netns end-to-end tests on real
+# TUN devices (those need root; run with sudo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo not found: install Rust first (https://rustup.rs), then re-run" >&2
+    exit 1
+fi
+
+# Tools the netns tests drive. Installed only when missing and we are root.
+needed=()
+command -v ip >/dev/null || needed+=(iproute2)
+command -v ping >/dev/null || needed+=(iputils-ping)
+command -v nft >/dev/null || needed+=(nftables)
+if [ "${#needed[@]}" -gt 0 ]; then
+    if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+        echo "test.sh: installing ${needed[*]}"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${needed[@]}"
+    else
+        echo "test.sh: missing ${needed[*]}; the netns tests need them (run as root to install)" >&2
+    fi
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test.sh: not root: the netns end-to-end tests will be skipped (run with sudo to include them)" >&2
+fi
+
+cargo test --workspace --all-targets --locked "$@"
