@@ -554,3 +554,38 @@ fn wait_until_panics_naming_what_and_last_state() {
     let v = wait_until(Duration::from_secs(1), "x", || Ok::<_, String>(7));
     assert_eq!(v, 7);
 }
+
+/// A panicking test still leaves no namespace or process behind.
+#[test]
+fn lab_cleans_up_when_the_test_panics() {
+    if !require_root("lab_cleans_up_when_the_test_panics") {
+        return;
+    }
+    let seen = std::sync::Mutex::new(None);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let lab = Lab::new("pan");
+        let sw = lab.add_switch("sw", "br0");
+        let h = lab.add_host("h", &sw, "198.18.0.1/24");
+        // A process that ignores SIGTERM exercises the SIGKILL fallback.
+        // Its child `sleep` (pid echoed to the log) must go too.
+        let p = h.spawn("stubborn", &["sh", "-c", "trap '' TERM; sleep 300 & echo $!; wait"]);
+        let child: u32 = wait_until(Duration::from_secs(5), "the stubborn shell to log its child's pid", || {
+            p.log().trim().parse::<u32>().map_err(|e| format!("log {:?}: {e}", p.log()))
+        });
+        *seen.lock().unwrap() = Some((lab.namespace_names(), [p.pid(), child], lab.dir().to_path_buf()));
+        panic!("deliberate failure inside a lab");
+    }));
+    assert!(r.is_err());
+    let (names, pids, dir) = seen.into_inner().unwrap().expect("lab was built");
+    for n in &names {
+        assert!(!harness::netns_path(n).exists(), "{n} left behind after a panic");
+    }
+    for pid in pids {
+        // The orphaned grandchild is reaped by init, asynchronously.
+        wait_until(Duration::from_secs(3), &format!("pid {pid} to disappear"), || {
+            if harness::pid_exists(pid) { Err("still exists".into()) } else { Ok(()) }
+        });
+    }
+    assert!(dir.exists(), "lab dir should be kept after a failure");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -304,18 +304,33 @@ impl Proc {
         }
     }
 
-    /// SIGTERM, then SIGKILL after `grace`. Returns the exit status and
-    /// whether SIGKILL was needed.
+    /// SIGTERM, then SIGKILL after `grace`; finally SIGKILL whatever is left
+    /// of its process group (its descendants). Returns the exit status and
+    /// whether SIGKILL was needed for the process itself.
     pub fn terminate(&self, grace: Duration) -> (Option<ExitStatus>, bool) {
-        if let Some(s) = self.try_status() {
-            return (Some(s), false);
+        let mut killed = false;
+        let mut status = self.try_status();
+        if status.is_none() {
+            self.signal(libc::SIGTERM);
+            status = self.wait_timeout(grace);
+            if status.is_none() {
+                self.signal(libc::SIGKILL);
+                killed = true;
+                status = self.wait_timeout(Duration::from_secs(5));
+            }
         }
-        self.signal(libc::SIGTERM);
-        if let Some(s) = self.wait_timeout(grace) {
-            return (Some(s), false);
+        self.kill_group_leftovers();
+        (status, killed)
+    }
+
+    /// SIGKILLs the members of this process's group (pgid = its pid). A pgid
+    /// in use cannot be recycled as a new PID, so this only reaches our own
+    /// descendants; ESRCH (no members) is the normal case.
+    pub fn kill_group_leftovers(&self) {
+        // SAFETY: kill(2) on the negated pgid of a group we created.
+        unsafe {
+            libc::kill(-(self.0.pid as libc::pid_t), libc::SIGKILL);
         }
-        self.signal(libc::SIGKILL);
-        (self.wait_timeout(Duration::from_secs(5)), true)
     }
 
     pub fn log(&self) -> String {
@@ -436,6 +451,9 @@ impl Ns {
         unsafe {
             cmd.pre_exec(|| {
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM as libc::c_ulong, 0, 0, 0);
+                // Own process group (pgid = pid), so cleanup can also reach
+                // anything the program forks.
+                libc::setpgid(0, 0);
                 Ok(())
             });
         }
