@@ -15,6 +15,16 @@
 //!   alive);
 //! * a hostname held by one live identity cannot be taken by another;
 //! * a record lives for `record_ttl` after its last registration.
+//!
+//! Relay: the backbone forwards WireGuard datagrams (opaque to it) between
+//! two registered nodes, but only for pairs where one side has looked the
+//! other up here (so no node can aim relayed traffic at a node that never
+//! asked to talk to it), only to the destination's registered endpoint,
+//! never larger than what came in, and within a per-node byte rate.
+//!
+//! Push: when A looks up B, B is sent A's signed record at once
+//! ([`Message::PeerIntent`]) over the path B registers on, so both start
+//! probing each other at the same moment.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -23,7 +33,7 @@ use std::time::{Duration, Instant};
 use meshtun_addr::{MeshAddr, NetworkId};
 use meshtun_nat::{classify, DatagramKind};
 use meshtun_proto::message::Deregistration;
-use meshtun_proto::{Message, Query, RecordError, RejectCode, SignedRecord, VerifiedRecord};
+use meshtun_proto::{relay, Message, Query, RecordError, RejectCode, SignedRecord, VerifiedRecord};
 
 /// Tunables of a directory.
 #[derive(Clone, Debug)]
@@ -32,11 +42,24 @@ pub struct DirectoryConfig {
     pub record_ttl: Duration,
     /// Most records returned by one lookup.
     pub max_lookup_results: usize,
+    /// Relayed bytes per second allowed per source node (token bucket).
+    pub relay_rate_bytes: u64,
+    /// Token bucket depth for relaying.
+    pub relay_burst_bytes: u64,
+    /// How long a lookup permits relaying between the two nodes (refreshed
+    /// by relayed traffic).
+    pub relay_permission_ttl: Duration,
 }
 
 impl Default for DirectoryConfig {
     fn default() -> Self {
-        DirectoryConfig { record_ttl: Duration::from_secs(75), max_lookup_results: 8 }
+        DirectoryConfig {
+            record_ttl: Duration::from_secs(75),
+            max_lookup_results: 8,
+            relay_rate_bytes: 4 << 20,
+            relay_burst_bytes: 1 << 20,
+            relay_permission_ttl: Duration::from_secs(600),
+        }
     }
 }
 
@@ -69,6 +92,13 @@ pub struct DirectoryStats {
     pub stun_requests: u64,
     pub dropped_malformed: u64,
     pub dropped_unknown: u64,
+    pub intents_pushed: u64,
+    pub relayed_packets: u64,
+    pub relayed_bytes: u64,
+    /// Relay datagrams refused: unregistered sender or destination, no
+    /// permission for the pair, or over the rate limit.
+    pub relay_refused: u64,
+    pub relay_rate_limited: u64,
 }
 
 
@@ -80,6 +110,12 @@ pub struct Directory {
     wg_keys: HashMap<(NetworkId, [u8; 32]), MeshAddr>,
     /// Expiry order; entries may be stale (checked against `records`).
     expiry: BTreeSet<(Instant, MeshAddr)>,
+    /// Which registered node sends from which source address.
+    by_observed: HashMap<SocketAddr, MeshAddr>,
+    /// Pairs allowed to relay to each other, until when (both directions).
+    relay_permissions: HashMap<(MeshAddr, MeshAddr), Instant>,
+    /// Token bucket per relaying node: (tokens, last refill).
+    relay_buckets: HashMap<MeshAddr, (f64, Instant)>,
     transmits: VecDeque<Transmit>,
     stats: DirectoryStats,
 }
@@ -92,6 +128,9 @@ impl Directory {
             hostnames: HashMap::new(),
             wg_keys: HashMap::new(),
             expiry: BTreeSet::new(),
+            by_observed: HashMap::new(),
+            relay_permissions: HashMap::new(),
+            relay_buckets: HashMap::new(),
             transmits: VecDeque::new(),
             stats: DirectoryStats::default(),
         }
@@ -114,7 +153,10 @@ impl Directory {
                     self.stats.dropped_malformed += 1;
                 }
             },
-            DatagramKind::WireGuard | DatagramKind::Unknown => self.stats.dropped_unknown += 1,
+            DatagramKind::Relay => self.handle_relay(from, datagram, now),
+            DatagramKind::WireGuard | DatagramKind::Probe | DatagramKind::Unknown => {
+                self.stats.dropped_unknown += 1
+            }
         }
     }
 
@@ -183,7 +225,10 @@ impl Directory {
                 let reply = match self.records.get(&asker) {
                     Some(entry) if entry.observed == from => {
                         self.stats.lookups += 1;
-                        Message::LookupReply { request_id, records: self.lookup(&query) }
+                        let asker_record = entry.record.signed.clone();
+                        let found = self.lookup(&query);
+                        self.after_lookup(asker, asker_record, &query, &found, now);
+                        Message::LookupReply { request_id, records: found }
                     }
                     _ => {
                         self.stats.lookups_rejected += 1;
@@ -200,7 +245,8 @@ impl Directory {
             Message::RegisterAck { .. }
             | Message::DeregisterAck { .. }
             | Message::LookupReply { .. }
-            | Message::Reject { .. } => self.stats.dropped_unknown += 1,
+            | Message::Reject { .. }
+            | Message::PeerIntent { .. } => self.stats.dropped_unknown += 1,
         }
     }
 
@@ -250,6 +296,7 @@ impl Directory {
         if let Some(name) = &record.hostname {
             self.hostnames.insert((record.network, name.clone()), addr);
         }
+        self.by_observed.insert(from, addr);
         self.wg_keys.insert((record.network, record.wg_key), addr);
         let expires_at = now + self.config.record_ttl;
         self.expiry.insert((expires_at, addr));
@@ -306,9 +353,74 @@ impl Directory {
         if self.wg_keys.get(&key) == Some(addr) {
             self.wg_keys.remove(&key);
         }
+        if self.by_observed.get(&entry.observed) == Some(addr) {
+            self.by_observed.remove(&entry.observed);
+        }
+        self.relay_buckets.remove(addr);
+    }
+
+    /// A successful lookup permits relaying between the two nodes and
+    /// tells the node that was found who is coming.
+    fn after_lookup(&mut self, asker: MeshAddr, asker_record: SignedRecord, query: &Query, found: &[SignedRecord], now: Instant) {
+        let Some(target) = found.first().and_then(|r| r.verify().ok()) else { return };
+        let target_addr = target.record.mesh_addr();
+        if target_addr == asker {
+            return;
+        }
+        let until = now + self.config.relay_permission_ttl;
+        self.relay_permissions.insert(ordered(asker, target_addr), until);
+        // Key lookups come from the side that was already contacted; no push.
+        if matches!(query, Query::WgKey { .. }) {
+            return;
+        }
+        if let Some(entry) = self.records.get(&target_addr) {
+            let dst = entry.observed;
+            self.stats.intents_pushed += 1;
+            self.send(dst, &Message::PeerIntent { record: asker_record });
+        }
+    }
+
+    fn handle_relay(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let Some((dst, payload)) = relay::unwrap(datagram) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let Some(&src) = self.by_observed.get(&from) else {
+            tracing::trace!(%from, "relay from an unregistered source");
+            self.stats.relay_refused += 1;
+            return;
+        };
+        let permitted = self.relay_permissions.get(&ordered(src, dst)).is_some_and(|until| *until > now);
+        let Some(dst_entry) = self.records.get(&dst) else {
+            self.stats.relay_refused += 1;
+            return;
+        };
+        if !permitted {
+            tracing::trace!(%src, %dst, "relay between nodes that never looked each other up");
+            self.stats.relay_refused += 1;
+            return;
+        }
+        let dst_endpoint = dst_entry.observed;
+        let (rate, burst) = (self.config.relay_rate_bytes as f64, self.config.relay_burst_bytes as f64);
+        let bucket = self.relay_buckets.entry(src).or_insert((burst, now));
+        bucket.0 = (bucket.0 + now.saturating_duration_since(bucket.1).as_secs_f64() * rate).min(burst);
+        bucket.1 = now;
+        let cost = datagram.len() as f64;
+        if bucket.0 < cost {
+            self.stats.relay_rate_limited += 1;
+            return;
+        }
+        bucket.0 -= cost;
+        self.relay_permissions.insert(ordered(src, dst), now + self.config.relay_permission_ttl);
+        self.stats.relayed_packets += 1;
+        self.stats.relayed_bytes += payload.len() as u64;
+        self.transmits.push_back(Transmit { dst: dst_endpoint, payload: relay::wrap(src, payload) });
     }
 
     fn expire(&mut self, now: Instant) {
+        if self.relay_permissions.len() > 4 * self.records.len() + 1024 {
+            self.relay_permissions.retain(|_, until| *until > now);
+        }
         while let Some(&(at, addr)) = self.expiry.iter().next() {
             if at > now {
                 break;
@@ -325,6 +437,10 @@ impl Directory {
     fn send(&mut self, dst: SocketAddr, message: &Message) {
         self.transmits.push_back(Transmit { dst, payload: message.encode() });
     }
+}
+
+fn ordered(a: MeshAddr, b: MeshAddr) -> (MeshAddr, MeshAddr) {
+    if a <= b { (a, b) } else { (b, a) }
 }
 
 #[cfg(test)]
@@ -355,12 +471,18 @@ mod tests {
         SignedRecord::sign(id, &record).unwrap()
     }
 
+    /// Sends `message` and returns the reply to the sender; anything sent
+    /// elsewhere (pushes) is discarded.
     fn exchange(dir: &mut Directory, from: &str, message: Message, now: Instant) -> Message {
         dir.handle_datagram(sock(from), &message.encode(), now);
-        let reply = dir.poll_transmit().expect("a reply");
-        assert_eq!(reply.dst, sock(from));
-        assert!(dir.poll_transmit().is_none());
-        Message::decode(&reply.payload).unwrap()
+        let mut reply = None;
+        while let Some(t) = dir.poll_transmit() {
+            if t.dst == sock(from) {
+                assert!(reply.is_none(), "one reply only");
+                reply = Some(Message::decode(&t.payload).unwrap());
+            }
+        }
+        reply.expect("a reply")
     }
 
     fn register(dir: &mut Directory, from: &str, signed: SignedRecord, now: Instant) -> Message {
@@ -532,6 +654,71 @@ mod tests {
         assert!(dir.poll_transmit().is_none());
         let stats = dir.stats();
         assert_eq!(stats.dropped_malformed + stats.dropped_unknown, 5);
+    }
+
+    fn relay_to(dir: &mut Directory, from: &str, to: MeshAddr, payload: &[u8], now: Instant) -> Vec<Transmit> {
+        dir.handle_datagram(sock(from), &relay::wrap(to, payload), now);
+        std::iter::from_fn(|| dir.poll_transmit()).collect()
+    }
+
+    #[test]
+    fn a_lookup_pushes_the_askers_record_to_the_node_it_found() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        let a_record = record(&a, 1, None);
+        register(&mut dir, NODE_A, a_record.clone(), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now);
+        let lookup = Message::Lookup {
+            request_id: 1,
+            from: a.mesh_addr(NetworkId::PUBLIC),
+            query: Query::Address(b.mesh_addr(NetworkId::PUBLIC)),
+        };
+        dir.handle_datagram(sock(NODE_A), &lookup.encode(), now);
+        let sent: Vec<_> = std::iter::from_fn(|| dir.poll_transmit()).collect();
+        let push = sent.iter().find(|t| t.dst == sock(NODE_B)).expect("B is told");
+        assert_eq!(Message::decode(&push.payload).unwrap(), Message::PeerIntent { record: a_record });
+    }
+
+    #[test]
+    fn relay_forwards_only_between_nodes_that_looked_each_other_up() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, None), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now);
+        let (a_addr, b_addr) = (a.mesh_addr(NetworkId::PUBLIC), b.mesh_addr(NetworkId::PUBLIC));
+        assert!(relay_to(&mut dir, NODE_A, b_addr, b"wg", now).is_empty(), "no lookup, no relay");
+        assert_eq!(dir.stats().relay_refused, 1);
+        exchange(&mut dir, NODE_A, Message::Lookup { request_id: 1, from: a_addr, query: Query::Address(b_addr) }, now);
+        let out = relay_to(&mut dir, NODE_A, b_addr, b"wg-datagram", now);
+        assert_eq!(out, vec![Transmit { dst: sock(NODE_B), payload: relay::wrap(a_addr, b"wg-datagram") }]);
+        // The reply direction is allowed too, and never bigger than what came in.
+        let back = relay_to(&mut dir, NODE_B, a_addr, b"reply", now);
+        assert_eq!(back.len(), 1);
+        assert_eq!(back[0].payload.len(), relay::wrap(b_addr, b"reply").len());
+        // An unregistered source cannot use the relay at all.
+        assert!(relay_to(&mut dir, "203.0.113.7:1", b_addr, b"x", now).is_empty());
+    }
+
+    #[test]
+    fn relay_enforces_the_per_node_rate_limit() {
+        let (a, b) = identities();
+        let config = DirectoryConfig { relay_rate_bytes: 1000, relay_burst_bytes: 3000, ..DirectoryConfig::default() };
+        let mut dir = Directory::new(config);
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, None), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now);
+        let (a_addr, b_addr) = (a.mesh_addr(NetworkId::PUBLIC), b.mesh_addr(NetworkId::PUBLIC));
+        exchange(&mut dir, NODE_A, Message::Lookup { request_id: 1, from: a_addr, query: Query::Address(b_addr) }, now);
+        let payload = [0u8; 989]; // 1000 bytes with the relay header
+        let forwarded = (0..5).filter(|_| !relay_to(&mut dir, NODE_A, b_addr, &payload, now).is_empty()).count();
+        assert_eq!(forwarded, 3, "burst of 3000 bytes");
+        assert_eq!(dir.stats().relay_rate_limited, 2);
+        // One second later, one more datagram's worth of tokens.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).len(), 1);
+        assert!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).is_empty());
     }
 
     fn postcard_body(signed: &SignedRecord) -> NodeRecord {

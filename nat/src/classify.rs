@@ -4,6 +4,10 @@ use crate::stun::framing;
 
 /// First three bytes of every backbone-protocol datagram (`"MT"`, version 1).
 pub const BACKBONE_MAGIC: [u8; 3] = *b"MT\x01";
+/// First three bytes of a relayed WireGuard datagram (`"MR"`, version 1).
+pub const RELAY_MAGIC: [u8; 3] = *b"MR\x01";
+/// First three bytes of a path probe between two nodes (`"MP"`, version 1).
+pub const PROBE_MAGIC: [u8; 3] = *b"MP\x01";
 
 /// What a UDP datagram arriving on a meshtun port is.
 ///
@@ -16,6 +20,10 @@ pub enum DatagramKind {
     WireGuard,
     /// A meshtun backbone-protocol datagram.
     Backbone,
+    /// A WireGuard datagram wrapped for a relay.
+    Relay,
+    /// An authenticated path probe (ping or pong) between two nodes.
+    Probe,
     /// Anything else; callers should drop it.
     Unknown,
 }
@@ -36,7 +44,8 @@ const WG_TRANSPORT_MIN_LEN: usize = 32;
 /// 2. **WireGuard**: first byte 1..=4 followed by three zero bytes, with
 ///    exactly 148 / 92 / 64 bytes for types 1 / 2 / 3 and at least 32 bytes
 ///    for type 4 (transport data).
-/// 3. **Backbone**: starts with [`BACKBONE_MAGIC`].
+/// 3. **Backbone**, **Relay**, **Probe**: start with [`BACKBONE_MAGIC`],
+///    [`RELAY_MAGIC`], [`PROBE_MAGIC`].
 /// 4. Otherwise **Unknown**.
 ///
 /// The kinds cannot collide: WireGuard's first byte 1..=4 does pass STUN's
@@ -50,6 +59,10 @@ pub fn classify(datagram: &[u8]) -> DatagramKind {
         DatagramKind::WireGuard
     } else if datagram.starts_with(&BACKBONE_MAGIC) {
         DatagramKind::Backbone
+    } else if datagram.starts_with(&RELAY_MAGIC) {
+        DatagramKind::Relay
+    } else if datagram.starts_with(&PROBE_MAGIC) {
+        DatagramKind::Probe
     } else {
         DatagramKind::Unknown
     }
@@ -198,5 +211,18 @@ mod tests {
         assert_eq!(classify(&[0]), DatagramKind::Unknown);
         assert_eq!(classify(b"GET / HTTP/1.1\r\n\r\n"), DatagramKind::Unknown);
         assert_eq!(classify(&[0xFF; 200]), DatagramKind::Unknown);
+    }
+}
+
+#[cfg(test)]
+mod meshtun_magic_tests {
+    use super::*;
+
+    #[test]
+    fn relay_and_probe_datagrams_are_told_apart_from_backbone_traffic() {
+        assert_eq!(classify(b"MR\x01\x00\x00rest"), DatagramKind::Relay);
+        assert_eq!(classify(b"MP\x01\x01rest"), DatagramKind::Probe);
+        assert_eq!(classify(b"MT\x01\x00"), DatagramKind::Backbone);
+        assert_eq!(classify(b"MX\x01\x00"), DatagramKind::Unknown);
     }
 }

@@ -15,7 +15,7 @@ mod classify;
 mod stun;
 
 pub use behavior::{direct_path_possible, infer_mapping, FilteringBehavior, MappingBehavior};
-pub use classify::{classify, DatagramKind, BACKBONE_MAGIC};
+pub use classify::{classify, DatagramKind, BACKBONE_MAGIC, PROBE_MAGIC, RELAY_MAGIC};
 pub use stun::{
     binding_request, binding_response, parse_binding_response, StunError, TransactionId,
 };

@@ -19,7 +19,9 @@
 
 mod backbone_client;
 pub mod packet;
+pub mod path;
 pub mod peer;
+pub mod probe;
 mod stats;
 
 use std::collections::{HashMap, VecDeque};
@@ -37,7 +39,9 @@ use serde::Serialize;
 
 pub use backbone_client::{BackboneState, BackboneStatus};
 use backbone_client::BackboneClient;
+use path::{Path, PathAgent, PathChange};
 use peer::{Peer, PeerId, PeerStatus};
+use probe::{Probe, ProbeKind};
 pub use stats::{DropReason, Stats};
 
 /// Largest IP packet the engine carries.
@@ -121,7 +125,8 @@ pub enum Event {
     BackboneUnreachable { backbone: SocketAddr, error: String },
     RegistrationRejected { backbone: SocketAddr, code: String, detail: String },
     PeerAdded { peer: String, hostname: Option<String> },
-    PeerUp { peer: String, endpoint: SocketAddr },
+    PeerUp { peer: String, path: String },
+    PathChanged { peer: String, from: Option<String>, to: String, reason: String },
     LookupFailed { peer: String, reason: String },
     Deregistered { backbone: SocketAddr },
 }
@@ -139,6 +144,13 @@ pub struct NodeStatus {
     pub stats: Stats,
 }
 
+/// How a WireGuard datagram arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Origin {
+    Direct(SocketAddr),
+    Relay(SocketAddr),
+}
+
 struct PendingLookup {
     query: Query,
     request_id: u64,
@@ -147,7 +159,7 @@ struct PendingLookup {
     /// Packets for an address lookup, or the stashed handshake for a
     /// key lookup.
     packets: VecDeque<Vec<u8>>,
-    handshake: Option<(SocketAddr, Vec<u8>)>,
+    handshake: Option<(Origin, Vec<u8>)>,
 }
 
 /// One mesh node.
@@ -265,7 +277,7 @@ impl Node {
             }
         };
         if let Some(&id) = self.by_addr.get(&dest) {
-            self.encapsulate(id, packet);
+            self.encapsulate(id, packet, now);
             return;
         }
         if let Some(&until) = self.unreachable_until.get(&dest) {
@@ -282,7 +294,18 @@ impl Node {
     pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::Backbone => self.handle_backbone_datagram(from, datagram, now),
-            DatagramKind::WireGuard => self.handle_wireguard(from, datagram, now),
+            DatagramKind::WireGuard => self.handle_wireguard(Origin::Direct(from), datagram, now),
+            DatagramKind::Relay => {
+                if !self.backbones.is_backbone(from) {
+                    self.drop_packet(DropReason::UnexpectedSource);
+                    return;
+                }
+                match meshtun_proto::relay::unwrap(datagram) {
+                    Some((_, inner)) => self.handle_wireguard(Origin::Relay(from), inner, now),
+                    None => self.drop_packet(DropReason::Malformed),
+                }
+            }
+            DatagramKind::Probe => self.handle_probe(from, datagram, now),
             DatagramKind::Stun | DatagramKind::Unknown => {
                 tracing::trace!(%from, len = datagram.len(), "dropping unexpected datagram");
                 self.drop_packet(DropReason::Malformed);
@@ -293,6 +316,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
+        self.run_path_timers(now);
         if self.next_wg_tick.is_some_and(|t| t <= now) {
             self.tick_wireguard();
             self.next_wg_tick = (!self.by_addr.is_empty()).then(|| now + WG_TICK);
@@ -302,7 +326,8 @@ impl Node {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
-        [self.backbones.poll_timeout(), lookups, self.next_wg_tick]
+        let paths = self.peers.iter().flatten().map(|p| p.path.poll_timeout()).min();
+        [self.backbones.poll_timeout(), lookups, self.next_wg_tick, paths]
             .into_iter()
             .flatten()
             .min()
@@ -380,8 +405,18 @@ impl Node {
         };
         match message {
             Message::LookupReply { request_id, records } => {
-                self.handle_lookup_reply(request_id, records, now)
+                self.handle_lookup_reply(from, request_id, records, now)
             }
+            Message::PeerIntent { record } => match record.verify() {
+                Ok(v) if v.record.network == self.me.network && v.record.mesh_addr() != self.me => {
+                    tracing::debug!(peer = %v.record.mesh_addr(), "peer intends to connect; probing it");
+                    let id = self.upsert_peer(v.record, Some(from), now);
+                    if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
+                        peer.path.restart_probing(now);
+                    }
+                }
+                _ => self.stats.bad_records += 1,
+            },
             Message::Reject { request_id, .. } if self.lookup_by_request.contains_key(&request_id) => {
                 // The backbone does not know us (yet): re-register, and let
                 // the lookup's retry go out after that.
@@ -420,7 +455,7 @@ impl Node {
         }
     }
 
-    fn stash_handshake_for_lookup(&mut self, key: [u8; 32], from: SocketAddr, datagram: &[u8], now: Instant) {
+    fn stash_handshake_for_lookup(&mut self, key: [u8; 32], from: Origin, datagram: &[u8], now: Instant) {
         let query = Query::WgKey { network: self.me.network, key };
         if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
             self.drop_packet(DropReason::QueueFull);
@@ -486,7 +521,7 @@ impl Node {
         }
     }
 
-    fn handle_lookup_reply(&mut self, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
+    fn handle_lookup_reply(&mut self, backbone: SocketAddr, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
         let Some(query) = self.lookup_by_request.remove(&request_id) else {
             self.drop_packet(DropReason::UnexpectedSource);
             return;
@@ -509,24 +544,27 @@ impl Node {
             return;
         };
         let Some(lookup) = self.lookups.remove(&query) else { return };
-        let id = self.upsert_peer(verified.record, now);
+        let id = self.upsert_peer(verified.record, Some(backbone), now);
         if let Some((from, datagram)) = lookup.handshake {
             self.handle_wireguard(from, &datagram, now);
         }
         for packet in lookup.packets {
-            self.encapsulate(id, &packet);
+            self.encapsulate(id, &packet, now);
         }
     }
 
-    fn upsert_peer(&mut self, record: NodeRecord, now: Instant) -> PeerId {
+    fn upsert_peer(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> PeerId {
         let addr = record.mesh_addr();
+        let own = self.backbones.record().endpoints.clone();
         if let Some(&id) = self.by_addr.get(&addr) {
             if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
-                if record.seq > peer.record.seq && record.wg_key == peer.record.wg_key {
-                    peer.update_record(record);
-                    return id;
-                }
                 if record.wg_key == peer.record.wg_key {
+                    if let (Some(relay), None) = (relay, peer.path.relay()) {
+                        peer.path.set_relay(relay);
+                    }
+                    if record.seq > peer.record.seq {
+                        peer.update_record(record, &own);
+                    }
                     return id;
                 }
             }
@@ -539,9 +577,13 @@ impl Node {
                 PeerId((self.peers.len() - 1) as u32)
             }
         };
+        let peer_public = PublicKey::from(record.wg_key);
+        let probe_key = probe::probe_key(&self.wg_secret, &peer_public);
+        let candidates: Vec<SocketAddr> = record.endpoints.iter().copied().filter(|e| !own.contains(e)).collect();
+        let path = PathAgent::new(&candidates, relay, now);
         let tunn = Tunn::new(
             self.wg_secret.clone(),
-            PublicKey::from(record.wg_key),
+            peer_public,
             None,
             self.config.persistent_keepalive,
             id.0,
@@ -555,7 +597,7 @@ impl Node {
         self.by_wg_key.insert(record.wg_key, id);
         self.by_addr.insert(addr, id);
         if let Some(slot) = self.peers.get_mut(id.index()) {
-            *slot = Some(Peer::new(id, record, tunn, now));
+            *slot = Some(Peer::new(id, record, tunn, path, probe_key, now));
         }
         if self.next_wg_tick.is_none() {
             self.next_wg_tick = Some(now + WG_TICK);
@@ -572,7 +614,7 @@ impl Node {
         self.free_peer_ids.push(id);
     }
 
-    fn encapsulate(&mut self, id: PeerId, packet: &[u8]) {
+    fn encapsulate(&mut self, id: PeerId, packet: &[u8], now: Instant) {
         let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
         let need = (packet.len() + WG_OVERHEAD).max(MIN_WG_BUFFER);
         if need > self.buf.len() {
@@ -584,9 +626,8 @@ impl Node {
                 peer.tx_packets += 1;
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += packet.len() as u64;
-                for dst in peer.send_targets() {
-                    self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
-                }
+                peer.path.on_activity(now);
+                send_wg(&mut self.transmits, &mut self.stats, peer, out);
             }
             boringtun::noise::TunnResult::Done => {}
             boringtun::noise::TunnResult::Err(error) => {
@@ -597,7 +638,10 @@ impl Node {
         }
     }
 
-    fn handle_wireguard(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+    fn handle_wireguard(&mut self, origin: Origin, datagram: &[u8], now: Instant) {
+        let from = match origin {
+            Origin::Direct(a) | Origin::Relay(a) => a,
+        };
         let id = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 match boringtun::noise::handshake::parse_handshake_anon(&self.wg_secret, &self.wg_public, &init) {
@@ -605,7 +649,7 @@ impl Node {
                         Some(&id) => id,
                         None => {
                             tracing::debug!(%from, "handshake from an unknown key; looking it up");
-                            self.stash_handshake_for_lookup(half.peer_static_public, from, datagram, now);
+                            self.stash_handshake_for_lookup(half.peer_static_public, origin, datagram, now);
                             return;
                         }
                     },
@@ -628,6 +672,11 @@ impl Node {
             self.drop_packet(DropReason::UnknownPeer);
             return;
         };
+        if let Origin::Relay(via) = origin {
+            if peer.path.relay().is_none() {
+                peer.path.set_relay(via);
+            }
+        }
         let mut datagram = datagram;
         let mut first = true;
         loop {
@@ -636,7 +685,7 @@ impl Node {
             match result {
                 boringtun::noise::TunnResult::Done => {
                     if first {
-                        peer.confirm_endpoint(from, now, &mut self.events);
+                        authenticated(peer, origin, now, &mut self.events);
                     }
                     break;
                 }
@@ -647,13 +696,12 @@ impl Node {
                 }
                 boringtun::noise::TunnResult::WriteToNetwork(out) => {
                     if first {
-                        peer.confirm_endpoint(from, now, &mut self.events);
+                        authenticated(peer, origin, now, &mut self.events);
                     }
-                    let dst = peer.endpoint.unwrap_or(from);
-                    self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
+                    send_wg(&mut self.transmits, &mut self.stats, peer, out);
                 }
                 boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
-                    peer.confirm_endpoint(from, now, &mut self.events);
+                    authenticated(peer, origin, now, &mut self.events);
                     let dst = packet::ipv6_addresses(packet).map(|(_, d)| d);
                     if src != peer.ip {
                         // Cryptokey routing: a peer may only send from its own address.
@@ -663,6 +711,7 @@ impl Node {
                         self.stats.count_drop(DropReason::NoRoute);
                     } else {
                         peer.rx_packets += 1;
+                        peer.path.on_activity(now);
                         self.stats.rx_packets += 1;
                         self.stats.rx_bytes += packet.len() as u64;
                         self.tun_out.push_back(packet.to_vec());
@@ -670,7 +719,7 @@ impl Node {
                     break;
                 }
                 boringtun::noise::TunnResult::WriteToTunnelV4(_, _) => {
-                    peer.confirm_endpoint(from, now, &mut self.events);
+                    authenticated(peer, origin, now, &mut self.events);
                     self.stats.count_drop(DropReason::NotIpv6);
                     break;
                 }
@@ -683,14 +732,77 @@ impl Node {
         for peer in self.peers.iter_mut().flatten() {
             match peer.tunn.update_timers(&mut self.buf) {
                 boringtun::noise::TunnResult::WriteToNetwork(out) => {
-                    for dst in peer.send_targets() {
-                        self.transmits.push_back(Transmit { dst, payload: out.to_vec() });
-                    }
+                    send_wg(&mut self.transmits, &mut self.stats, peer, out);
                 }
                 boringtun::noise::TunnResult::Err(error) => {
                     tracing::trace!(peer = %peer.addr, ?error, "wireguard timer");
                 }
                 _ => {}
+            }
+        }
+    }
+
+    fn run_path_timers(&mut self, now: Instant) {
+        for peer in self.peers.iter_mut().flatten() {
+            if peer.path.poll_timeout() > now {
+                continue;
+            }
+            let rng = &mut self.rng;
+            let (pings, change) = peer.path.on_timeout(now, || {
+                let mut id = [0u8; 12];
+                rng.fill_bytes(&mut id);
+                id
+            });
+            for (dst, txid) in pings {
+                let probe = Probe { kind: ProbeKind::Ping, sender: self.wg_public.to_bytes(), txid };
+                self.transmits.push_back(Transmit { dst, payload: probe::encode(&probe, &peer.probe_key) });
+            }
+            if let Some(change) = change {
+                path_changed(peer, change, &mut self.events);
+            }
+        }
+    }
+
+    fn handle_probe(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        let Some(sender) = probe::peek_sender(datagram) else {
+            self.drop_packet(DropReason::Malformed);
+            return;
+        };
+        let Some(peer) = self
+            .by_wg_key
+            .get(&sender)
+            .and_then(|id| self.peers.get_mut(id.index()))
+            .and_then(Option::as_mut)
+        else {
+            tracing::trace!(%from, "probe from an unknown key");
+            self.stats.count_drop(DropReason::UnknownPeer);
+            return;
+        };
+        let Some(probe) = probe::decode(datagram, &peer.probe_key) else {
+            tracing::debug!(peer = %peer.addr, %from, "probe failed authentication");
+            self.stats.count_drop(DropReason::Malformed);
+            return;
+        };
+        let me = self.wg_public.to_bytes();
+        match probe.kind {
+            ProbeKind::Ping => {
+                let pong = Probe { kind: ProbeKind::Pong(from), sender: me, txid: probe.txid };
+                self.transmits.push_back(Transmit { dst: from, payload: probe::encode(&pong, &peer.probe_key) });
+                let rng = &mut self.rng;
+                let triggered = peer.path.on_ping(from, now, || {
+                    let mut id = [0u8; 12];
+                    rng.fill_bytes(&mut id);
+                    id
+                });
+                if let Some((dst, txid)) = triggered {
+                    let ping = Probe { kind: ProbeKind::Ping, sender: me, txid };
+                    self.transmits.push_back(Transmit { dst, payload: probe::encode(&ping, &peer.probe_key) });
+                }
+            }
+            ProbeKind::Pong(_observed) => {
+                if let Some(change) = peer.path.on_pong(from, probe.txid, now) {
+                    path_changed(peer, change, &mut self.events);
+                }
             }
         }
     }
@@ -704,6 +816,46 @@ impl Node {
     fn drop_packet(&mut self, reason: DropReason) {
         self.stats.count_drop(reason);
     }
+}
+
+/// Sends a WireGuard datagram along the peer's current path.
+fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, peer: &Peer, datagram: &[u8]) {
+    match peer.path.current() {
+        Some(Path::Direct(dst)) => transmits.push_back(Transmit { dst, payload: datagram.to_vec() }),
+        Some(Path::Relay(relay)) => {
+            stats.relayed_tx_packets += 1;
+            transmits.push_back(Transmit { dst: relay, payload: meshtun_proto::relay::wrap(peer.addr, datagram) })
+        }
+        // No relay and nothing confirmed yet: try every candidate.
+        None => {
+            for c in peer.path.candidates() {
+                transmits.push_back(Transmit { dst: c.endpoint, payload: datagram.to_vec() });
+            }
+        }
+    }
+}
+
+/// Authenticated WireGuard traffic arrived from the peer.
+fn authenticated(peer: &mut Peer, origin: Origin, now: Instant, events: &mut VecDeque<Event>) {
+    if let Origin::Direct(from) = origin {
+        peer.path.on_direct_rx(from, now);
+    }
+    if peer.up_since.is_none() {
+        peer.up_since = Some(now);
+        let path = peer.path.current().map(|p| p.to_string()).unwrap_or_else(|| "none".into());
+        tracing::info!(peer = %peer.addr, %path, "peer up");
+        events.push_back(Event::PeerUp { peer: peer.addr.to_string(), path });
+    }
+}
+
+fn path_changed(peer: &Peer, change: PathChange, events: &mut VecDeque<Event>) {
+    tracing::info!(peer = %peer.addr, from = ?change.from.map(|p| p.to_string()), to = %change.to, reason = change.reason, "path changed");
+    events.push_back(Event::PathChanged {
+        peer: peer.addr.to_string(),
+        from: change.from.map(|p| p.to_string()),
+        to: change.to.to_string(),
+        reason: change.reason.to_string(),
+    });
 }
 
 fn ip_version_is_not_6(packet: &[u8]) -> bool {

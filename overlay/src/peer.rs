@@ -8,7 +8,7 @@ use meshtun_addr::MeshAddr;
 use meshtun_proto::NodeRecord;
 use serde::Serialize;
 
-use crate::Event;
+use crate::path::{CandidateStatus, Path, PathAgent};
 
 /// Index of a peer; also the upper 24 bits of its WireGuard session index,
 /// so incoming data finds its peer without a search.
@@ -27,8 +27,9 @@ pub struct Peer {
     pub ip: Ipv6Addr,
     pub record: NodeRecord,
     pub tunn: Tunn,
-    /// The endpoint the peer last sent authenticated traffic from.
-    pub endpoint: Option<SocketAddr>,
+    pub path: PathAgent,
+    /// Key for authenticating path probes with this peer.
+    pub probe_key: [u8; 32],
     pub added_at: Instant,
     pub up_since: Option<Instant>,
     pub tx_packets: u64,
@@ -41,8 +42,14 @@ pub struct PeerStatus {
     pub address: String,
     pub ipv6: Ipv6Addr,
     pub hostname: Option<String>,
+    /// "direct", "relay" or "none".
+    pub path: &'static str,
+    /// Where datagrams go now: the peer's endpoint, or the relay.
     pub endpoint: Option<SocketAddr>,
-    pub candidates: Vec<SocketAddr>,
+    pub rtt_ms: Option<f64>,
+    /// Why the peer is relayed, when it is.
+    pub relay_reason: Option<&'static str>,
+    pub candidates: Vec<CandidateStatus>,
     /// Seconds since the last completed WireGuard handshake.
     pub handshake_age_secs: Option<f64>,
     pub tx_bytes: u64,
@@ -53,7 +60,7 @@ pub struct PeerStatus {
 }
 
 impl Peer {
-    pub fn new(id: PeerId, record: NodeRecord, tunn: Tunn, now: Instant) -> Peer {
+    pub fn new(id: PeerId, record: NodeRecord, tunn: Tunn, path: PathAgent, probe_key: [u8; 32], now: Instant) -> Peer {
         let addr = record.mesh_addr();
         Peer {
             id,
@@ -61,7 +68,8 @@ impl Peer {
             ip: addr.to_ipv6(),
             record,
             tunn,
-            endpoint: None,
+            path,
+            probe_key,
             added_at: now,
             up_since: None,
             tx_packets: 0,
@@ -69,29 +77,11 @@ impl Peer {
         }
     }
 
-    pub fn update_record(&mut self, record: NodeRecord) {
+    pub fn update_record(&mut self, record: NodeRecord, own_endpoints: &[SocketAddr]) {
+        let candidates: Vec<SocketAddr> =
+            record.endpoints.iter().copied().filter(|e| !own_endpoints.contains(e)).collect();
+        self.path.set_candidates(&candidates);
         self.record = record;
-    }
-
-    /// Where to send: the confirmed endpoint, or until one is confirmed,
-    /// every candidate (the handshake that answers first wins).
-    pub fn send_targets(&self) -> Vec<SocketAddr> {
-        match self.endpoint {
-            Some(endpoint) => vec![endpoint],
-            None => self.record.endpoints.clone(),
-        }
-    }
-
-    /// Authenticated traffic arrived from `from`: that is where the peer is.
-    pub fn confirm_endpoint(&mut self, from: SocketAddr, now: Instant, events: &mut std::collections::VecDeque<Event>) {
-        if self.endpoint != Some(from) {
-            tracing::info!(peer = %self.addr, endpoint = %from, "peer endpoint confirmed");
-            self.endpoint = Some(from);
-            if self.up_since.is_none() {
-                self.up_since = Some(now);
-            }
-            events.push_back(Event::PeerUp { peer: self.addr.to_string(), endpoint: from });
-        }
     }
 
     pub fn status(&self, now: Instant) -> PeerStatus {
@@ -100,8 +90,17 @@ impl Peer {
             address: self.addr.to_string(),
             ipv6: self.ip,
             hostname: self.record.hostname.clone(),
-            endpoint: self.endpoint,
-            candidates: self.record.endpoints.clone(),
+            path: match self.path.current() {
+                Some(Path::Direct(_)) => "direct",
+                Some(Path::Relay(_)) => "relay",
+                None => "none",
+            },
+            endpoint: self.path.current().map(|p| match p {
+                Path::Direct(a) | Path::Relay(a) => a,
+            }),
+            rtt_ms: self.path.rtt().map(|r| r.as_secs_f64() * 1000.0),
+            relay_reason: self.path.relay_reason(),
+            candidates: self.path.candidates(),
             handshake_age_secs: handshake.map(|d| d.as_secs_f64()),
             tx_bytes: tx_bytes as u64,
             rx_bytes: rx_bytes as u64,

@@ -34,6 +34,8 @@ pub struct Stats {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// WireGuard datagrams sent through a relay.
+    pub relayed_tx_packets: u64,
     pub lookups_failed: u64,
     /// Records from a backbone that failed verification or did not answer
     /// the query (a misbehaving backbone).

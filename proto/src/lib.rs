@@ -12,6 +12,7 @@
 pub mod identity;
 pub mod message;
 pub mod record;
+pub mod relay;
 
 pub use identity::{Identity, IdentityError};
 pub use message::{Message, MessageError, Query, RejectCode, MAX_MESSAGE_LEN};

@@ -107,6 +107,10 @@ pub enum Message {
     LookupReply { request_id: u64, records: Vec<SignedRecord> },
     /// Backbone -> node: the request with this id was refused.
     Reject { request_id: u64, code: RejectCode, detail: String },
+    /// Backbone -> node, pushed over the path the node registers on: the
+    /// node whose record this is just looked you up and is about to probe
+    /// you. Probe it back now, so both NATs open at the same moment.
+    PeerIntent { record: SignedRecord },
 }
 
 /// Why a datagram is not a valid message.
@@ -152,6 +156,7 @@ impl Message {
             | Message::Lookup { request_id, .. }
             | Message::LookupReply { request_id, .. }
             | Message::Reject { request_id, .. } => *request_id,
+            Message::PeerIntent { .. } => 0,
         }
     }
 }
