@@ -80,44 +80,132 @@ fn canonical_ip(addr: &SocketAddr) -> IpAddr {
     addr.ip().to_canonical()
 }
 
-/// Pure oracle: can two hosts behind NATs with these behaviours open a direct
-/// UDP path by simultaneous hole punching, where both sides send to each
-/// other's server-reflexive (STUN-observed) address at the same time and no
-/// port prediction is attempted? `None` means no NAT (a public host).
+/// Pure oracle: can two hosts behind NATs with these behaviours open a
+/// direct UDP path, with the probing meshtun does? `None` means no NAT (a
+/// public host).
 ///
-/// Reasoning, with A and B each sending to the other's advertised address:
+/// This is an abstract model of RFC 4787, independent of the engine: each
+/// side knows the other's server-reflexive endpoint (what the backbone saw)
+/// and learns every endpoint a packet from the other side arrived from
+/// (peer-reflexive), and keeps sending pings to everything it knows, so any
+/// permission an outbound packet opens eventually precedes the inbound
+/// packet that needs it. A NAT picks the source endpoint of an outbound
+/// packet by its mapping behaviour (one mapping for all destinations; one
+/// per destination address; one per destination address and port) and lets
+/// an inbound packet through a mapping by its filtering behaviour (anyone;
+/// anyone at an address the mapping has sent to; exactly an endpoint the
+/// mapping has sent to). A path is proven when a ping is answered from the
+/// endpoint it was sent to (replies must be symmetric, as in ICE). The
+/// model runs a few rounds of this exchange: past that, each round only
+/// opens fresh mappings that can never match.
 ///
-/// * **A public host or endpoint-independent filtering ("full cone") on
-///   one side**, say A: whatever source port B's NAT picks for its packet,
-///   A's NAT lets it in. A then answers the source it actually heard from
-///   (WireGuard roaming does exactly that) out of its advertised address,
-///   which is the very destination B's new mapping was opened towards, so
-///   B's filter passes the reply. Works against anything. (A full cone
-///   also has endpoint-independent mapping; the rare NAT with open
-///   filtering but dependent mapping is not told apart.)
-/// * **Both mappings endpoint-independent**: each packet leaves from the
-///   address its sender advertised, so each side's outbound packet opens
-///   its own filter, whatever its kind, for exactly the address the peer
-///   sends from. Works.
-/// * **Otherwise** one side, say A, has an endpoint-dependent ("symmetric")
-///   mapping and neither side filters openly: A's packet to B leaves from a
-///   fresh port B never sent to, so B's filter drops it, and B's packet
-///   reaches A's advertised port, whose mapping was opened towards the STUN
-///   server only, so A's filter drops it. Fails. This is conservative for
-///   an address-dependent filter on B, which a packet from A's IP passes;
-///   with endpoint learning that pairing can sometimes still connect, but
-///   it is not counted here.
+/// Outcomes for the classic names: anything with a public host or a full
+/// cone works; cone with cone works; a symmetric NAT works against a
+/// public host, a full cone and an address-restricted cone (the cone
+/// learns the symmetric side's fresh port), and fails against a
+/// port-restricted cone or another symmetric NAT.
 pub fn direct_path_possible(
     a: Option<(MappingBehavior, FilteringBehavior)>,
     b: Option<(MappingBehavior, FilteringBehavior)>,
 ) -> bool {
-    let (Some((mapping_a, filtering_a)), Some((mapping_b, filtering_b))) = (a, b) else {
-        return true;
-    };
-    filtering_a == FilteringBehavior::EndpointIndependent
-        || filtering_b == FilteringBehavior::EndpointIndependent
-        || (mapping_a == MappingBehavior::EndpointIndependent
-            && mapping_b == MappingBehavior::EndpointIndependent)
+    oracle::direct(a, b)
+}
+
+mod oracle {
+    use super::{FilteringBehavior, MappingBehavior};
+    use std::collections::HashSet;
+
+    type Nat = Option<(MappingBehavior, FilteringBehavior)>;
+
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    enum Owner {
+        Backbone,
+        Side(usize),
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    enum Ep {
+        Backbone,
+        Public(usize),
+        Mapped(usize, Box<Key>),
+    }
+
+    #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+    enum Key {
+        Any,
+        Address(Owner),
+        Exact(Ep),
+    }
+
+    fn owner(ep: &Ep) -> Owner {
+        match ep {
+            Ep::Backbone => Owner::Backbone,
+            Ep::Public(s) | Ep::Mapped(s, _) => Owner::Side(*s),
+        }
+    }
+
+    fn source(side: usize, nat: Nat, dst: &Ep) -> Ep {
+        match nat {
+            None => Ep::Public(side),
+            Some((MappingBehavior::EndpointIndependent, _)) => Ep::Mapped(side, Box::new(Key::Any)),
+            Some((MappingBehavior::AddressDependent, _)) => Ep::Mapped(side, Box::new(Key::Address(owner(dst)))),
+            Some((MappingBehavior::AddressAndPortDependent, _)) => {
+                Ep::Mapped(side, Box::new(Key::Exact(dst.clone())))
+            }
+        }
+    }
+
+    /// Does a packet from `from` get in through `mapping` on `side`?
+    fn admits(nat: Nat, mapping: &Ep, from: &Ep, sent: &HashSet<(Ep, Ep)>) -> bool {
+        let Some((_, filtering)) = nat else { return true };
+        if !sent.iter().any(|(src, _)| src == mapping) {
+            return false;
+        }
+        match filtering {
+            FilteringBehavior::EndpointIndependent => true,
+            FilteringBehavior::AddressDependent => {
+                sent.iter().any(|(src, dst)| src == mapping && owner(dst) == owner(from))
+            }
+            FilteringBehavior::AddressAndPortDependent => {
+                sent.iter().any(|(src, dst)| src == mapping && dst == from)
+            }
+        }
+    }
+
+    pub(super) fn direct(a: Nat, b: Nat) -> bool {
+        let nats = [a, b];
+        let mut sent: [HashSet<(Ep, Ep)>; 2] = [HashSet::new(), HashSet::new()];
+        let mut known: [Vec<Ep>; 2] = [Vec::new(), Vec::new()];
+        for side in 0..2 {
+            let reflexive = source(side, nats[side], &Ep::Backbone);
+            sent[side].insert((reflexive.clone(), Ep::Backbone));
+            known[1 - side].push(reflexive);
+        }
+        for _round in 0..6 {
+            for side in 0..2 {
+                let other = 1 - side;
+                for dst in known[side].clone() {
+                    let src = source(side, nats[side], &dst);
+                    sent[side].insert((src.clone(), dst.clone()));
+                    if !admits(nats[other], &dst, &src, &sent[other]) {
+                        continue;
+                    }
+                    if !known[other].contains(&src) {
+                        known[other].push(src.clone());
+                    }
+                    // The answer leaves `other` towards `src`; it proves the
+                    // path if it comes from the endpoint that was pinged and
+                    // gets back in.
+                    let reply = source(other, nats[other], &src);
+                    sent[other].insert((reply.clone(), src.clone()));
+                    if reply == dst && admits(nats[side], &src, &reply, &sent[side]) {
+                        return true;
+                    }
+                }
+            }
+        }
+        false
+    }
 }
 
 #[cfg(test)]
@@ -222,12 +310,28 @@ mod tests {
     }
 
     #[test]
-    fn symmetric_against_restricted_cone_cannot_punch() {
-        assert!(!direct_path_possible(SYMMETRIC, RESTRICTED_CONE));
-        assert!(!direct_path_possible(
-            ADDRESS_DEPENDENT_MAPPING,
-            RESTRICTED_CONE
-        ));
+    fn symmetric_against_restricted_cone_connects_by_learning_the_fresh_port() {
+        // The cone admits anything from the symmetric side's address once it
+        // has pinged that address, learns the fresh port from the ping, and
+        // its answer leaves from its one mapping, which is what was pinged.
+        assert!(direct_path_possible(SYMMETRIC, RESTRICTED_CONE));
+        assert!(direct_path_possible(RESTRICTED_CONE, SYMMETRIC));
+        assert!(direct_path_possible(ADDRESS_DEPENDENT_MAPPING, RESTRICTED_CONE));
+    }
+
+    #[test]
+    fn oracle_is_symmetric_in_its_arguments() {
+        let mut all = vec![None];
+        for m in [M::EndpointIndependent, M::AddressDependent, M::AddressAndPortDependent] {
+            for f in [F::EndpointIndependent, F::AddressDependent, F::AddressAndPortDependent] {
+                all.push(Some((m, f)));
+            }
+        }
+        for a in &all {
+            for b in &all {
+                assert_eq!(direct_path_possible(*a, *b), direct_path_possible(*b, *a), "{a:?} {b:?}");
+            }
+        }
     }
 
     #[test]
