@@ -40,7 +40,7 @@ use serde::Serialize;
 pub use backbone_client::{BackboneState, BackboneStatus};
 use backbone_client::BackboneClient;
 use path::{Path, PathAgent, PathChange};
-use peer::{Peer, PeerId, PeerStatus};
+use peer::{HandshakeRetry, Peer, PeerId, PeerStatus};
 use probe::{Probe, ProbeKind};
 pub use stats::{DropReason, Stats};
 
@@ -190,6 +190,10 @@ pub struct Node {
 
 /// How often boringtun's timers are driven (as its own device does).
 const WG_TICK: Duration = Duration::from_millis(250);
+/// First handshake retry; later ones back off linearly to 5x this.
+const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+/// WireGuard's REKEY_ATTEMPT_TIME.
+const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
 
 impl Node {
     pub fn new(config: NodeConfig, identity: Identity, wg_secret: StaticSecret, now: Instant) -> Node {
@@ -326,7 +330,7 @@ impl Node {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
-        let paths = self.peers.iter().flatten().map(|p| p.path.poll_timeout()).min();
+        let paths = self.peers.iter().flatten().map(|p| p.poll_timeout()).min();
         [self.backbones.poll_timeout(), lookups, self.next_wg_tick, paths]
             .into_iter()
             .flatten()
@@ -627,6 +631,9 @@ impl Node {
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += packet.len() as u64;
                 peer.path.on_activity(now);
+                if out.first() == Some(&1) && peer.handshake.is_none() {
+                    peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
+                }
                 send_wg(&mut self.transmits, &mut self.stats, peer, out);
             }
             boringtun::noise::TunnResult::Done => {}
@@ -743,7 +750,37 @@ impl Node {
     }
 
     fn run_path_timers(&mut self, now: Instant) {
+        let mut refresh = Vec::new();
         for peer in self.peers.iter_mut().flatten() {
+            if peer.poll_timeout() > now {
+                continue;
+            }
+            if let Some(mut h) = peer.handshake.filter(|h| h.next <= now) {
+                if peer.has_session() || now.saturating_duration_since(h.started) > HANDSHAKE_GIVE_UP {
+                    peer.handshake = None;
+                } else {
+                    if let boringtun::noise::TunnResult::WriteToNetwork(out) =
+                        peer.tunn.format_handshake_initiation(&mut self.buf, true)
+                    {
+                        tracing::debug!(peer = %peer.addr, attempt = h.attempts + 1, "retrying handshake");
+                        send_wg(&mut self.transmits, &mut self.stats, peer, out);
+                    }
+                    h.attempts += 1;
+                    h.next = now + HANDSHAKE_RETRY * h.attempts.min(5);
+                    peer.handshake = Some(h);
+                }
+            }
+            match peer.path.current() {
+                Some(Path::Relay(_)) => match peer.next_relay_refresh {
+                    Some(at) if at <= now => {
+                        refresh.push(peer.addr);
+                        peer.next_relay_refresh = Some(now + self.config.heartbeat_interval);
+                    }
+                    None => peer.next_relay_refresh = Some(now + self.config.heartbeat_interval),
+                    Some(_) => {}
+                },
+                _ => peer.next_relay_refresh = None,
+            }
             if peer.path.poll_timeout() > now {
                 continue;
             }
@@ -761,6 +798,24 @@ impl Node {
                 path_changed(peer, change, &mut self.events);
             }
         }
+        // Relayed peers: re-fetch the record now and then. It renews the
+        // relay's permission for the pair (a restarted relay has forgotten
+        // it), picks up new endpoints, and makes the backbone nudge the
+        // peer to probe again.
+        for addr in refresh {
+            self.start_lookup(Query::Address(addr), now);
+        }
+    }
+
+    fn start_lookup(&mut self, query: Query, now: Instant) {
+        if self.lookups.contains_key(&query) || self.lookups.len() >= self.config.max_pending_destinations {
+            return;
+        }
+        self.lookups.insert(
+            query.clone(),
+            PendingLookup { query, request_id: 0, attempts: 0, next_retry: now, packets: VecDeque::new(), handshake: None },
+        );
+        self.retry_lookups(now);
     }
 
     fn handle_probe(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {

@@ -12,7 +12,7 @@
 //!   hosts on one LAN never hairpin through their router) and be no more
 //!   than 25% slower.
 //! * While traffic flows the current direct path is pinged every second;
-//!   if nothing authenticated arrives on it for 3.5 s, traffic falls back
+//!   if nothing authenticated answers it for 3 s, traffic falls back
 //!   to the relay and probing starts over. Idle peers are pinged every 25 s,
 //!   which also keeps NAT mappings open.
 
@@ -36,8 +36,9 @@ const ACTIVE_KEEPALIVE: Duration = Duration::from_secs(1);
 const IDLE_KEEPALIVE: Duration = Duration::from_secs(25);
 /// Traffic within this window makes a peer active.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(5);
-const ACTIVE_DEAD_AFTER: Duration = Duration::from_millis(3500);
-const IDLE_DEAD_AFTER: Duration = Duration::from_secs(80);
+/// How long keepalives on the current direct path may go unanswered.
+const ACTIVE_DEAD_AFTER: Duration = Duration::from_secs(3);
+const IDLE_DEAD_AFTER: Duration = Duration::from_secs(60);
 /// Don't re-ping a candidate sooner than this after a triggered ping.
 const MIN_PING_GAP: Duration = Duration::from_millis(200);
 const MAX_PENDING_PER_CANDIDATE: usize = 8;
@@ -93,6 +94,8 @@ pub struct PathAgent {
     relay: Option<SocketAddr>,
     /// Last authenticated datagram on the current direct path.
     direct_last_rx: Option<Instant>,
+    /// When the first keepalive since the last answer went out.
+    unanswered_since: Option<Instant>,
     last_activity: Option<Instant>,
     started: Instant,
     round: usize,
@@ -111,6 +114,7 @@ impl PathAgent {
             current: relay.map(Path::Relay),
             relay,
             direct_last_rx: None,
+            unanswered_since: None,
             last_activity: None,
             started: now,
             round: 0,
@@ -207,8 +211,13 @@ impl PathAgent {
     /// An authenticated WireGuard datagram arrived straight from `from`.
     pub fn on_direct_rx(&mut self, from: SocketAddr, now: Instant) {
         if self.current == Some(Path::Direct(from)) {
-            self.direct_last_rx = Some(now);
+            self.heard_on_current(now);
         }
+    }
+
+    fn heard_on_current(&mut self, now: Instant) {
+        self.direct_last_rx = Some(now);
+        self.unanswered_since = None;
     }
 
     pub fn poll_timeout(&self) -> Instant {
@@ -223,9 +232,9 @@ impl PathAgent {
     pub fn on_timeout(&mut self, now: Instant, mut txid: impl FnMut() -> TxId) -> (Pings, Option<PathChange>) {
         let mut pings = Vec::new();
         let mut change = None;
-        if let (Some(Path::Direct(addr)), Some(last)) = (self.current, self.direct_last_rx) {
+        if let (Some(Path::Direct(addr)), Some(since)) = (self.current, self.unanswered_since) {
             let limit = if self.is_active(now) { ACTIVE_DEAD_AFTER } else { IDLE_DEAD_AFTER };
-            if now.saturating_duration_since(last) > limit {
+            if now.saturating_duration_since(since) > limit {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     c.rtt = None;
                     c.last_pong = None;
@@ -238,6 +247,7 @@ impl PathAgent {
                 self.current = Some(to);
                 self.relay_reason = Some("direct path stopped answering");
                 self.direct_last_rx = None;
+                self.unanswered_since = None;
                 self.next_keepalive = None;
                 self.restart_probing(now);
             }
@@ -262,6 +272,7 @@ impl PathAgent {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     if let Some(id) = ping(c, now, &mut txid, true) {
                         pings.push((addr, id));
+                        self.unanswered_since.get_or_insert(now);
                     }
                 }
                 let interval = if self.is_active(now) { ACTIVE_KEEPALIVE } else { IDLE_KEEPALIVE };
@@ -290,10 +301,10 @@ impl PathAgent {
             }
             None => return None,
         };
-        let c = self.candidates.get_mut(index)?;
         if self.current == Some(Path::Direct(from)) {
-            self.direct_last_rx = Some(now);
+            self.heard_on_current(now);
         }
+        let c = self.candidates.get_mut(index)?;
         ping(c, now, &mut txid, false).map(|id| (from, id))
     }
 
@@ -309,7 +320,7 @@ impl PathAgent {
         c.last_pong = Some(now);
         let (rank, rtt) = (c.rank, c.rtt.unwrap_or(sample));
         if self.current == Some(Path::Direct(from)) {
-            self.direct_last_rx = Some(now);
+            self.heard_on_current(now);
             return None;
         }
         let better = match self.current {
@@ -331,7 +342,7 @@ impl PathAgent {
         };
         let change = PathChange { from: self.current, to: Path::Direct(from), reason };
         self.current = Some(Path::Direct(from));
-        self.direct_last_rx = Some(now);
+        self.heard_on_current(now);
         self.next_keepalive = Some(now + ACTIVE_KEEPALIVE);
         Some(change)
     }

@@ -32,8 +32,22 @@ pub struct Peer {
     pub probe_key: [u8; 32],
     pub added_at: Instant,
     pub up_since: Option<Instant>,
+    /// Our own handshake retries while no session exists. boringtun retries
+    /// on its own clock too; these follow the node's clock so the core
+    /// behaves the same in simulated time.
+    pub handshake: Option<HandshakeRetry>,
+    /// When to refresh the peer's record (and our relay permission) while
+    /// relayed.
+    pub next_relay_refresh: Option<Instant>,
     pub tx_packets: u64,
     pub rx_packets: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakeRetry {
+    pub started: Instant,
+    pub next: Instant,
+    pub attempts: u32,
 }
 
 /// A peer as `meshtun status` shows it.
@@ -72,6 +86,8 @@ impl Peer {
             probe_key,
             added_at: now,
             up_since: None,
+            handshake: None,
+            next_relay_refresh: None,
             tx_packets: 0,
             rx_packets: 0,
         }
@@ -82,6 +98,22 @@ impl Peer {
             record.endpoints.iter().copied().filter(|e| !own_endpoints.contains(e)).collect();
         self.path.set_candidates(&candidates);
         self.record = record;
+    }
+
+    pub fn has_session(&self) -> bool {
+        self.tunn.stats().0.is_some()
+    }
+
+    /// The next time this peer's own timers need the node.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut next = self.path.poll_timeout();
+        if let Some(h) = self.handshake {
+            next = next.min(h.next);
+        }
+        if let Some(r) = self.next_relay_refresh {
+            next = next.min(r);
+        }
+        next
     }
 
     pub fn status(&self, now: Instant) -> PeerStatus {

@@ -1,0 +1,202 @@
+//! NAT traversal in the deterministic simulator: every pair of RFC 4787
+//! NAT behaviours, checked against the pure oracle in `meshtun-nat`.
+
+mod netsim;
+
+use std::time::Duration;
+
+use meshtun_nat::{direct_path_possible, FilteringBehavior as F, MappingBehavior as M};
+use netsim::{Net, NatType};
+
+fn nat_types() -> Vec<(&'static str, NatType)> {
+    let mut all = vec![("public", None)];
+    for (mn, m) in [("EIM", M::EndpointIndependent), ("ADM", M::AddressDependent), ("APDM", M::AddressAndPortDependent)] {
+        for (fname, f) in [("EIF", F::EndpointIndependent), ("ADF", F::AddressDependent), ("APDF", F::AddressAndPortDependent)] {
+            let name: &'static str = Box::leak(format!("{mn}/{fname}").into_boxed_str());
+            all.push((name, Some((m, f))));
+        }
+    }
+    all
+}
+
+/// Time allowed for the first packet whatever the NATs (relay first).
+const FIRST_PACKET_LIMIT: Duration = Duration::from_secs(2);
+/// Time after the first packet by which a possible direct path must be in use.
+const DIRECT_LIMIT: Duration = Duration::from_secs(8);
+
+#[test]
+fn every_pair_of_nat_behaviours_connects_and_goes_direct_exactly_when_the_oracle_says() {
+    let types = nat_types();
+    let mut failures = Vec::new();
+    println!("{:<10} {:<10} {:>8} {:>9} {:>9} {:>7}", "A", "B", "oracle", "first ms", "path A", "path B");
+    for (an, a) in &types {
+        for (bn, b) in &types {
+            let mut net = Net::new(7);
+            let ha = net.add_host_behind(0, *a);
+            let hb = net.add_host_behind(1, *b);
+            net.run_for(Duration::from_millis(500));
+            let first = net.ping(ha, hb, FIRST_PACKET_LIMIT);
+            // Keep traffic flowing both ways while paths settle.
+            for _ in 0..8 {
+                net.ping(ha, hb, Duration::from_secs(1));
+                net.ping(hb, ha, Duration::from_secs(1));
+            }
+            net.run_for(DIRECT_LIMIT.saturating_sub(Duration::from_secs(8)));
+            let back = net.ping(hb, ha, Duration::from_secs(2));
+            let (pa, pb) = (net.path(ha, hb), net.path(hb, ha));
+            let oracle = direct_path_possible(*a, *b);
+            println!(
+                "{an:<10} {bn:<10} {:>8} {:>9} {pa:>9} {pb:>7}",
+                if oracle { "direct" } else { "relay" },
+                first.map(|d| d.as_millis().to_string()).unwrap_or_else(|| "LOST".into()),
+            );
+            let expected = if oracle { "direct" } else { "relay" };
+            if first.is_none() || back.is_none() {
+                failures.push(format!("{an} <-> {bn}: no connectivity (first {first:?}, back {back:?})"));
+            } else if pa != expected || pb != expected {
+                failures.push(format!("{an} <-> {bn}: expected {expected}, got A {pa} / B {pb}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{} pairs failed:\n{}", failures.len(), failures.join("\n"));
+}
+
+const PORT_RESTRICTED: NatType = Some((M::EndpointIndependent, F::AddressAndPortDependent));
+const SYMMETRIC: NatType = Some((M::AddressAndPortDependent, F::AddressAndPortDependent));
+
+#[test]
+fn two_hosts_behind_one_nat_use_their_lan_path_not_a_hairpin() {
+    let mut net = Net::new(1);
+    let nat = net.add_nat(M::EndpointIndependent, F::AddressAndPortDependent);
+    let a = net.add_host(0, Some(nat));
+    let b = net.add_host(1, Some(nat));
+    net.run_for(Duration::from_millis(500));
+    assert!(net.ping(a, b, FIRST_PACKET_LIMIT).is_some());
+    net.run_for(Duration::from_secs(3));
+    let status = net.status(a);
+    assert_eq!(status.peers[0].path, "direct");
+    assert_eq!(status.peers[0].endpoint, Some(net.hosts[b].internal), "LAN address, not the NAT's");
+}
+
+#[test]
+fn symmetric_nats_on_both_sides_are_relayed_with_a_reason() {
+    let mut net = Net::new(2);
+    let a = net.add_host_behind(0, SYMMETRIC);
+    let b = net.add_host_behind(1, SYMMETRIC);
+    net.run_for(Duration::from_millis(500));
+    assert!(net.ping(a, b, FIRST_PACKET_LIMIT).is_some());
+    net.run_for(Duration::from_secs(10));
+    assert!(net.ping(b, a, FIRST_PACKET_LIMIT).is_some());
+    let peer = &net.status(a).peers[0];
+    assert_eq!(peer.path, "relay");
+    assert!(peer.relay_reason.is_some());
+}
+
+#[test]
+fn a_router_reboot_falls_back_to_the_relay_and_traffic_keeps_flowing() {
+    let mut net = Net::new(3);
+    let a = net.add_host_behind(0, PORT_RESTRICTED);
+    let b = net.add_host_behind(1, PORT_RESTRICTED);
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    for _ in 0..4 {
+        net.ping(a, b, Duration::from_secs(1));
+    }
+    assert_eq!(net.path(a, b), "direct");
+    // A's router forgets its mappings: the direct path dies.
+    let nat = net.hosts[a].nat.unwrap();
+    net.nats[nat].flush();
+    let mut lost = 0;
+    let mut fell_back = None;
+    let started = net.now;
+    for _ in 0..20 {
+        if net.ping(a, b, Duration::from_millis(500)).is_none() {
+            lost += 1;
+        }
+        if fell_back.is_none() && net.path(a, b) == "relay" {
+            fell_back = Some(net.now - started);
+        }
+    }
+    let fell_back = fell_back.expect("fell back to the relay");
+    println!("fell back after {fell_back:?}, {lost} of 20 pings lost");
+    assert!(fell_back <= Duration::from_secs(5), "{fell_back:?}");
+    // Afterwards everything gets through again (relayed or re-punched).
+    for _ in 0..5 {
+        assert!(net.ping(a, b, Duration::from_secs(1)).is_some());
+        assert!(net.ping(b, a, Duration::from_secs(1)).is_some());
+    }
+}
+
+#[test]
+fn nat_mapping_expiry_during_idle_is_prevented_by_keepalives() {
+    let mut net = Net::new(4);
+    let a = net.add_host_behind(0, PORT_RESTRICTED);
+    let b = net.add_host_behind(1, PORT_RESTRICTED);
+    for nat in &mut net.nats {
+        nat.timeout = Duration::from_secs(30);
+    }
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.path(a, b), "direct");
+    net.run_for(Duration::from_secs(120)); // idle far past the NAT timeout
+    assert!(net.ping(a, b, Duration::from_millis(200)).is_some(), "direct path still open after idling");
+    assert_eq!(net.path(a, b), "direct");
+}
+
+#[test]
+fn the_direct_path_survives_the_backbone_going_away() {
+    let mut net = Net::new(5);
+    let a = net.add_host_behind(0, PORT_RESTRICTED);
+    let b = net.add_host_behind(1, None);
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    net.run_for(Duration::from_secs(3));
+    net.backbone_up = false;
+    for _ in 0..30 {
+        assert!(net.ping(a, b, Duration::from_millis(500)).is_some());
+        assert!(net.ping(b, a, Duration::from_millis(500)).is_some());
+        net.run_for(Duration::from_secs(3));
+    }
+    assert_eq!(net.path(a, b), "direct");
+}
+
+#[test]
+fn a_restarted_relay_carries_symmetric_pairs_again() {
+    let mut net = Net::new(6);
+    let a = net.add_host_behind(0, SYMMETRIC);
+    let b = net.add_host_behind(1, SYMMETRIC);
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    // The backbone restarts with an empty directory.
+    net.backbone = meshtun_backbone::Directory::new(meshtun_backbone::DirectoryConfig::default());
+    let recovered = net.run_until(net.now + Duration::from_secs(30), |_| false);
+    assert!(recovered.is_none());
+    let mut ok = 0;
+    for _ in 0..10 {
+        if net.ping(a, b, Duration::from_secs(1)).is_some() {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 10, "relayed traffic flows after the relay restarted");
+}
+
+#[test]
+fn lossy_links_still_connect_every_kind_of_pair() {
+    for (seed, (a_type, b_type)) in [(PORT_RESTRICTED, PORT_RESTRICTED), (SYMMETRIC, PORT_RESTRICTED), (None, SYMMETRIC)].into_iter().enumerate() {
+        let mut net = Net::new(100 + seed as u64);
+        net.loss = 0.1;
+        let a = net.add_host_behind(0, a_type);
+        let b = net.add_host_behind(1, b_type);
+        net.run_for(Duration::from_secs(2));
+        let mut delivered = 0;
+        for _ in 0..20 {
+            if net.ping(a, b, Duration::from_secs(2)).is_some() {
+                delivered += 1;
+            }
+        }
+        // Each ping is one unretransmitted packet over a 10% lossy path.
+        assert!(delivered >= 14, "{a_type:?} -> {b_type:?}: {delivered}/20");
+    }
+}
+
