@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use meshtun_backbone::{Directory, DirectoryConfig};
@@ -12,54 +13,83 @@ use crate::control::{self, Request};
 use crate::udp::MeshSocket;
 
 pub struct BackboneOptions {
-    pub listen: SocketAddr,
+    /// One or more UDP addresses; extra ones let clients tell how their
+    /// NAT maps (RFC 5780 style: same host, another port or address).
+    pub listen: Vec<SocketAddr>,
     pub socket: PathBuf,
     pub record_ttl: Duration,
 }
 
 pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
-    let socket = MeshSocket::bind(Some(options.listen.ip()), options.listen.port())?;
+    let mut sockets = Vec::new();
+    for addr in &options.listen {
+        sockets.push(Arc::new(MeshSocket::bind(Some(addr.ip()), addr.port())?));
+    }
     let listener = control::bind(&options.socket).await?;
+    let (datagram_tx, mut datagram_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(4096);
+    let mut readers = Vec::new();
+    for (local, socket) in sockets.iter().enumerate() {
+        let (socket, tx) = (socket.clone(), datagram_tx.clone());
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 65535];
+            loop {
+                match socket.recv_from(&mut buf).await {
+                    Ok((n, from)) => {
+                        if tx.send((local, from, buf[..n].to_vec())).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::debug!(error = %e, "receive error"),
+                }
+            }
+        }));
+    }
     let mut directory = Directory::new(DirectoryConfig { record_ttl: options.record_ttl, ..DirectoryConfig::default() });
-    tracing::info!(listen = %options.listen, ttl_secs = options.record_ttl.as_secs(), "backbone is up");
+    let listen_text: Vec<String> = options.listen.iter().map(|a| a.to_string()).collect();
+    tracing::info!(listen = %listen_text.join(","), ttl_secs = options.record_ttl.as_secs(), "backbone is up");
     if json {
         println!("{}", control::ok_envelope(serde_json::json!({ "listen": options.listen })));
     } else {
-        println!("meshtun backbone: listening on UDP {}", options.listen);
+        println!("meshtun backbone: listening on UDP {}", listen_text.join(", "));
     }
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let control_task = tokio::spawn(control::serve(listener, control_tx));
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
-    let mut buf = vec![0u8; 65535];
     loop {
         while let Some(t) = directory.poll_transmit() {
+            let Some(socket) = sockets.get(t.local) else { continue };
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
                 tracing::debug!(dst = %t.dst, error = %e, "send failed");
             }
         }
         let deadline = directory.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         tokio::select! {
-            received = socket.recv_from(&mut buf) => match received {
-                Ok((n, from)) => directory.handle_datagram(from, &buf[..n], Instant::now()),
-                Err(e) => tracing::debug!(error = %e, "receive error"),
-            },
+            Some((local, from, datagram)) = datagram_rx.recv() => {
+                directory.handle_datagram_on(local, from, &datagram, Instant::now());
+            }
             _ = tokio::time::sleep_until(deadline.into()) => directory.handle_timeout(Instant::now()),
             Some(pending) = control_rx.recv() => match pending.request {
-                Request::Status => { let _ = pending.reply.send(control::ok_envelope(status(&directory, options.listen))); }
-                Request::Down => { let _ = pending.reply.send(control::ok_envelope(serde_json::json!({"stopped": "backbone"}))); break; }
+                Request::Status => { let _ = pending.reply.send(control::ok_envelope(status(&directory, &options.listen))); }
+                Request::Down => {
+                    pending.answer_and_flush(control::ok_envelope(serde_json::json!({"stopped": "backbone"}))).await;
+                    break;
+                }
             },
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     control_task.abort();
+    for reader in readers {
+        reader.abort();
+    }
     let _ = std::fs::remove_file(&options.socket);
     tracing::info!("backbone stopped");
     Ok(())
 }
 
-fn status(directory: &Directory, listen: SocketAddr) -> serde_json::Value {
+fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {
     let now = Instant::now();
     let mut records: Vec<serde_json::Value> = directory
         .records()
@@ -93,6 +123,11 @@ fn status(directory: &Directory, listen: SocketAddr) -> serde_json::Value {
             "stun_requests": s.stun_requests,
             "dropped_malformed": s.dropped_malformed,
             "dropped_unknown": s.dropped_unknown,
+            "intents_pushed": s.intents_pushed,
+            "relayed_packets": s.relayed_packets,
+            "relayed_bytes": s.relayed_bytes,
+            "relay_refused": s.relay_refused,
+            "relay_rate_limited": s.relay_rate_limited,
         },
     })
 }

@@ -23,6 +23,17 @@ pub enum Request {
 pub struct Pending {
     pub request: Request,
     pub reply: oneshot::Sender<serde_json::Value>,
+    /// Fires once the answer has been written to the client, so a daemon
+    /// that is exiting can wait for its last answer to leave.
+    pub written: oneshot::Receiver<()>,
+}
+
+impl Pending {
+    /// Answers and waits (briefly) until the answer is on its way.
+    pub async fn answer_and_flush(self, answer: serde_json::Value) {
+        let _ = self.reply.send(answer);
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.written).await;
+    }
 }
 
 /// Binds the control socket (mode 0600), refusing if a live daemon holds it.
@@ -59,10 +70,17 @@ pub async fn serve(listener: UnixListener, to_main: mpsc::Sender<Pending>) {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
                     Ok(request) => {
                         let (reply, rx) = oneshot::channel();
-                        if to_main.send(Pending { request, reply }).await.is_err() {
+                        let (written_tx, written) = oneshot::channel();
+                        if to_main.send(Pending { request, reply, written }).await.is_err() {
                             return;
                         }
-                        rx.await.unwrap_or_else(|_| error_envelope("shutting_down", "the daemon is stopping", None))
+                        let answer = rx.await.unwrap_or_else(|_| error_envelope("shutting_down", "the daemon is stopping", None));
+                        let mut text = answer.to_string();
+                        text.push('\n');
+                        let _ = write.write_all(text.as_bytes()).await;
+                        let _ = write.flush().await;
+                        let _ = written_tx.send(());
+                        return;
                     }
                     Err(e) => error_envelope("bad_request", &format!("cannot parse request: {e}"), None),
                 },

@@ -90,7 +90,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
 
     let mut tun_buf = vec![0u8; meshtun_overlay::MAX_PACKET];
     let mut udp_buf = vec![0u8; meshtun_overlay::MAX_PACKET];
-    let mut down_requested: Option<tokio::sync::oneshot::Sender<serde_json::Value>> = None;
+    let mut down_requested: Option<control::Pending> = None;
     loop {
         flush(&mut node, &socket, &tun).await;
         let deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
@@ -115,7 +115,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                     let _ = pending.reply.send(control::ok_envelope(data));
                 }
                 Request::Down => {
-                    down_requested = Some(pending.reply);
+                    down_requested = Some(pending);
                     break;
                 }
             },
@@ -140,8 +140,8 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     control_task.abort();
     drop(tun);
     let _ = std::fs::remove_file(&options.socket);
-    if let Some(reply) = down_requested {
-        let _ = reply.send(control::ok_envelope(serde_json::json!({ "stopped": me.to_string() })));
+    if let Some(pending) = down_requested {
+        pending.answer_and_flush(control::ok_envelope(serde_json::json!({ "stopped": me.to_string() }))).await;
     }
     tracing::info!("meshtun is down");
     Ok(())

@@ -4,6 +4,7 @@ mod backbone_server;
 mod cli_error;
 mod control;
 mod daemon;
+mod netcheck;
 mod state;
 mod tun_device;
 mod udp;
@@ -60,8 +61,26 @@ enum Command {
     /// creating the identity if there is none yet.
     Id(IdArgs),
     /// Run a backbone: a directory of signed node records that answers
-    /// lookups and STUN. It never sees plaintext and cannot forge records.
+    /// lookups and STUN and relays for nodes that cannot reach each other
+    /// directly. It never sees plaintext and cannot forge records.
     Backbone(BackboneArgs),
+    /// Check the network without a running daemon: is UDP open, what is our
+    /// public endpoint, how does our NAT map, how far are the backbones.
+    Netcheck(NetcheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct NetcheckArgs {
+    /// Backbone (STUN server) to ask, as HOST:PORT; give two or more (or a
+    /// backbone listening on two ports or addresses) to learn how the NAT maps.
+    #[arg(long = "backbone", value_name = "HOST:PORT", required = true)]
+    backbones: Vec<String>,
+    /// Local UDP port to test from (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    port: u16,
+    /// Seconds to wait for answers.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
 }
 
 #[derive(Args, Debug)]
@@ -118,9 +137,10 @@ struct IdArgs {
 
 #[derive(Args, Debug)]
 struct BackboneArgs {
-    /// UDP address to serve nodes on.
+    /// UDP address to serve nodes on. Repeat it (another port or address
+    /// of this host) so `meshtun netcheck` can tell how clients' NATs map.
     #[arg(long, default_value = "0.0.0.0:7400")]
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     /// Seconds a record lives without a heartbeat.
     #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(2..=86400))]
     record_ttl: u64,
@@ -212,6 +232,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Netcheck(args) => netcheck::run(&args.backbones, args.port, Duration::from_secs_f64(args.timeout.clamp(0.1, 60.0)), json).await,
         Command::Status(args) => {
             let data = control::call(&args.socket, &control::Request::Status).await?;
             if json {
@@ -253,6 +274,11 @@ fn print_status(data: &serde_json::Value) {
     };
     if data["role"] == "backbone" {
         println!("backbone on {}  (record ttl {} s)", s(&data["listen"]), s(&data["record_ttl_secs"]));
+        let st = &data["stats"];
+        println!(
+            "relayed {} packets / {} bytes, refused {}, rate-limited {}",
+            s(&st["relayed_packets"]), s(&st["relayed_bytes"]), s(&st["relay_refused"]), s(&st["relay_rate_limited"])
+        );
         let records = data["records"].as_array().cloned().unwrap_or_default();
         println!("{} record(s)", records.len());
         for r in records {
@@ -278,8 +304,16 @@ fn print_status(data: &serde_json::Value) {
     let peers = data["peers"].as_array().cloned().unwrap_or_default();
     println!("{} peer(s)", peers.len());
     for p in peers {
+        let path = match (&p["path"], &p["rtt_ms"]) {
+            (serde_json::Value::String(kind), serde_json::Value::Number(rtt)) => format!("{kind} {:.1} ms", rtt.as_f64().unwrap_or(0.0)),
+            (serde_json::Value::String(kind), _) => match &p["relay_reason"] {
+                serde_json::Value::String(why) => format!("{kind} ({why})"),
+                _ => kind.clone(),
+            },
+            _ => "-".into(),
+        };
         println!(
-            "  {:<18} {:<16} endpoint {:<22} handshake {} ago  tx {} B  rx {} B",
+            "  {:<18} {:<16} {path:<28} via {:<22} handshake {} ago  tx {} B  rx {} B",
             s(&p["address"]),
             s(&p["hostname"]),
             s(&p["endpoint"]),

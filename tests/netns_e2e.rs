@@ -23,7 +23,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use harness::meshtun::{Backbone, Node, NodeOpts};
-use harness::{require_root, require_tool, wait_until, Capture, CmdOutput, Lab, Ns, Switch};
+use harness::{poll_until, require_root, require_tool, wait_until, Capture, Checks, CmdOutput, Lab, Ns, Switch};
 use serde_json::Value;
 
 const MARKER: &[u8] = b"MESHTUN-PLAINTEXT-MARKER-";
@@ -282,6 +282,9 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
     assert_eq!(echoed.len(), data.len(), "(b) echoed length differs");
     assert!(echoed_hash == sent_hash, "(b) echoed bytes differ from the sent bytes (blake3 mismatch)");
 
+    // From here on the checks are independent: collect every failure.
+    let mut checks = Checks::new();
+
     // (c) what crossed the bridge.
     let ab = capture.udp_between(A_IP, B_IP);
     let via_bb_a = capture.udp_between(A_IP, BB_IP);
@@ -301,57 +304,75 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
         capture.truncated,
         capture.error
     );
-    assert!(capture.error.is_none(), "(c) capture error: {:?}", capture.error);
-    assert!(
-        ab.bytes > ONE_MIB,
-        "(c) expected > 1 MiB of UDP between a and b on the bridge (direct path), saw {} B (a<->bb {} B, b<->bb {} B)",
-        ab.bytes,
-        via_bb_a.bytes,
-        via_bb_b.bytes
-    );
-    assert_eq!(hits, 0, "(c) the plaintext marker crossed the bridge in {hits} frame(s): traffic is not encrypted");
+    checks.check(capture.error.is_none(), || format!("(c) capture error: {:?}", capture.error));
+    checks.check(ab.bytes > ONE_MIB, || {
+        format!(
+            "(c) expected > 1 MiB of UDP between a and b on the bridge (direct path), saw {} B (a<->bb {} B, b<->bb {} B)",
+            ab.bytes, via_bb_a.bytes, via_bb_b.bytes
+        )
+    });
+    checks.check(hits == 0, || {
+        format!("(c) the plaintext marker crossed the bridge in {hits} frame(s): traffic is not encrypted")
+    });
 
     // (d) status: the backbone knows both nodes; a knows b with an endpoint.
-    let records = m.backbone.records().unwrap_or_else(|e| panic!("(d) backbone status: {e}"));
-    println!("(d) backbone records: {}", Value::Array(records.clone()));
-    for (node, host) in [(a, "alpha"), (b, "beta")] {
-        let r = records
-            .iter()
-            .find(|r| str_field(r, "address") == Some(node.id.address.as_str()))
-            .unwrap_or_else(|| panic!("(d) backbone does not list {host} ({}): {records:?}", node.id.address));
-        assert_eq!(str_field(r, "hostname"), Some(host), "(d) hostname of {}: {r}", node.id.address);
-        let v6: Option<Ipv6Addr> = str_field(r, "ipv6").and_then(|s| s.parse().ok());
-        assert_eq!(v6, Some(node.id.ipv6), "(d) ipv6 of {host} in backbone record: {r}");
+    if let Some(records) = checks.ok(m.backbone.records(), "(d) backbone status") {
+        println!("(d) backbone records: {}", Value::Array(records.clone()));
+        for (node, host) in [(a, "alpha"), (b, "beta")] {
+            let r = records.iter().find(|r| str_field(r, "address") == Some(node.id.address.as_str()));
+            if !checks.check(r.is_some(), || {
+                format!("(d) backbone does not list {host} ({}): {records:?}", node.id.address)
+            }) {
+                continue;
+            }
+            let r = r.unwrap();
+            checks.check(str_field(r, "hostname") == Some(host), || {
+                format!("(d) backbone record of {} should have hostname {host:?}: {r}", node.id.address)
+            });
+            let v6: Option<Ipv6Addr> = str_field(r, "ipv6").and_then(|s| s.parse().ok());
+            checks.check(v6 == Some(node.id.ipv6), || {
+                format!("(d) backbone record of {host} should have ipv6 {}: {r}", node.id.ipv6)
+            });
+        }
     }
-    let peer = a
-        .peer(&b.id.address)
-        .unwrap_or_else(|e| panic!("(d) alpha's status: {e}"))
-        .unwrap_or_else(|| panic!("(d) alpha's status lists no peer {}: {:?}", b.id.address, a.status()));
-    println!("(d) alpha's peer entry for beta: {peer}");
-    let endpoint = peer.get("endpoint").cloned().unwrap_or(Value::Null);
-    assert!(endpoint.is_string(), "(d) alpha's peer beta has no endpoint: {peer}");
-    let tx = peer.get("tx_bytes").and_then(Value::as_u64);
-    assert!(tx.is_some_and(|t| t > 0), "(d) alpha's peer beta tx_bytes not > 0: {peer}");
-    let v6: Option<Ipv6Addr> = str_field(&peer, "ipv6").and_then(|s| s.parse().ok());
-    assert_eq!(v6, Some(b.id.ipv6), "(d) alpha's peer entry ipv6: {peer}");
+    match a.peer(&b.id.address) {
+        Err(e) => {
+            checks.check(false, || format!("(d) alpha's status: {e}"));
+        }
+        Ok(None) => {
+            checks.check(false, || {
+                format!("(d) alpha's status lists no peer {}: {:?}", b.id.address, a.status())
+            });
+        }
+        Ok(Some(peer)) => {
+            println!("(d) alpha's peer entry for beta: {peer}");
+            checks.check(peer.get("endpoint").is_some_and(Value::is_string), || {
+                format!("(d) alpha's peer beta has no endpoint: {peer}")
+            });
+            let tx = peer.get("tx_bytes").and_then(Value::as_u64);
+            checks.check(tx.is_some_and(|t| t > 0), || {
+                format!("(d) alpha's peer beta tx_bytes not > 0: {peer}")
+            });
+            let v6: Option<Ipv6Addr> = str_field(&peer, "ipv6").and_then(|s| s.parse().ok());
+            checks.check(v6 == Some(b.id.ipv6), || format!("(d) alpha's peer entry ipv6 should be {}: {peer}", b.id.ipv6));
+        }
+    }
 
     // (e1) `meshtun down` for b.
     let sock_b = b.socket.to_str().unwrap().to_string();
     let t = Instant::now();
     let down = harness::meshtun::cli(b_ns, &["down", "--socket", &sock_b]);
-    let down_took = t.elapsed();
-    println!("(e) `meshtun down` for beta: {:?} after {:.2?}; stdout {:?}", down.status, down_took, down.stdout.trim());
-    assert!(down.success(), "(e) `meshtun down` failed: {}", down.describe());
-    let st = b
-        .proc
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("(e) beta's daemon still running 10 s after `meshtun down` returned"));
-    println!("(e) beta's daemon {} ({:.2?} after down started)", harness::describe_status(st), t.elapsed());
-    assert_eq!(st.code(), Some(0), "(e) beta's daemon did not exit 0 after `down`: {}\n{}", harness::describe_status(st), b.proc.log_tail(30));
-    let link = harness::ip(&["-n", b_ns.name(), "link", "show", "meshtun0"]);
-    assert!(!link.success(), "(e) meshtun0 still exists in b after down: {}", link.describe());
+    println!(
+        "(e) `meshtun down` for beta: exit {:?} after {:.2?}; stdout {:?}; stderr {:?}",
+        down.code(),
+        down.elapsed,
+        down.stdout.trim(),
+        down.stderr.trim()
+    );
+    checks.check(down.success(), || format!("(e) `meshtun down` failed: {}", down.describe()));
+    check_daemon_stopped(&mut checks, &m, b, "`meshtun down`", t);
     let t = Instant::now();
-    wait_until(
+    let r = poll_until(
         Duration::from_secs(RECORD_TTL + 1),
         "the backbone to drop beta's record (alpha's must stay)",
         || {
@@ -366,33 +387,57 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
             Ok(())
         },
     );
-    println!("(e) backbone dropped beta {:.2?} after its daemon exited", t.elapsed());
+    println!("(e) backbone dropped beta: {r:?} after {:.2?}", t.elapsed());
+    checks.ok(r, "(e) after beta's `down`");
 
     // (e2) SIGTERM for a.
-    assert!(a.proc.signal(libc::SIGTERM), "(e) alpha's daemon had already exited before SIGTERM:\n{}", a.proc.log_tail(30));
     let t = Instant::now();
-    let st = a
-        .proc
-        .wait_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|| panic!("(e) alpha's daemon still running 10 s after SIGTERM"));
-    println!("(e) alpha's daemon {} {:.2?} after SIGTERM", harness::describe_status(st), t.elapsed());
-    assert_eq!(st.code(), Some(0), "(e) alpha's daemon did not exit 0 on SIGTERM: {}\n{}", harness::describe_status(st), a.proc.log_tail(30));
-    let link = harness::ip(&["-n", m.a_ns.name(), "link", "show", "meshtun0"]);
-    assert!(!link.success(), "(e) meshtun0 still exists in a after SIGTERM: {}", link.describe());
-    let t = Instant::now();
-    wait_until(Duration::from_secs(RECORD_TTL + 1), "the backbone to drop alpha's record", || {
-        m.backbone.proc.check_running()?;
-        let recs = m.backbone.records()?;
-        if recs.iter().any(|r| str_field(r, "address") == Some(a.id.address.as_str())) {
-            Err(format!("alpha still listed: {recs:?}"))
-        } else {
-            Ok(())
-        }
-    });
-    println!("(e) backbone dropped alpha {:.2?} after its daemon exited", t.elapsed());
+    if checks.check(a.proc.signal(libc::SIGTERM), || {
+        format!("(e) alpha's daemon had already exited before SIGTERM:\n{}", a.proc.log_tail(30))
+    }) {
+        check_daemon_stopped(&mut checks, &m, a, "SIGTERM", t);
+        let t = Instant::now();
+        let r = poll_until(Duration::from_secs(RECORD_TTL + 1), "the backbone to drop alpha's record", || {
+            m.backbone.proc.check_running()?;
+            let recs = m.backbone.records()?;
+            if recs.iter().any(|r| str_field(r, "address") == Some(a.id.address.as_str())) {
+                Err(format!("alpha still listed: {recs:?}"))
+            } else {
+                Ok(())
+            }
+        });
+        println!("(e) backbone dropped alpha: {r:?} after {:.2?}", t.elapsed());
+        checks.ok(r, "(e) after alpha's SIGTERM");
+    }
     let _ = (&m.bb_ns, &m.lab);
+    checks.finish();
 }
 
+/// After `how` (started at `t`): the daemon exits 0 within 10 s and its
+/// interface is gone.
+fn check_daemon_stopped(checks: &mut Checks, m: &Mesh, n: &Node, how: &str, t: Instant) {
+    let who = &n.hostname;
+    match n.proc.wait_timeout(Duration::from_secs(10)) {
+        None => {
+            checks.check(false, || format!("(e) {who}'s daemon still running 10 s after {how}"));
+        }
+        Some(st) => {
+            println!("(e) {who}'s daemon {} {:.2?} after {how}", harness::describe_status(st), t.elapsed());
+            checks.check(st.code() == Some(0), || {
+                format!(
+                    "(e) {who}'s daemon did not exit 0 after {how}: {}\n{}",
+                    harness::describe_status(st),
+                    n.proc.log_tail(30)
+                )
+            });
+        }
+    }
+    let link = harness::ip(&["-n", n.ns.name(), "link", "show", &n.interface]);
+    checks.check(!link.success(), || {
+        format!("(e) {} still exists in {} after {how}: {}", n.interface, n.ns.role(), link.describe())
+    });
+    let _ = m;
+}
 #[test]
 fn ping_to_an_unregistered_mesh_address_fails_fast_with_unreachable() {
     if !require_root("ping_to_an_unregistered_mesh_address_fails_fast_with_unreachable") {

@@ -66,6 +66,10 @@ impl Default for DirectoryConfig {
 /// A datagram to send.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Transmit {
+    /// Which of the backbone's sockets to send from (see
+    /// [`Directory::handle_datagram_on`]): a node behind a NAT only hears
+    /// from the address it talks to.
+    pub local: usize,
     pub dst: SocketAddr,
     pub payload: Vec<u8>,
 }
@@ -76,6 +80,8 @@ pub struct Entry {
     pub record: VerifiedRecord,
     /// Source address of the latest accepted registration.
     pub observed: SocketAddr,
+    /// The backbone socket it arrived on.
+    pub local: usize,
     pub registered_at: Instant,
     pub expires_at: Instant,
 }
@@ -116,6 +122,8 @@ pub struct Directory {
     relay_permissions: HashMap<(MeshAddr, MeshAddr), Instant>,
     /// Token bucket per relaying node: (tokens, last refill).
     relay_buckets: HashMap<MeshAddr, (f64, Instant)>,
+    /// Socket of the datagram being handled.
+    local: usize,
     transmits: VecDeque<Transmit>,
     stats: DirectoryStats,
 }
@@ -131,18 +139,27 @@ impl Directory {
             by_observed: HashMap::new(),
             relay_permissions: HashMap::new(),
             relay_buckets: HashMap::new(),
+            local: 0,
             transmits: VecDeque::new(),
             stats: DirectoryStats::default(),
         }
     }
 
     pub fn handle_datagram(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.handle_datagram_on(0, from, datagram, now);
+    }
+
+    /// A datagram that arrived on the backbone's socket number `local` (a
+    /// backbone may listen on several addresses or ports, RFC 5780 style,
+    /// so clients can tell how their NAT maps).
+    pub fn handle_datagram_on(&mut self, local: usize, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.local = local;
         self.expire(now);
         match classify(datagram) {
             DatagramKind::Stun => match meshtun_nat::binding_response(datagram, from) {
                 Ok(payload) => {
                     self.stats.stun_requests += 1;
-                    self.transmits.push_back(Transmit { dst: from, payload });
+                    self.transmits.push_back(Transmit { local, dst: from, payload });
                 }
                 Err(_) => self.stats.dropped_malformed += 1,
             },
@@ -302,7 +319,7 @@ impl Directory {
         self.expiry.insert((expires_at, addr));
         self.records.insert(
             addr,
-            Entry { record: verified, observed: from, registered_at: now, expires_at },
+            Entry { record: verified, observed: from, local: self.local, registered_at: now, expires_at },
         );
         self.stats.registrations += 1;
         Ok(())
@@ -374,9 +391,10 @@ impl Directory {
             return;
         }
         if let Some(entry) = self.records.get(&target_addr) {
-            let dst = entry.observed;
+            let (dst, local) = (entry.observed, entry.local);
             self.stats.intents_pushed += 1;
-            self.send(dst, &Message::PeerIntent { record: asker_record });
+            let payload = Message::PeerIntent { record: asker_record }.encode();
+            self.transmits.push_back(Transmit { local, dst, payload });
         }
     }
 
@@ -400,7 +418,7 @@ impl Directory {
             self.stats.relay_refused += 1;
             return;
         }
-        let dst_endpoint = dst_entry.observed;
+        let (dst_endpoint, dst_local) = (dst_entry.observed, dst_entry.local);
         let (rate, burst) = (self.config.relay_rate_bytes as f64, self.config.relay_burst_bytes as f64);
         let bucket = self.relay_buckets.entry(src).or_insert((burst, now));
         bucket.0 = (bucket.0 + now.saturating_duration_since(bucket.1).as_secs_f64() * rate).min(burst);
@@ -414,7 +432,7 @@ impl Directory {
         self.relay_permissions.insert(ordered(src, dst), now + self.config.relay_permission_ttl);
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += payload.len() as u64;
-        self.transmits.push_back(Transmit { dst: dst_endpoint, payload: relay::wrap(src, payload) });
+        self.transmits.push_back(Transmit { local: dst_local, dst: dst_endpoint, payload: relay::wrap(src, payload) });
     }
 
     fn expire(&mut self, now: Instant) {
@@ -434,8 +452,9 @@ impl Directory {
         }
     }
 
+    /// A reply, from the socket the request came in on.
     fn send(&mut self, dst: SocketAddr, message: &Message) {
-        self.transmits.push_back(Transmit { dst, payload: message.encode() });
+        self.transmits.push_back(Transmit { local: self.local, dst, payload: message.encode() });
     }
 }
 
@@ -692,7 +711,7 @@ mod tests {
         assert_eq!(dir.stats().relay_refused, 1);
         exchange(&mut dir, NODE_A, Message::Lookup { request_id: 1, from: a_addr, query: Query::Address(b_addr) }, now);
         let out = relay_to(&mut dir, NODE_A, b_addr, b"wg-datagram", now);
-        assert_eq!(out, vec![Transmit { dst: sock(NODE_B), payload: relay::wrap(a_addr, b"wg-datagram") }]);
+        assert_eq!(out, vec![Transmit { local: 0, dst: sock(NODE_B), payload: relay::wrap(a_addr, b"wg-datagram") }]);
         // The reply direction is allowed too, and never bigger than what came in.
         let back = relay_to(&mut dir, NODE_B, a_addr, b"reply", now);
         assert_eq!(back.len(), 1);

@@ -22,6 +22,7 @@ fn daemon_env() -> Vec<(&'static str, String)> {
     vec![
         ("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into())),
         ("RUST_BACKTRACE", "1".into()),
+        ("NO_COLOR", "1".into()),
     ]
 }
 

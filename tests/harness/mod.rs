@@ -86,24 +86,75 @@ pub fn require_tool(tool: &str, package: &str) {
 /// Polls `poll` every 100 ms until it returns `Ok`, and returns that value.
 /// `Err(state)` describes what was observed; after `timeout` this panics with
 /// "timed out after .. waiting for {what}; last observed: {state}".
-pub fn wait_until<T>(
+pub fn wait_until<T>(timeout: Duration, what: &str, poll: impl FnMut() -> Result<T, String>) -> T {
+    poll_until(timeout, what, poll).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Non-panicking [`wait_until`]: `Err` holds the same message.
+pub fn poll_until<T>(
     timeout: Duration,
     what: &str,
     mut poll: impl FnMut() -> Result<T, String>,
-) -> T {
+) -> Result<T, String> {
     let start = Instant::now();
     loop {
         let last = match poll() {
-            Ok(v) => return v,
+            Ok(v) => return Ok(v),
             Err(state) => state,
         };
         if start.elapsed() >= timeout {
-            panic!(
+            return Err(format!(
                 "timed out after {:.1?} waiting for {what}; last observed state: {last}",
                 start.elapsed()
-            );
+            ));
         }
         thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Collects failed checks so a test can report every independent failure of
+/// a run, then fail once in [`Checks::finish`].
+#[derive(Default)]
+pub struct Checks {
+    failed: Vec<String>,
+}
+
+impl Checks {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Records a failure (printed at once) unless `ok`; returns `ok`.
+    pub fn check(&mut self, ok: bool, msg: impl FnOnce() -> String) -> bool {
+        if !ok {
+            let m = msg();
+            eprintln!("CHECK FAILED: {m}");
+            self.failed.push(m);
+        }
+        ok
+    }
+
+    /// Records `Err` as a failure; returns the value if `Ok`.
+    pub fn ok<T>(&mut self, r: Result<T, String>, context: &str) -> Option<T> {
+        match r {
+            Ok(v) => Some(v),
+            Err(e) => {
+                self.check(false, || format!("{context}: {e}"));
+                None
+            }
+        }
+    }
+
+    pub fn failures(&self) -> &[String] {
+        &self.failed
+    }
+
+    /// Panics listing every failed check.
+    pub fn finish(self) {
+        if !self.failed.is_empty() {
+            let list: Vec<String> = self.failed.iter().map(|f| format!("- {f}")).collect();
+            panic!("{} check(s) failed:\n{}", self.failed.len(), list.join("\n"));
+        }
     }
 }
 
@@ -676,15 +727,12 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let panicking = thread::panicking();
         let mut report = String::new();
-        // 1. Stop every process we started, in parallel, by PID.
+        // 1. Stop every process we started, by PID, last started first (so
+        //    nodes leave while their backbone still runs).
         let procs = std::mem::take(&mut *self.registry.procs.lock().unwrap());
-        let stoppers: Vec<_> = procs
-            .iter()
-            .cloned()
-            .map(|p| thread::spawn(move || (p.clone(), p.terminate(TERM_GRACE))))
-            .collect();
-        for h in stoppers {
-            if let Ok((p, (status, killed))) = h.join() {
+        for p in procs.iter().rev() {
+            let (status, killed) = p.terminate(TERM_GRACE);
+            {
                 let st = status.map(describe_status).unwrap_or_else(|| "did not exit".into());
                 if killed {
                     let _ = writeln!(report, "lab cleanup: `{}` (pid {}) ignored SIGTERM for {:?}, SIGKILLed; {st}", p.label(), p.pid(), TERM_GRACE);
