@@ -51,12 +51,14 @@
 
 mod derive;
 mod error;
+mod group;
 mod ipv6;
 mod mesh;
 mod node;
 
 pub use derive::{derive_node_addr, find_nonce, POW_DIFFICULTY_BITS};
 pub use error::{AddrError, Reservation};
+pub use group::{group_multicast_addr, group_network, GROUP_PREFIX, GROUP_PREFIX_LEN};
 pub use ipv6::{network_prefix, MESH_PREFIX, MESH_PREFIX_LEN, NETWORK_PREFIX_LEN};
 pub use mesh::MeshAddr;
 pub use node::{NetworkId, NodeAddr};

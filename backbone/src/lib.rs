@@ -26,7 +26,7 @@
 //! ([`Message::PeerIntent`]) over the path B registers on, so both start
 //! probing each other at the same moment.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ impl Default for DirectoryConfig {
     fn default() -> Self {
         DirectoryConfig {
             record_ttl: Duration::from_secs(75),
-            max_lookup_results: 8,
+            max_lookup_results: 20,
             relay_rate_bytes: 4 << 20,
             relay_burst_bytes: 1 << 20,
             relay_permission_ttl: Duration::from_secs(600),
@@ -114,6 +114,8 @@ pub struct Directory {
     records: HashMap<MeshAddr, Entry>,
     hostnames: HashMap<(NetworkId, String), MeshAddr>,
     wg_keys: HashMap<(NetworkId, [u8; 32]), MeshAddr>,
+    capabilities: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
+    groups: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
     /// Expiry order; entries may be stale (checked against `records`).
     expiry: BTreeSet<(Instant, MeshAddr)>,
     /// Which registered node sends from which source address.
@@ -135,6 +137,8 @@ impl Directory {
             records: HashMap::new(),
             hostnames: HashMap::new(),
             wg_keys: HashMap::new(),
+            capabilities: HashMap::new(),
+            groups: HashMap::new(),
             expiry: BTreeSet::new(),
             by_observed: HashMap::new(),
             relay_permissions: HashMap::new(),
@@ -315,6 +319,12 @@ impl Directory {
         }
         self.by_observed.insert(from, addr);
         self.wg_keys.insert((record.network, record.wg_key), addr);
+        for cap in &record.capabilities {
+            self.capabilities.entry((record.network, cap.clone())).or_default().insert(addr);
+        }
+        for group in &record.groups {
+            self.groups.entry((record.network, group.clone())).or_default().insert(addr);
+        }
         let expires_at = now + self.config.record_ttl;
         self.expiry.insert((expires_at, addr));
         self.records.insert(
@@ -341,12 +351,28 @@ impl Directory {
     }
 
     fn lookup(&self, query: &Query) -> Vec<SignedRecord> {
+        let set = match query {
+            Query::Capability { network, name } => self.capabilities.get(&(*network, name.clone())),
+            Query::Group { network, name } => self.groups.get(&(*network, name.clone())),
+            _ => None,
+        };
+        if query.is_set() {
+            let mut addrs: Vec<&MeshAddr> = set.map(|s| s.iter().collect()).unwrap_or_default();
+            addrs.sort();
+            return addrs
+                .into_iter()
+                .filter_map(|a| self.records.get(a))
+                .map(|e| e.record.signed.clone())
+                .take(self.config.max_lookup_results)
+                .collect();
+        }
         let found = match query {
             Query::Address(addr) => Some(*addr),
             Query::Hostname { network, name } => {
                 self.hostnames.get(&(*network, name.clone())).copied()
             }
             Query::WgKey { network, key } => self.wg_keys.get(&(*network, *key)).copied(),
+            Query::Capability { .. } | Query::Group { .. } => None,
         };
         found
             .and_then(|addr| self.records.get(&addr))
@@ -370,6 +396,17 @@ impl Directory {
         if self.wg_keys.get(&key) == Some(addr) {
             self.wg_keys.remove(&key);
         }
+        for (index, tags) in [(&mut self.capabilities, &record.capabilities), (&mut self.groups, &record.groups)] {
+            for tag in tags {
+                let key = (record.network, tag.clone());
+                if let Some(set) = index.get_mut(&key) {
+                    set.remove(addr);
+                    if set.is_empty() {
+                        index.remove(&key);
+                    }
+                }
+            }
+        }
         if self.by_observed.get(&entry.observed) == Some(addr) {
             self.by_observed.remove(&entry.observed);
         }
@@ -379,6 +416,9 @@ impl Directory {
     /// A successful lookup permits relaying between the two nodes and
     /// tells the node that was found who is coming.
     fn after_lookup(&mut self, asker: MeshAddr, asker_record: SignedRecord, query: &Query, found: &[SignedRecord], now: Instant) {
+        if query.is_set() {
+            return; // discovery, not an intent to connect
+        }
         let Some(target) = found.first().and_then(|r| r.verify().ok()) else { return };
         let target_addr = target.record.mesh_addr();
         if target_addr == asker {
@@ -678,6 +718,41 @@ mod tests {
     fn relay_to(dir: &mut Directory, from: &str, to: MeshAddr, payload: &[u8], now: Instant) -> Vec<Transmit> {
         dir.handle_datagram(sock(from), &relay::wrap(to, payload), now);
         std::iter::from_fn(|| dir.poll_transmit()).collect()
+    }
+
+    fn record_with_tags(id: &Identity, seq: u64, caps: &[&str], groups: &[&str]) -> SignedRecord {
+        let mut r = record(id, seq, None).verify().unwrap().record;
+        r.capabilities = caps.iter().map(|s| s.to_string()).collect();
+        r.groups = groups.iter().map(|s| s.to_string()).collect();
+        SignedRecord::sign(id, &r).unwrap()
+    }
+
+    #[test]
+    fn capability_and_group_queries_return_every_live_holder_and_forget_changed_tags() {
+        let (a, b) = identities();
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record_with_tags(&a, 1, &["citations"], &["research"]), now);
+        let b1 = record_with_tags(&b, 1, &["citations", "fx"], &["research"]);
+        register(&mut dir, NODE_B, b1, now);
+        let from = a.mesh_addr(NetworkId::PUBLIC);
+        let ask = |dir: &mut Directory, query: Query| match exchange(dir, NODE_A, Message::Lookup { request_id: 1, from, query }, now) {
+            Message::LookupReply { records, .. } => {
+                let mut addrs: Vec<_> = records.iter().map(|r| r.verify().unwrap().record.mesh_addr()).collect();
+                addrs.sort();
+                addrs
+            }
+            other => panic!("{other:?}"),
+        };
+        let mut both = vec![from, b.mesh_addr(NetworkId::PUBLIC)];
+        both.sort();
+        assert_eq!(ask(&mut dir, Query::Capability { network: NetworkId::PUBLIC, name: "citations".into() }), both);
+        assert_eq!(ask(&mut dir, Query::Group { network: NetworkId::PUBLIC, name: "research".into() }), both);
+        assert_eq!(ask(&mut dir, Query::Capability { network: NetworkId::PUBLIC, name: "fx".into() }), vec![b.mesh_addr(NetworkId::PUBLIC)]);
+        // B drops the fx capability: the index follows at once.
+        register(&mut dir, NODE_B, record_with_tags(&b, 2, &["citations"], &[]), now);
+        assert!(ask(&mut dir, Query::Capability { network: NetworkId::PUBLIC, name: "fx".into() }).is_empty());
+        assert_eq!(ask(&mut dir, Query::Group { network: NetworkId::PUBLIC, name: "research".into() }), vec![from]);
     }
 
     #[test]

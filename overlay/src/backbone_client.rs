@@ -136,14 +136,13 @@ impl BackboneClient {
         }
     }
 
-    /// A registered backbone to ask, rotating with `attempt`.
-    pub fn pick_registered(&self, attempt: usize) -> Option<SocketAddr> {
-        let registered: Vec<_> =
-            self.backbones.iter().filter(|b| b.state == BackboneState::Registered).collect();
-        if registered.is_empty() {
-            return None;
-        }
-        registered.get(attempt % registered.len()).map(|b| b.addr)
+    /// Every backbone we are registered with.
+    pub fn registered(&self) -> Vec<SocketAddr> {
+        self.backbones.iter().filter(|b| b.state == BackboneState::Registered).map(|b| b.addr).collect()
+    }
+
+    pub fn is_registered(&self, addr: SocketAddr) -> bool {
+        self.backbones.iter().any(|b| b.addr == addr && b.state == BackboneState::Registered)
     }
 
     /// Registers with every backbone at the next opportunity.

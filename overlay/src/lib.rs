@@ -131,6 +131,34 @@ pub enum Event {
     Deregistered { backbone: SocketAddr },
 }
 
+/// A handle for an answer the driver asked for ([`Node::query`], [`Node::ping`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Token(pub u64);
+
+/// One node a query found, best first.
+#[derive(Clone, Debug, Serialize)]
+pub struct Found {
+    pub address: String,
+    pub ipv6: Ipv6Addr,
+    pub hostname: Option<String>,
+    pub capabilities: Vec<String>,
+    pub groups: Vec<String>,
+    /// Measured RTT of the current path, when we have a session.
+    pub rtt_ms: Option<f64>,
+    pub path: Option<String>,
+    #[serde(skip)]
+    pub mesh_addr: MeshAddr,
+}
+
+/// Answers the driver asked for.
+#[derive(Clone, Debug)]
+pub enum Answer {
+    /// Nodes matching a query (empty: none; `error` says why if it failed).
+    Query { token: Token, found: Vec<Found>, error: Option<String> },
+    /// A mesh ping came back.
+    Pong { token: Token, from: MeshAddr, hostname: Option<String>, rtt: Duration, path: String },
+}
+
 /// A snapshot for `meshtun status`.
 #[derive(Clone, Debug, Serialize)]
 pub struct NodeStatus {
@@ -142,6 +170,8 @@ pub struct NodeStatus {
     pub backbones: Vec<BackboneStatus>,
     pub peers: Vec<PeerStatus>,
     pub stats: Stats,
+    pub capabilities: Vec<String>,
+    pub groups: Vec<String>,
 }
 
 /// How a WireGuard datagram arrived.
@@ -160,7 +190,26 @@ struct PendingLookup {
     /// key lookup.
     packets: VecDeque<Vec<u8>>,
     handshake: Option<(Origin, Vec<u8>)>,
+    waiters: Vec<Token>,
 }
+
+struct PendingPing {
+    token: Token,
+    to: MeshAddr,
+    sent: Instant,
+}
+
+/// Identifier of the ICMPv6 echo requests the engine sends itself (`meshtun
+/// ping`); replies carrying it are answered to the driver, not the TUN.
+const PING_IDENT: u16 = 0x4d54;
+/// How long discovery answers are cached.
+const QUERY_CACHE_TTL: Duration = Duration::from_secs(10);
+const NEGATIVE_QUERY_CACHE_TTL: Duration = Duration::from_secs(2);
+/// Bound on the newest-record memory (cleared when full).
+const MAX_REMEMBERED_RECORDS: usize = 100_000;
+/// Group packets a node may send per second (each fanned out to every member).
+const BROADCAST_RATE: f64 = 50.0;
+const BROADCAST_BURST: f64 = 100.0;
 
 /// One mesh node.
 pub struct Node {
@@ -178,6 +227,15 @@ pub struct Node {
     lookups: HashMap<Query, PendingLookup>,
     lookup_by_request: HashMap<u64, Query>,
     unreachable_until: HashMap<MeshAddr, Instant>,
+    query_cache: HashMap<Query, (Vec<NodeRecord>, Instant)>,
+    answers: VecDeque<Answer>,
+    pings: HashMap<u16, PendingPing>,
+    next_ping_seq: u16,
+    broadcast_tokens: (f64, Instant),
+    known_group_names: Vec<String>,
+    /// The newest record seen for each node, so a backbone serving an older
+    /// one is caught.
+    newest: HashMap<MeshAddr, NodeRecord>,
     transmits: VecDeque<Transmit>,
     tun_out: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
@@ -215,6 +273,13 @@ impl Node {
             lookups: HashMap::new(),
             lookup_by_request: HashMap::new(),
             unreachable_until: HashMap::new(),
+            query_cache: HashMap::new(),
+            answers: VecDeque::new(),
+            pings: HashMap::new(),
+            next_ping_seq: 1,
+            broadcast_tokens: (BROADCAST_BURST, now),
+            known_group_names: Vec::new(),
+            newest: HashMap::new(),
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
             events: VecDeque::new(),
@@ -260,6 +325,101 @@ impl Node {
         self.backbones.set_backbones(backbones, now);
     }
 
+    /// Changes what this node declares about itself; the new record reaches
+    /// the backbones at once (and in every heartbeat after).
+    pub fn set_tags(&mut self, hostname: Option<String>, capabilities: Vec<String>, groups: Vec<String>, now: Instant) {
+        self.config.hostname = hostname;
+        self.config.capabilities = capabilities;
+        self.config.groups = groups;
+        self.refresh_record();
+        self.backbones.register_now(now);
+    }
+
+    /// Looks nodes up (by hostname, capability, group or address) for the
+    /// driver; the answer comes from [`Node::poll_answer`]. Answers are
+    /// cached briefly: the directory is eventually consistent anyway.
+    pub fn query(&mut self, query: Query, now: Instant) -> Token {
+        let token = Token(self.rng.next_u64());
+        if let Query::Hostname { name, .. } = &query {
+            if self.config.hostname.as_deref() == Some(name.as_str()) {
+                let found = vec![self.found(self.backbones.record().clone())];
+                self.answers.push_back(Answer::Query { token, found, error: None });
+                return token;
+            }
+        }
+        if let Some((records, until)) = self.query_cache.get(&query) {
+            if *until > now {
+                let found = records.clone().into_iter().map(|r| self.found(r)).collect();
+                let found = self.rank(found);
+                self.answers.push_back(Answer::Query { token, found, error: None });
+                return token;
+            }
+        }
+        self.start_lookup(query.clone(), now);
+        match self.lookups.get_mut(&query) {
+            Some(lookup) => lookup.waiters.push(token),
+            None => self.answers.push_back(Answer::Query {
+                token,
+                found: vec![],
+                error: Some("too many lookups in flight".into()),
+            }),
+        }
+        token
+    }
+
+    /// Sends an ICMPv6 echo request to `to` through the mesh (looking it up
+    /// and opening a session if needed); the reply comes back as
+    /// [`Answer::Pong`]. Measures the mesh path itself.
+    pub fn ping(&mut self, to: MeshAddr, now: Instant) -> Token {
+        let token = Token(self.rng.next_u64());
+        let seq = self.next_ping_seq;
+        self.next_ping_seq = self.next_ping_seq.wrapping_add(1).max(1);
+        self.pings.retain(|_, p| now.saturating_duration_since(p.sent) < Duration::from_secs(60));
+        self.pings.insert(seq, PendingPing { token, to, sent: now });
+        let builder = etherparse::PacketBuilder::ipv6(self.my_ip.octets(), to.to_ipv6().octets(), 64)
+            .icmpv6_echo_request(PING_IDENT, seq);
+        let mut packet = Vec::with_capacity(builder.size(16));
+        if builder.write(&mut packet, b"meshtun ping\0\0\0\0").is_ok() {
+            self.handle_tun_packet(&packet, now);
+        }
+        token
+    }
+
+    pub fn poll_answer(&mut self) -> Option<Answer> {
+        self.answers.pop_front()
+    }
+
+    /// Names a group this node may send to without being a member.
+    pub fn learn_group_name(&mut self, name: String) {
+        if !self.known_group_names.contains(&name) {
+            self.known_group_names.push(name);
+        }
+    }
+
+    fn found(&self, record: NodeRecord) -> Found {
+        let addr = record.mesh_addr();
+        let peer = self.by_addr.get(&addr).and_then(|id| self.peers.get(id.index())).and_then(Option::as_ref);
+        Found {
+            address: addr.to_string(),
+            ipv6: addr.to_ipv6(),
+            hostname: record.hostname,
+            capabilities: record.capabilities,
+            groups: record.groups,
+            rtt_ms: peer.and_then(|p| p.path.rtt()).map(|r| r.as_secs_f64() * 1000.0),
+            path: peer.and_then(|p| p.path.current()).map(|p| p.to_string()),
+            mesh_addr: addr,
+        }
+    }
+
+    /// Best first: measured RTT ascending, then unmeasured, by address.
+    fn rank(&self, mut found: Vec<Found>) -> Vec<Found> {
+        found.sort_by(|a, b| {
+            let key = |f: &Found| (f.rtt_ms.is_none(), f.rtt_ms.map(|r| (r * 1000.0) as u64).unwrap_or(0), f.mesh_addr);
+            key(a).cmp(&key(b))
+        });
+        found
+    }
+
     /// An IP packet read from the TUN.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
         if ip_version_is_not_6(packet) {
@@ -270,6 +430,10 @@ impl Node {
             self.drop_packet(DropReason::Malformed);
             return;
         };
+        if meshtun_addr::group_network(dst) == Some(self.me.network) {
+            self.broadcast(dst, packet, now);
+            return;
+        }
         let dest = match MeshAddr::from_ipv6(dst) {
             Ok(dest) if dest.network == self.me.network && dest.is_unicast() && dest != self.me => dest,
             // Multicast (router solicitations, MLD) and foreign prefixes are
@@ -375,6 +539,8 @@ impl Node {
             backbones: self.backbones.status(now),
             peers: self.peers.iter().flatten().map(|p| p.status(now)).collect(),
             stats: self.stats.clone(),
+            capabilities: self.config.capabilities.clone(),
+            groups: self.config.groups.clone(),
         }
     }
 
@@ -414,7 +580,8 @@ impl Node {
             Message::PeerIntent { record } => match record.verify() {
                 Ok(v) if v.record.network == self.me.network && v.record.mesh_addr() != self.me => {
                     tracing::debug!(peer = %v.record.mesh_addr(), "peer intends to connect; probing it");
-                    let id = self.upsert_peer(v.record, Some(from), now);
+                    let record = self.newest_of(v.record);
+                    let id = self.upsert_peer(record, Some(from), now);
                     if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
                         peer.path.restart_probing(now);
                     }
@@ -435,6 +602,57 @@ impl Node {
         }
     }
 
+    /// A packet to a group address: sent once to every member over its own
+    /// session. The mesh is one link, so members never forward it again.
+    fn broadcast(&mut self, group_ip: Ipv6Addr, packet: &[u8], now: Instant) {
+        if packet.get(7).is_some_and(|hop_limit| *hop_limit == 0) {
+            self.drop_packet(DropReason::NoRoute);
+            return;
+        }
+        let (tokens, last) = self.broadcast_tokens;
+        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * BROADCAST_RATE).min(BROADCAST_BURST);
+        if tokens < 1.0 {
+            self.broadcast_tokens = (tokens, now);
+            self.drop_packet(DropReason::RateLimited);
+            return;
+        }
+        self.broadcast_tokens = (tokens - 1.0, now);
+        // The address is a hash: only groups this node can name resolve.
+        let Some(name) = self.group_name_for(group_ip) else {
+            self.drop_packet(DropReason::NoRoute);
+            return;
+        };
+        let query = Query::Group { network: self.me.network, name };
+        match self.query_cache.get(&query) {
+            Some((members, until)) if *until > now => {
+                let members: Vec<MeshAddr> = members.iter().map(|r| r.mesh_addr()).filter(|a| *a != self.me).collect();
+                self.stats.broadcasts_sent += 1;
+                for member in members {
+                    self.route_unicast(member, packet, now);
+                }
+            }
+            _ => self.queue_for_lookup(query, packet, now),
+        }
+    }
+
+    fn group_name_for(&self, group_ip: Ipv6Addr) -> Option<String> {
+        let network = self.me.network;
+        self.config
+            .groups
+            .iter()
+            .chain(self.known_group_names.iter())
+            .find(|name| meshtun_addr::group_multicast_addr(network, name) == group_ip)
+            .cloned()
+    }
+
+    fn route_unicast(&mut self, dest: MeshAddr, packet: &[u8], now: Instant) {
+        if let Some(&id) = self.by_addr.get(&dest) {
+            self.encapsulate(id, packet, now);
+        } else {
+            self.queue_for_lookup(Query::Address(dest), packet, now);
+        }
+    }
+
     fn queue_for_lookup(&mut self, query: Query, packet: &[u8], now: Instant) {
         if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
             self.drop_packet(DropReason::QueueFull);
@@ -448,6 +666,7 @@ impl Node {
             next_retry: now,
             packets: VecDeque::new(),
             handshake: None,
+            waiters: Vec::new(),
         });
         if lookup.packets.len() >= max {
             self.stats.count_drop(DropReason::QueueFull);
@@ -472,6 +691,7 @@ impl Node {
             next_retry: now,
             packets: VecDeque::new(),
             handshake: None,
+            waiters: Vec::new(),
         });
         lookup.handshake = Some((from, datagram.to_vec()));
         if lookup.attempts == 0 {
@@ -492,20 +712,27 @@ impl Node {
                 self.fail_lookup(&query, "no backbone answered", now);
                 continue;
             }
-            let Some(backbone) = self.backbones.pick_registered(lookup.attempts as usize) else {
+            // Exponential backoff: 1, 2, 4, ... request timeouts.
+            let backoff = self.config.request_timeout * (1u32 << lookup.attempts.min(5));
+            let backbones = self.backbones.registered();
+            if backbones.is_empty() {
                 // Not registered anywhere yet: wait, but let the attempt count.
                 lookup.attempts += 1;
-                lookup.next_retry = now + self.config.request_timeout;
+                lookup.next_retry = now + backoff;
                 continue;
-            };
+            }
             self.lookup_by_request.remove(&lookup.request_id);
             lookup.request_id = self.rng.next_u64();
             lookup.attempts += 1;
-            lookup.next_retry = now + self.config.request_timeout;
+            lookup.next_retry = now + backoff;
             self.lookup_by_request.insert(lookup.request_id, query.clone());
-            let message = Message::Lookup { request_id: lookup.request_id, from: self.me, query };
-            tracing::debug!(%backbone, request_id = lookup.request_id, "lookup sent");
-            self.transmits.push_back(Transmit { dst: backbone, payload: message.encode() });
+            // Ask every backbone at once: the first answer wins, so a dead
+            // backbone costs nothing (and each one learns the intent).
+            let payload = Message::Lookup { request_id: lookup.request_id, from: self.me, query }.encode();
+            tracing::debug!(backbones = backbones.len(), request_id = lookup.request_id, "lookup sent");
+            for backbone in backbones {
+                self.transmits.push_back(Transmit { dst: backbone, payload: payload.clone() });
+            }
         }
     }
 
@@ -513,6 +740,12 @@ impl Node {
         let Some(lookup) = self.lookups.remove(query) else { return };
         self.lookup_by_request.remove(&lookup.request_id);
         self.stats.lookups_failed += 1;
+        for token in &lookup.waiters {
+            self.answers.push_back(Answer::Query { token: *token, found: vec![], error: Some(reason.to_string()) });
+        }
+        if reason.starts_with("not registered") {
+            self.query_cache.insert(query.clone(), (Vec::new(), now + NEGATIVE_QUERY_CACHE_TTL));
+        }
         if let Query::Address(dest) = query {
             self.events.push_back(Event::LookupFailed { peer: dest.to_string(), reason: reason.into() });
             self.unreachable_until.insert(*dest, now + self.config.negative_cache);
@@ -527,9 +760,14 @@ impl Node {
 
     fn handle_lookup_reply(&mut self, backbone: SocketAddr, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
         let Some(query) = self.lookup_by_request.remove(&request_id) else {
-            self.drop_packet(DropReason::UnexpectedSource);
+            // Usually the slower backbone's answer to a lookup already answered.
+            tracing::trace!(%backbone, request_id, "answer to no pending lookup");
             return;
         };
+        if query.is_set() {
+            self.handle_set_reply(query, records, now);
+            return;
+        }
         let found = records.iter().find_map(|signed| match signed.verify() {
             Ok(v) if record_answers(&v, &query) => Some(v),
             Ok(_) => {
@@ -543,17 +781,84 @@ impl Node {
                 None
             }
         });
-        let Some(verified) = found else {
+        let Some(mut verified) = found else {
             self.fail_lookup(&query, "not registered with the backbone", now);
             return;
         };
+        verified.record = self.newest_of(verified.record);
         let Some(lookup) = self.lookups.remove(&query) else { return };
+        self.query_cache.insert(query.clone(), (vec![verified.record.clone()], now + QUERY_CACHE_TTL));
+        for token in &lookup.waiters {
+            let found = vec![self.found(verified.record.clone())];
+            self.answers.push_back(Answer::Query { token: *token, found, error: None });
+        }
+        if !matches!(query, Query::Address(_) | Query::WgKey { .. }) && lookup.packets.is_empty() {
+            return; // name resolution only: no session until traffic flows
+        }
         let id = self.upsert_peer(verified.record, Some(backbone), now);
         if let Some((from, datagram)) = lookup.handshake {
             self.handle_wireguard(from, &datagram, now);
         }
         for packet in lookup.packets {
             self.encapsulate(id, &packet, now);
+        }
+    }
+
+    /// Answer to a capability or group query: every verified record that
+    /// really carries the tag; a record older than one we already hold for
+    /// that node is replaced by ours (a backbone cannot roll a node back).
+    fn handle_set_reply(&mut self, query: Query, records: Vec<SignedRecord>, now: Instant) {
+        let Some(lookup) = self.lookups.remove(&query) else { return };
+        let mut members: Vec<NodeRecord> = Vec::new();
+        for signed in records {
+            match signed.verify() {
+                Ok(v) if record_answers(&v, &query) => {
+                    let record = self.newest_of(v.record);
+                    if record_answers_plain(&record, &query) {
+                        members.push(record);
+                    }
+                }
+                _ => self.stats.bad_records += 1,
+            }
+        }
+        members.sort_by_key(|r| r.mesh_addr());
+        members.dedup_by_key(|r| r.mesh_addr());
+        let ttl = if members.is_empty() { NEGATIVE_QUERY_CACHE_TTL } else { QUERY_CACHE_TTL };
+        self.query_cache.insert(query.clone(), (members.clone(), now + ttl));
+        for token in &lookup.waiters {
+            let found = members.iter().cloned().map(|r| self.found(r)).collect();
+            let found = self.rank(found);
+            self.answers.push_back(Answer::Query { token: *token, found, error: None });
+        }
+        // Group packets that waited for the member list go out now.
+        if !lookup.packets.is_empty() {
+            self.stats.broadcasts_sent += lookup.packets.len() as u64;
+            let targets: Vec<MeshAddr> = members.iter().map(|r| r.mesh_addr()).filter(|a| *a != self.me).collect();
+            for member in targets {
+                for packet in &lookup.packets {
+                    self.route_unicast(member, packet, now);
+                }
+            }
+        }
+    }
+
+    /// `record`, or the newer one already seen for that node (counting the
+    /// backbone's stale answer).
+    fn newest_of(&mut self, record: NodeRecord) -> NodeRecord {
+        let addr = record.mesh_addr();
+        match self.newest.get(&addr) {
+            Some(known) if known.seq > record.seq => {
+                tracing::warn!(peer = %addr, seq = record.seq, newest = known.seq, "backbone answered with a stale record; keeping the newer one");
+                self.stats.stale_records += 1;
+                known.clone()
+            }
+            _ => {
+                if self.newest.len() >= MAX_REMEMBERED_RECORDS {
+                    self.newest.clear();
+                }
+                self.newest.insert(addr, record.clone());
+                record
+            }
         }
     }
 
@@ -710,12 +1015,29 @@ impl Node {
                 boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
                     let dst = packet::ipv6_addresses(packet).map(|(_, d)| d);
+                    let for_my_group = dst.is_some_and(|d| {
+                        meshtun_addr::group_network(d) == Some(self.me.network)
+                            && self.config.groups.iter().any(|g| meshtun_addr::group_multicast_addr(self.me.network, g) == d)
+                    });
                     if src != peer.ip {
                         // Cryptokey routing: a peer may only send from its own address.
                         tracing::debug!(peer = %peer.addr, %src, "dropping packet with a spoofed source");
                         self.stats.count_drop(DropReason::SpoofedSource);
-                    } else if dst != Some(self.my_ip) {
+                    } else if dst != Some(self.my_ip) && !for_my_group {
                         self.stats.count_drop(DropReason::NoRoute);
+                    } else if let Some((seq, sent)) = our_ping_reply(packet, &self.pings) {
+                        let rtt = now.saturating_duration_since(sent);
+                        let path = peer.path.current().map(|p| p.to_string()).unwrap_or_else(|| "none".into());
+                        if let Some(p) = self.pings.remove(&seq) {
+                            self.answers.push_back(Answer::Pong {
+                                token: p.token,
+                                from: p.to,
+                                hostname: peer.record.hostname.clone(),
+                                rtt,
+                                path,
+                            });
+                        }
+                        peer.path.on_activity(now);
                     } else {
                         peer.rx_packets += 1;
                         peer.path.on_activity(now);
@@ -770,6 +1092,15 @@ impl Node {
                     peer.handshake = Some(h);
                 }
             }
+            if let Some(Path::Relay(relay)) = peer.path.current() {
+                if !self.backbones.is_registered(relay) {
+                    if let Some(other) = self.backbones.registered().into_iter().next() {
+                        tracing::info!(peer = %peer.addr, from = %relay, to = %other, "relay's backbone lost; moving to another");
+                        peer.path.replace_relay(other);
+                        refresh.push(peer.addr);
+                    }
+                }
+            }
             match peer.path.current() {
                 Some(Path::Relay(_)) => match peer.next_relay_refresh {
                     Some(at) if at <= now => {
@@ -813,7 +1144,15 @@ impl Node {
         }
         self.lookups.insert(
             query.clone(),
-            PendingLookup { query, request_id: 0, attempts: 0, next_retry: now, packets: VecDeque::new(), handshake: None },
+            PendingLookup {
+                query,
+                request_id: 0,
+                attempts: 0,
+                next_retry: now,
+                packets: VecDeque::new(),
+                handshake: None,
+                waiters: Vec::new(),
+            },
         );
         self.retry_lookups(now);
     }
@@ -873,6 +1212,19 @@ impl Node {
     }
 }
 
+/// If `packet` is an echo reply to one of the engine's own pings:
+/// (sequence, when sent).
+fn our_ping_reply(packet: &[u8], pings: &HashMap<u16, PendingPing>) -> Option<(u16, Instant)> {
+    let sliced = etherparse::SlicedPacket::from_ip(packet).ok()?;
+    let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else { return None };
+    match icmp.icmp_type() {
+        etherparse::Icmpv6Type::EchoReply(echo) if echo.id == PING_IDENT => {
+            pings.get(&echo.seq).map(|p| (echo.seq, p.sent))
+        }
+        _ => None,
+    }
+}
+
 /// Sends a WireGuard datagram along the peer's current path.
 fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, peer: &Peer, datagram: &[u8]) {
     match peer.path.current() {
@@ -920,12 +1272,17 @@ fn ip_version_is_not_6(packet: &[u8]) -> bool {
 /// Whether a verified record is an answer to the query that asked for it
 /// (a lying backbone could otherwise hand over a valid record of someone else).
 fn record_answers(verified: &VerifiedRecord, query: &Query) -> bool {
-    let record = &verified.record;
+    record_answers_plain(&verified.record, query)
+}
+
+fn record_answers_plain(record: &NodeRecord, query: &Query) -> bool {
     match query {
         Query::Address(addr) => record.mesh_addr() == *addr,
         Query::Hostname { network, name } => {
             record.network == *network && record.hostname.as_deref() == Some(name.as_str())
         }
         Query::WgKey { network, key } => record.network == *network && record.wg_key == *key,
+        Query::Capability { network, name } => record.network == *network && record.capabilities.contains(name),
+        Query::Group { network, name } => record.network == *network && record.groups.contains(name),
     }
 }

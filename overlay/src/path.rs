@@ -191,6 +191,14 @@ impl PathAgent {
         }
     }
 
+    /// Uses another relay (the old one's backbone is gone).
+    pub fn replace_relay(&mut self, relay: SocketAddr) {
+        self.relay = Some(relay);
+        if matches!(self.current, Some(Path::Relay(_))) {
+            self.current = Some(Path::Relay(relay));
+        }
+    }
+
     /// Probe again from the start (e.g. the peer roamed).
     pub fn restart_probing(&mut self, now: Instant) {
         self.started = now;

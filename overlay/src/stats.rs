@@ -16,6 +16,8 @@ pub enum DropReason {
     QueueFull,
     /// The destination could not be found.
     LookupFailed,
+    /// Over a rate limit (group broadcasts).
+    RateLimited,
     /// A peer sent a packet from a mesh address that is not its own.
     SpoofedSource,
     /// WireGuard refused it (bad MAC, replay, no session, ...).
@@ -37,9 +39,14 @@ pub struct Stats {
     /// WireGuard datagrams sent through a relay.
     pub relayed_tx_packets: u64,
     pub lookups_failed: u64,
+    /// Group packets fanned out to members.
+    pub broadcasts_sent: u64,
     /// Records from a backbone that failed verification or did not answer
     /// the query (a misbehaving backbone).
     pub bad_records: u64,
+    /// Records older than one already seen for that node (a stale or
+    /// rolled-back answer from a backbone).
+    pub stale_records: u64,
     pub dropped: Dropped,
 }
 
@@ -55,6 +62,7 @@ pub struct Dropped {
     pub wireguard: u64,
     pub unknown_peer: u64,
     pub unexpected_source: u64,
+    pub rate_limited: u64,
 }
 
 impl Stats {
@@ -70,6 +78,7 @@ impl Stats {
             DropReason::WireGuard => &mut d.wireguard,
             DropReason::UnknownPeer => &mut d.unknown_peer,
             DropReason::UnexpectedSource => &mut d.unexpected_source,
+            DropReason::RateLimited => &mut d.rate_limited,
         };
         *counter += 1;
     }
@@ -86,6 +95,7 @@ impl Stats {
             DropReason::WireGuard => d.wireguard,
             DropReason::UnknownPeer => d.unknown_peer,
             DropReason::UnexpectedSource => d.unexpected_source,
+            DropReason::RateLimited => d.rate_limited,
         }
     }
 }

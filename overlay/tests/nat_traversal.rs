@@ -195,8 +195,9 @@ fn lossy_links_still_connect_every_kind_of_pair() {
                 delivered += 1;
             }
         }
-        // Each ping is one unretransmitted packet over a 10% lossy path.
-        assert!(delivered >= 14, "{a_type:?} -> {b_type:?}: {delivered}/20");
+        // Each ping is one unretransmitted packet crossing two lossy links
+        // when relayed (0.9^2 = 81% expected, 16 of 20): 11 is 3 sigma below.
+        assert!(delivered >= 11, "{a_type:?} -> {b_type:?}: {delivered}/20");
     }
 }
 

@@ -28,6 +28,17 @@ pub enum Query {
     /// Which node holds this WireGuard key (used when an unknown peer's
     /// handshake arrives first).
     WgKey { network: NetworkId, key: [u8; 32] },
+    /// Every node that declares this capability tag.
+    Capability { network: NetworkId, name: String },
+    /// Every member of this group.
+    Group { network: NetworkId, name: String },
+}
+
+impl Query {
+    /// Whether the answer can hold several records.
+    pub fn is_set(&self) -> bool {
+        matches!(self, Query::Capability { .. } | Query::Group { .. })
+    }
 }
 
 /// Why a backbone refused a request.

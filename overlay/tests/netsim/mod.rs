@@ -21,6 +21,14 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub const BACKBONE: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)), 7400);
+pub const BACKBONE2: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2)), 7400);
+
+/// A second backbone (see [`Net::add_second_backbone`]).
+pub struct ExtraBackbone {
+    pub addr: SocketAddr,
+    pub dir: Directory,
+    pub up: bool,
+}
 pub const PORT: u16 = 51820;
 
 /// A NAT type as the tests name it.
@@ -114,6 +122,7 @@ pub struct Host {
     pub node: Node,
     pub delivered: Vec<Vec<u8>>,
     pub events: Vec<meshtun_overlay::Event>,
+    pub answers: Vec<meshtun_overlay::Answer>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -130,6 +139,9 @@ pub struct Net {
     pub now: Instant,
     pub backbone: Directory,
     pub backbone_up: bool,
+    pub extra: Vec<ExtraBackbone>,
+    /// Hosts answer ICMPv6 echo requests delivered to them, as a kernel would.
+    pub auto_echo: bool,
     pub hosts: Vec<Host>,
     pub nats: Vec<NatBox>,
     wire: BinaryHeap<Reverse<InFlight>>,
@@ -148,6 +160,8 @@ impl Net {
             now,
             backbone: Directory::new(DirectoryConfig::default()),
             backbone_up: true,
+            extra: Vec::new(),
+            auto_echo: true,
             hosts: Vec::new(),
             nats: Vec::new(),
             wire: BinaryHeap::new(),
@@ -175,16 +189,47 @@ impl Net {
             None => Ipv4Addr::new(198, 18, 1, 10 + i as u8),
         };
         let internal = SocketAddr::new(IpAddr::V4(ip), PORT);
+        let mut backbones = vec![BACKBONE];
+        backbones.extend(self.extra.iter().map(|b| b.addr));
         let config = NodeConfig {
-            backbones: vec![BACKBONE],
+            backbones,
             local_endpoints: vec![internal],
             heartbeat_interval: self.heartbeat,
             rng_seed: i as u64 + 1,
             ..NodeConfig::default()
         };
         let node = Node::new(config, identity(identity_index), StaticSecret::from([i as u8 + 1; 32]), self.now);
-        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new() });
+        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new() });
         i
+    }
+
+    /// Adds a second backbone; hosts added afterwards register with both.
+    pub fn add_second_backbone(&mut self) {
+        self.extra.push(ExtraBackbone { addr: BACKBONE2, dir: Directory::new(DirectoryConfig::default()), up: true });
+    }
+
+    /// Changes a host's hostname, capabilities and groups at run time.
+    pub fn set_tags(&mut self, host: usize, hostname: Option<&str>, caps: &[&str], groups: &[&str]) {
+        let now = self.now;
+        self.hosts[host].node.set_tags(
+            hostname.map(str::to_string),
+            caps.iter().map(|s| s.to_string()).collect(),
+            groups.iter().map(|s| s.to_string()).collect(),
+            now,
+        );
+    }
+
+    /// Asks host `i` a discovery query and runs until it answers.
+    pub fn query(&mut self, i: usize, query: meshtun_proto::Query, limit: Duration) -> Option<meshtun_overlay::Answer> {
+        let now = self.now;
+        let token = self.hosts[i].node.query(query, now);
+        let mut answer = None;
+        let deadline = self.now + limit;
+        self.run_until(deadline, |net| {
+            answer = net.hosts[i].answers.iter().find(|a| answer_token(a) == token).cloned();
+            answer.is_some()
+        });
+        answer
     }
 
     /// Adds a host behind a NAT of the given type (or public for `None`).
@@ -227,13 +272,30 @@ impl Net {
                 self.send(BACKBONE, None, t.dst, t.payload);
             }
         }
+        for i in 0..self.extra.len() {
+            while let Some(t) = self.extra[i].dir.poll_transmit() {
+                if self.extra[i].up {
+                    let addr = self.extra[i].addr;
+                    self.send(addr, None, t.dst, t.payload);
+                }
+            }
+        }
         for i in 0..self.hosts.len() {
             let (src, nat) = (self.hosts[i].internal, self.hosts[i].nat);
             while let Some(t) = self.hosts[i].node.poll_transmit() {
                 self.send(src, nat, t.dst, t.payload);
             }
             while let Some(p) = self.hosts[i].node.poll_tun() {
+                if self.auto_echo {
+                    if let Some(reply) = echo_reply_for(&p, self.hosts[i].node.mesh_ip()) {
+                        let now = self.now;
+                        self.hosts[i].node.handle_tun_packet(&reply, now);
+                    }
+                }
                 self.hosts[i].delivered.push(p);
+            }
+            while let Some(a) = self.hosts[i].node.poll_answer() {
+                self.hosts[i].answers.push(a);
             }
             while let Some(e) = self.hosts[i].node.poll_event() {
                 self.hosts[i].events.push(e);
@@ -246,6 +308,12 @@ impl Net {
         if f.to == BACKBONE {
             if self.backbone_up {
                 self.backbone.handle_datagram(f.from, &f.payload, now);
+            }
+            return;
+        }
+        if let Some(b) = self.extra.iter_mut().find(|b| b.addr == f.to) {
+            if b.up {
+                b.dir.handle_datagram(f.from, &f.payload, now);
             }
             return;
         }
@@ -288,6 +356,7 @@ impl Net {
                 .iter()
                 .filter_map(|h| h.node.poll_timeout())
                 .chain(self.backbone.poll_timeout())
+                .chain(self.extra.iter().filter_map(|b| b.dir.poll_timeout()))
                 .min();
             let Some(next) = [next_wire, next_timer].into_iter().flatten().min() else {
                 self.now = limit;
@@ -304,6 +373,9 @@ impl Net {
             }
             let now = self.now;
             self.backbone.handle_timeout(now);
+            for b in &mut self.extra {
+                b.dir.handle_timeout(now);
+            }
             for h in &mut self.hosts {
                 if h.node.poll_timeout().is_some_and(|t| t <= now) {
                     h.node.handle_timeout(now);
@@ -334,6 +406,30 @@ impl Net {
             .map(|p| p.path.to_string())
             .unwrap_or_else(|| "none".into())
     }
+}
+
+pub fn answer_token(a: &meshtun_overlay::Answer) -> meshtun_overlay::Token {
+    match a {
+        meshtun_overlay::Answer::Query { token, .. } | meshtun_overlay::Answer::Pong { token, .. } => *token,
+    }
+}
+
+/// What a kernel would answer to an ICMPv6 echo request addressed to `me`.
+fn echo_reply_for(packet: &[u8], me: Ipv6Addr) -> Option<Vec<u8>> {
+    let sliced = etherparse::SlicedPacket::from_ip(packet).ok()?;
+    let (src, dst) = match &sliced.net {
+        Some(etherparse::NetSlice::Ipv6(ip)) => (ip.header().source_addr(), ip.header().destination_addr()),
+        _ => return None,
+    };
+    if dst != me {
+        return None;
+    }
+    let Some(etherparse::TransportSlice::Icmpv6(icmp)) = &sliced.transport else { return None };
+    let etherparse::Icmpv6Type::EchoRequest(echo) = icmp.icmp_type() else { return None };
+    let builder = PacketBuilder::ipv6(me.octets(), src.octets(), 64).icmpv6_echo_reply(echo.id, echo.seq);
+    let mut out = Vec::new();
+    builder.write(&mut out, icmp.payload()).ok()?;
+    Some(out)
 }
 
 pub fn echo_request(src: Ipv6Addr, dst: Ipv6Addr, seq: u16, payload: &[u8]) -> Vec<u8> {
