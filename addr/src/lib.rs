@@ -52,12 +52,14 @@
 mod derive;
 mod error;
 mod group;
+mod ipv4;
 mod ipv6;
 mod mesh;
 mod node;
 
 pub use derive::{derive_node_addr, find_nonce, POW_DIFFICULTY_BITS};
 pub use error::{AddrError, Reservation};
+pub use ipv4::{canonical_ipv4, is_mesh_ipv4, next_mesh_ipv4, IPV4_PREFIX, IPV4_PREFIX_LEN};
 pub use group::{group_multicast_addr, group_network, GROUP_PREFIX, GROUP_PREFIX_LEN};
 pub use ipv6::{network_prefix, MESH_PREFIX, MESH_PREFIX_LEN, NETWORK_PREFIX_LEN};
 pub use mesh::MeshAddr;

@@ -105,6 +105,41 @@ pub struct DirectoryStats {
     /// permission for the pair, or over the rate limit.
     pub relay_refused: u64,
     pub relay_rate_limited: u64,
+    /// Lookups answered, by what was asked.
+    pub lookups_by_kind: LookupsByKind,
+}
+
+/// Answered lookups by query kind.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LookupsByKind {
+    pub address: u64,
+    pub hostname: u64,
+    pub wg_key: u64,
+    pub capability: u64,
+    pub group: u64,
+    pub ipv4: u64,
+}
+
+impl LookupsByKind {
+    fn count(&mut self, query: &Query) {
+        let c = match query {
+            Query::Address(_) => &mut self.address,
+            Query::Hostname { .. } => &mut self.hostname,
+            Query::WgKey { .. } => &mut self.wg_key,
+            Query::Capability { .. } => &mut self.capability,
+            Query::Group { .. } => &mut self.group,
+            Query::Ipv4 { .. } => &mut self.ipv4,
+        };
+        *c += 1;
+    }
+}
+
+/// Relay traffic between one pair of nodes (both directions).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RelayPair {
+    pub packets: u64,
+    pub bytes: u64,
+    pub last: Instant,
 }
 
 
@@ -116,6 +151,7 @@ pub struct Directory {
     wg_keys: HashMap<(NetworkId, [u8; 32]), MeshAddr>,
     capabilities: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
     groups: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
+    ipv4s: HashMap<(NetworkId, [u8; 4]), HashSet<MeshAddr>>,
     /// Expiry order; entries may be stale (checked against `records`).
     expiry: BTreeSet<(Instant, MeshAddr)>,
     /// Which registered node sends from which source address.
@@ -124,6 +160,8 @@ pub struct Directory {
     relay_permissions: HashMap<(MeshAddr, MeshAddr), Instant>,
     /// Token bucket per relaying node: (tokens, last refill).
     relay_buckets: HashMap<MeshAddr, (f64, Instant)>,
+    /// Relay traffic per pair (for the mesh picture).
+    relay_traffic: HashMap<(MeshAddr, MeshAddr), RelayPair>,
     /// Socket of the datagram being handled.
     local: usize,
     transmits: VecDeque<Transmit>,
@@ -139,10 +177,12 @@ impl Directory {
             wg_keys: HashMap::new(),
             capabilities: HashMap::new(),
             groups: HashMap::new(),
+            ipv4s: HashMap::new(),
             expiry: BTreeSet::new(),
             by_observed: HashMap::new(),
             relay_permissions: HashMap::new(),
             relay_buckets: HashMap::new(),
+            relay_traffic: HashMap::new(),
             local: 0,
             transmits: VecDeque::new(),
             stats: DirectoryStats::default(),
@@ -214,6 +254,17 @@ impl Directory {
         &self.stats
     }
 
+    /// Pairs this backbone introduced (one looked the other up) whose
+    /// relay permission is still valid at `now`.
+    pub fn introduced_pairs(&self, now: Instant) -> impl Iterator<Item = (MeshAddr, MeshAddr)> + '_ {
+        self.relay_permissions.iter().filter(move |(_, until)| **until > now).map(|(pair, _)| *pair)
+    }
+
+    /// Pairs that have relayed traffic through this backbone.
+    pub fn relay_pairs(&self) -> impl Iterator<Item = ((MeshAddr, MeshAddr), RelayPair)> + '_ {
+        self.relay_traffic.iter().map(|(pair, t)| (*pair, *t))
+    }
+
     pub fn config(&self) -> &DirectoryConfig {
         &self.config
     }
@@ -246,6 +297,7 @@ impl Directory {
                 let reply = match self.records.get(&asker) {
                     Some(entry) if entry.observed == from => {
                         self.stats.lookups += 1;
+                        self.stats.lookups_by_kind.count(&query);
                         let asker_record = entry.record.signed.clone();
                         let found = self.lookup(&query);
                         self.after_lookup(asker, asker_record, &query, &found, now);
@@ -325,6 +377,7 @@ impl Directory {
         for group in &record.groups {
             self.groups.entry((record.network, group.clone())).or_default().insert(addr);
         }
+        self.ipv4s.entry((record.network, meshtun_addr::canonical_ipv4(addr).octets())).or_default().insert(addr);
         let expires_at = now + self.config.record_ttl;
         self.expiry.insert((expires_at, addr));
         self.records.insert(
@@ -354,6 +407,7 @@ impl Directory {
         let set = match query {
             Query::Capability { network, name } => self.capabilities.get(&(*network, name.clone())),
             Query::Group { network, name } => self.groups.get(&(*network, name.clone())),
+            Query::Ipv4 { network, addr } => self.ipv4s.get(&(*network, *addr)),
             _ => None,
         };
         if query.is_set() {
@@ -372,7 +426,7 @@ impl Directory {
                 self.hostnames.get(&(*network, name.clone())).copied()
             }
             Query::WgKey { network, key } => self.wg_keys.get(&(*network, *key)).copied(),
-            Query::Capability { .. } | Query::Group { .. } => None,
+            Query::Capability { .. } | Query::Group { .. } | Query::Ipv4 { .. } => None,
         };
         found
             .and_then(|addr| self.records.get(&addr))
@@ -405,6 +459,13 @@ impl Directory {
                         index.remove(&key);
                     }
                 }
+            }
+        }
+        let v4 = (record.network, meshtun_addr::canonical_ipv4(*addr).octets());
+        if let Some(set) = self.ipv4s.get_mut(&v4) {
+            set.remove(addr);
+            if set.is_empty() {
+                self.ipv4s.remove(&v4);
             }
         }
         if self.by_observed.get(&entry.observed) == Some(addr) {
@@ -472,12 +533,20 @@ impl Directory {
         self.relay_permissions.insert(ordered(src, dst), now + self.config.relay_permission_ttl);
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += payload.len() as u64;
+        let pair = self.relay_traffic.entry(ordered(src, dst)).or_insert(RelayPair { packets: 0, bytes: 0, last: now });
+        pair.packets += 1;
+        pair.bytes += payload.len() as u64;
+        pair.last = now;
         self.transmits.push_back(Transmit { local: dst_local, dst: dst_endpoint, payload: relay::wrap(src, payload) });
     }
 
     fn expire(&mut self, now: Instant) {
         if self.relay_permissions.len() > 4 * self.records.len() + 1024 {
             self.relay_permissions.retain(|_, until| *until > now);
+        }
+        if self.relay_traffic.len() > 4 * self.records.len() + 1024 {
+            let records = &self.records;
+            self.relay_traffic.retain(|(a, b), _| records.contains_key(a) && records.contains_key(b));
         }
         while let Some(&(at, addr)) = self.expiry.iter().next() {
             if at > now {

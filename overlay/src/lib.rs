@@ -18,6 +18,7 @@
 //! the OS. That is contained in [`peer`]; nothing else depends on it.
 
 mod backbone_client;
+pub mod ipv4;
 pub mod packet;
 pub mod path;
 pub mod peer;
@@ -42,7 +43,8 @@ use backbone_client::BackboneClient;
 use path::{Path, PathAgent, PathChange};
 use peer::{HandshakeRetry, Peer, PeerId, PeerStatus};
 use probe::{Probe, ProbeKind};
-pub use stats::{DropReason, Stats};
+pub use stats::{DropReason, LatencyHistogram, PathKind, Stats, Traffic, LOOKUP_LATENCY_BOUNDS};
+use stats::wireguard_drop;
 
 /// Largest IP packet the engine carries.
 pub const MAX_PACKET: usize = 65535;
@@ -140,6 +142,8 @@ pub struct Token(pub u64);
 pub struct Found {
     pub address: String,
     pub ipv6: Ipv6Addr,
+    /// How this host shows the node over IPv4 (its alias here).
+    pub ipv4: std::net::Ipv4Addr,
     pub hostname: Option<String>,
     pub capabilities: Vec<String>,
     pub groups: Vec<String>,
@@ -164,6 +168,7 @@ pub enum Answer {
 pub struct NodeStatus {
     pub address: String,
     pub ipv6: Ipv6Addr,
+    pub ipv4: std::net::Ipv4Addr,
     pub hostname: Option<String>,
     pub record_seq: u64,
     pub endpoints: Vec<SocketAddr>,
@@ -191,6 +196,8 @@ struct PendingLookup {
     packets: VecDeque<Vec<u8>>,
     handshake: Option<(Origin, Vec<u8>)>,
     waiters: Vec<Token>,
+    /// When the lookup began (for the latency histogram).
+    started: Instant,
 }
 
 struct PendingPing {
@@ -217,6 +224,8 @@ pub struct Node {
     identity: Identity,
     me: MeshAddr,
     my_ip: Ipv6Addr,
+    my_ipv4: std::net::Ipv4Addr,
+    aliases: ipv4::AliasTable,
     wg_secret: StaticSecret,
     wg_public: PublicKey,
     backbones: BackboneClient,
@@ -262,6 +271,8 @@ impl Node {
         let mut node = Node {
             me,
             my_ip: me.to_ipv6(),
+            my_ipv4: meshtun_addr::canonical_ipv4(me),
+            aliases: ipv4::AliasTable::default(),
             identity,
             wg_secret,
             wg_public,
@@ -300,6 +311,25 @@ impl Node {
 
     pub fn mesh_ip(&self) -> Ipv6Addr {
         self.my_ip
+    }
+
+    /// This node's IPv4 address (its canonical one).
+    pub fn mesh_ipv4(&self) -> std::net::Ipv4Addr {
+        self.my_ipv4
+    }
+
+    /// The node an IPv4 address stands for on this host, if known.
+    pub fn node_for_ipv4(&self, ip: std::net::Ipv4Addr) -> Option<MeshAddr> {
+        self.aliases.node_for(ip)
+    }
+
+    /// Aliases to save so the IPv4 mapping survives a restart.
+    pub fn ipv4_aliases(&self) -> Vec<(MeshAddr, std::net::Ipv4Addr)> {
+        self.aliases.non_canonical()
+    }
+
+    pub fn restore_ipv4_aliases(&mut self, saved: &[(MeshAddr, std::net::Ipv4Addr)]) {
+        self.aliases.restore(saved, self.my_ipv4);
     }
 
     pub fn wg_public_key(&self) -> [u8; 32] {
@@ -396,12 +426,14 @@ impl Node {
         }
     }
 
-    fn found(&self, record: NodeRecord) -> Found {
+    fn found(&mut self, record: NodeRecord) -> Found {
         let addr = record.mesh_addr();
+        let ipv4 = if addr == self.me { self.my_ipv4 } else { self.aliases.alias_for(addr, self.my_ipv4) };
         let peer = self.by_addr.get(&addr).and_then(|id| self.peers.get(id.index())).and_then(Option::as_ref);
         Found {
             address: addr.to_string(),
             ipv6: addr.to_ipv6(),
+            ipv4,
             hostname: record.hostname,
             capabilities: record.capabilities,
             groups: record.groups,
@@ -422,6 +454,10 @@ impl Node {
 
     /// An IP packet read from the TUN.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        if packet::ip_version(packet) == Some(4) {
+            self.handle_tun_ipv4(packet, now);
+            return;
+        }
         if ip_version_is_not_6(packet) {
             self.drop_packet(DropReason::NotIpv6);
             return;
@@ -462,14 +498,20 @@ impl Node {
     pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         match classify(datagram) {
             DatagramKind::Backbone => self.handle_backbone_datagram(from, datagram, now),
-            DatagramKind::WireGuard => self.handle_wireguard(Origin::Direct(from), datagram, now),
+            DatagramKind::WireGuard => {
+                self.stats.count_rx(PathKind::Direct, datagram.len());
+                self.handle_wireguard(Origin::Direct(from), datagram, now)
+            }
             DatagramKind::Relay => {
                 if !self.backbones.is_backbone(from) {
                     self.drop_packet(DropReason::UnexpectedSource);
                     return;
                 }
                 match meshtun_proto::relay::unwrap(datagram) {
-                    Some((_, inner)) => self.handle_wireguard(Origin::Relay(from), inner, now),
+                    Some((_, inner)) => {
+                        self.stats.count_rx(PathKind::Relay, datagram.len());
+                        self.handle_wireguard(Origin::Relay(from), inner, now)
+                    }
                     None => self.drop_packet(DropReason::Malformed),
                 }
             }
@@ -533,11 +575,21 @@ impl Node {
         NodeStatus {
             address: self.me.to_string(),
             ipv6: self.my_ip,
+            ipv4: self.my_ipv4,
             hostname: self.config.hostname.clone(),
             record_seq: self.backbones.record().seq,
             endpoints: self.backbones.record().endpoints.clone(),
             backbones: self.backbones.status(now),
-            peers: self.peers.iter().flatten().map(|p| p.status(now)).collect(),
+            peers: self
+                .peers
+                .iter()
+                .flatten()
+                .map(|p| {
+                    let mut status = p.status(now);
+                    status.ipv4 = self.aliases.get(p.addr);
+                    status
+                })
+                .collect(),
             stats: self.stats.clone(),
             capabilities: self.config.capabilities.clone(),
             groups: self.config.groups.clone(),
@@ -598,6 +650,35 @@ impl Node {
                 if record_changed {
                     self.backbones.register_now(now);
                 }
+            }
+        }
+    }
+
+    /// An IPv4 packet from the TUN: its destination is a local alias of a
+    /// node; inside the tunnel it travels with canonical addresses.
+    fn handle_tun_ipv4(&mut self, packet: &[u8], now: Instant) {
+        let Some((_, dst)) = ipv4::addresses(packet) else {
+            self.drop_packet(DropReason::Malformed);
+            return;
+        };
+        if !meshtun_addr::is_mesh_ipv4(dst) || dst == self.my_ipv4 {
+            self.drop_packet(DropReason::NoRoute);
+            return;
+        }
+        match self.aliases.node_for(dst) {
+            Some(dest) => {
+                let mut packet = packet.to_vec();
+                let canonical = meshtun_addr::canonical_ipv4(dest);
+                if canonical != dst && !ipv4::rewrite(&mut packet, None, Some(canonical)) {
+                    self.drop_packet(DropReason::Malformed);
+                    return;
+                }
+                self.route_unicast(dest, &packet, now);
+            }
+            // An address nobody here has used yet: ask which node has it.
+            None => {
+                let query = Query::Ipv4 { network: self.me.network, addr: dst.octets() };
+                self.queue_for_lookup(query, packet, now);
             }
         }
     }
@@ -667,6 +748,7 @@ impl Node {
             packets: VecDeque::new(),
             handshake: None,
             waiters: Vec::new(),
+            started: now,
         });
         if lookup.packets.len() >= max {
             self.stats.count_drop(DropReason::QueueFull);
@@ -692,6 +774,7 @@ impl Node {
             packets: VecDeque::new(),
             handshake: None,
             waiters: Vec::new(),
+            started: now,
         });
         lookup.handshake = Some((from, datagram.to_vec()));
         if lookup.attempts == 0 {
@@ -728,6 +811,7 @@ impl Node {
             self.lookup_by_request.insert(lookup.request_id, query.clone());
             // Ask every backbone at once: the first answer wins, so a dead
             // backbone costs nothing (and each one learns the intent).
+            self.stats.lookups_sent += 1;
             let payload = Message::Lookup { request_id: lookup.request_id, from: self.me, query }.encode();
             tracing::debug!(backbones = backbones.len(), request_id = lookup.request_id, "lookup sent");
             for backbone in backbones {
@@ -764,6 +848,9 @@ impl Node {
             tracing::trace!(%backbone, request_id, "answer to no pending lookup");
             return;
         };
+        if let Some(lookup) = self.lookups.get(&query) {
+            self.stats.lookup_latency.observe(now.saturating_duration_since(lookup.started));
+        }
         if query.is_set() {
             self.handle_set_reply(query, records, now);
             return;
@@ -829,6 +916,34 @@ impl Node {
             let found = members.iter().cloned().map(|r| self.found(r)).collect();
             let found = self.rank(found);
             self.answers.push_back(Answer::Query { token: *token, found, error: None });
+        }
+        if let Query::Ipv4 { addr, .. } = query {
+            let literal = std::net::Ipv4Addr::from(addr);
+            match members.as_slice() {
+                [only] if self.aliases.node_for(literal).is_none() && literal != self.my_ipv4 => {
+                    let dest = only.mesh_addr();
+                    let alias = self.aliases.alias_for(dest, self.my_ipv4);
+                    for packet in &lookup.packets {
+                        let mut packet = packet.clone();
+                        let canonical = meshtun_addr::canonical_ipv4(dest);
+                        if alias == literal && (canonical == alias || ipv4::rewrite(&mut packet, None, Some(canonical))) {
+                            self.route_unicast(dest, &packet, now);
+                        }
+                    }
+                }
+                [] => {
+                    for _ in &lookup.packets {
+                        self.stats.count_drop(DropReason::LookupFailed);
+                    }
+                }
+                _ => {
+                    tracing::warn!(%literal, nodes = members.len(), "IPv4 address is ambiguous here; use the node's name or IPv6 address");
+                    for _ in &lookup.packets {
+                        self.stats.count_drop(DropReason::LookupFailed);
+                    }
+                }
+            }
+            return;
         }
         // Group packets that waited for the member list go out now.
         if !lookup.packets.is_empty() {
@@ -943,7 +1058,7 @@ impl Node {
             }
             boringtun::noise::TunnResult::Done => {}
             boringtun::noise::TunnResult::Err(error) => {
-                tracing::debug!(peer = %peer.addr, ?error, "encapsulate failed");
+                tracing::trace!(peer = %peer.addr, ?error, "encapsulate failed");
                 self.stats.count_drop(DropReason::WireGuard);
             }
             _ => {}
@@ -967,7 +1082,8 @@ impl Node {
                     },
                     Err(error) => {
                         tracing::trace!(%from, ?error, "handshake not for us");
-                        self.drop_packet(DropReason::WireGuard);
+                        self.stats.handshakes.rejected += 1;
+                        self.drop_packet(wireguard_drop(&error));
                         return;
                     }
                 }
@@ -989,6 +1105,7 @@ impl Node {
                 peer.path.set_relay(via);
             }
         }
+        let message_type = datagram.first().copied();
         let mut datagram = datagram;
         let mut first = true;
         loop {
@@ -998,17 +1115,26 @@ impl Node {
                 boringtun::noise::TunnResult::Done => {
                     if first {
                         authenticated(peer, origin, now, &mut self.events);
+                        if message_type == Some(2) {
+                            self.stats.handshakes.completed += 1;
+                        }
                     }
                     break;
                 }
                 boringtun::noise::TunnResult::Err(error) => {
                     tracing::trace!(peer = %peer.addr, %from, ?error, "decapsulate failed");
-                    self.stats.count_drop(DropReason::WireGuard);
+                    if first && matches!(message_type, Some(1) | Some(2)) {
+                        self.stats.handshakes.rejected += 1;
+                    }
+                    self.stats.count_drop(wireguard_drop(&error));
                     break;
                 }
                 boringtun::noise::TunnResult::WriteToNetwork(out) => {
                     if first {
                         authenticated(peer, origin, now, &mut self.events);
+                        if message_type == Some(2) {
+                            self.stats.handshakes.completed += 1;
+                        }
                     }
                     send_wg(&mut self.transmits, &mut self.stats, peer, out);
                 }
@@ -1021,7 +1147,7 @@ impl Node {
                     });
                     if src != peer.ip {
                         // Cryptokey routing: a peer may only send from its own address.
-                        tracing::debug!(peer = %peer.addr, %src, "dropping packet with a spoofed source");
+                        tracing::trace!(peer = %peer.addr, %src, "dropping packet with a spoofed source");
                         self.stats.count_drop(DropReason::SpoofedSource);
                     } else if dst != Some(self.my_ip) && !for_my_group {
                         self.stats.count_drop(DropReason::NoRoute);
@@ -1047,9 +1173,28 @@ impl Node {
                     }
                     break;
                 }
-                boringtun::noise::TunnResult::WriteToTunnelV4(_, _) => {
+                boringtun::noise::TunnResult::WriteToTunnelV4(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
-                    self.stats.count_drop(DropReason::NotIpv6);
+                    let canonical = meshtun_addr::canonical_ipv4(peer.addr);
+                    let dst = ipv4::addresses(packet).map(|(_, d)| d);
+                    if src != canonical {
+                        // Cryptokey routing for IPv4: only the peer's own address.
+                        tracing::debug!(peer = %peer.addr, %src, "dropping IPv4 packet with a spoofed source");
+                        self.stats.count_drop(DropReason::SpoofedSource);
+                    } else if dst != Some(self.my_ipv4) {
+                        self.stats.count_drop(DropReason::NoRoute);
+                    } else {
+                        let alias = self.aliases.alias_for(peer.addr, self.my_ipv4);
+                        if alias == canonical || ipv4::rewrite(packet, Some(alias), None) {
+                            peer.rx_packets += 1;
+                            peer.path.on_activity(now);
+                            self.stats.rx_packets += 1;
+                            self.stats.rx_bytes += packet.len() as u64;
+                            self.tun_out.push_back(packet.to_vec());
+                        } else {
+                            self.stats.count_drop(DropReason::Malformed);
+                        }
+                    }
                     break;
                 }
             }
@@ -1079,6 +1224,9 @@ impl Node {
             }
             if let Some(mut h) = peer.handshake.filter(|h| h.next <= now) {
                 if peer.has_session() || now.saturating_duration_since(h.started) > HANDSHAKE_GIVE_UP {
+                    if !peer.has_session() {
+                        self.stats.handshakes.timed_out += 1;
+                    }
                     peer.handshake = None;
                 } else {
                     if let boringtun::noise::TunnResult::WriteToNetwork(out) =
@@ -1152,6 +1300,7 @@ impl Node {
                 packets: VecDeque::new(),
                 handshake: None,
                 waiters: Vec::new(),
+                started: now,
             },
         );
         self.retry_lookups(now);
@@ -1228,14 +1377,20 @@ fn our_ping_reply(packet: &[u8], pings: &HashMap<u16, PendingPing>) -> Option<(u
 /// Sends a WireGuard datagram along the peer's current path.
 fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, peer: &Peer, datagram: &[u8]) {
     match peer.path.current() {
-        Some(Path::Direct(dst)) => transmits.push_back(Transmit { dst, payload: datagram.to_vec() }),
+        Some(Path::Direct(dst)) => {
+            stats.count_tx(PathKind::Direct, datagram.len(), datagram);
+            transmits.push_back(Transmit { dst, payload: datagram.to_vec() })
+        }
         Some(Path::Relay(relay)) => {
             stats.relayed_tx_packets += 1;
-            transmits.push_back(Transmit { dst: relay, payload: meshtun_proto::relay::wrap(peer.addr, datagram) })
+            let payload = meshtun_proto::relay::wrap(peer.addr, datagram);
+            stats.count_tx(PathKind::Relay, payload.len(), datagram);
+            transmits.push_back(Transmit { dst: relay, payload })
         }
         // No relay and nothing confirmed yet: try every candidate.
         None => {
             for c in peer.path.candidates() {
+                stats.count_tx(PathKind::Direct, datagram.len(), datagram);
                 transmits.push_back(Transmit { dst: c.endpoint, payload: datagram.to_vec() });
             }
         }
@@ -1284,5 +1439,8 @@ fn record_answers_plain(record: &NodeRecord, query: &Query) -> bool {
         Query::WgKey { network, key } => record.network == *network && record.wg_key == *key,
         Query::Capability { network, name } => record.network == *network && record.capabilities.contains(name),
         Query::Group { network, name } => record.network == *network && record.groups.contains(name),
+        Query::Ipv4 { network, addr } => {
+            record.network == *network && meshtun_addr::canonical_ipv4(record.mesh_addr()).octets() == *addr
+        }
     }
 }

@@ -55,6 +55,8 @@ pub struct HandshakeRetry {
 pub struct PeerStatus {
     pub address: String,
     pub ipv6: Ipv6Addr,
+    /// The peer's IPv4 address on this host (once one was handed out).
+    pub ipv4: Option<std::net::Ipv4Addr>,
     pub hostname: Option<String>,
     /// "direct", "relay" or "none".
     pub path: &'static str,
@@ -121,6 +123,7 @@ impl Peer {
         PeerStatus {
             address: self.addr.to_string(),
             ipv6: self.ip,
+            ipv4: None,
             hostname: self.record.hostname.clone(),
             path: match self.path.current() {
                 Some(Path::Direct(_)) => "direct",

@@ -32,12 +32,16 @@ pub enum Query {
     Capability { network: NetworkId, name: String },
     /// Every member of this group.
     Group { network: NetworkId, name: String },
+    /// Every node whose canonical IPv4 address (see
+    /// `meshtun_addr::canonical_ipv4`) is this one: usually one, more on a
+    /// hash collision.
+    Ipv4 { network: NetworkId, addr: [u8; 4] },
 }
 
 impl Query {
     /// Whether the answer can hold several records.
     pub fn is_set(&self) -> bool {
-        matches!(self, Query::Capability { .. } | Query::Group { .. })
+        matches!(self, Query::Capability { .. } | Query::Group { .. } | Query::Ipv4 { .. })
     }
 }
 
