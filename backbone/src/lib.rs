@@ -49,6 +49,12 @@ pub struct DirectoryConfig {
     /// How long a lookup permits relaying between the two nodes (refreshed
     /// by relayed traffic).
     pub relay_permission_ttl: Duration,
+    /// Private networks this backbone serves, with their owner keys.
+    /// Registrations for any other network but 0 are refused.
+    pub network_owners: HashMap<NetworkId, [u8; 32]>,
+    /// Registrations accepted per second from one source address (token
+    /// bucket; heartbeats need far less).
+    pub registrations_per_source: f64,
 }
 
 impl Default for DirectoryConfig {
@@ -59,6 +65,8 @@ impl Default for DirectoryConfig {
             relay_rate_bytes: 4 << 20,
             relay_burst_bytes: 1 << 20,
             relay_permission_ttl: Duration::from_secs(600),
+            network_owners: HashMap::new(),
+            registrations_per_source: 20.0,
         }
     }
 }
@@ -164,6 +172,11 @@ pub struct Directory {
     relay_traffic: HashMap<(MeshAddr, MeshAddr), RelayPair>,
     /// Socket of the datagram being handled.
     local: usize,
+    /// Wall-clock time (unix seconds), for certificate and key expiry.
+    unix_now: u64,
+    revocations: HashMap<NetworkId, (meshtun_proto::cert::Revocations, meshtun_proto::cert::SignedRevocations)>,
+    /// Registration token bucket per source IP: (tokens, last refill).
+    register_buckets: HashMap<std::net::IpAddr, (f64, Instant)>,
     transmits: VecDeque<Transmit>,
     stats: DirectoryStats,
 }
@@ -184,6 +197,9 @@ impl Directory {
             relay_buckets: HashMap::new(),
             relay_traffic: HashMap::new(),
             local: 0,
+            unix_now: 0,
+            revocations: HashMap::new(),
+            register_buckets: HashMap::new(),
             transmits: VecDeque::new(),
             stats: DirectoryStats::default(),
         }
@@ -284,7 +300,16 @@ impl Directory {
                         Message::Reject { request_id, code, detail }
                     }
                 };
+                let accepted = matches!(reply, Message::RegisterAck { .. });
                 self.send(from, &reply);
+                if accepted {
+                    if let Some(network) = record.verify().ok().map(|v| v.record.network) {
+                        if let Some((_, list)) = self.revocations.get(&network) {
+                            let list = list.clone();
+                            self.send(from, &Message::Revocations { list });
+                        }
+                    }
+                }
             }
             Message::Deregister { request_id, deregistration } => {
                 let reply = match self.deregister(&deregistration) {
@@ -294,12 +319,19 @@ impl Directory {
                 self.send(from, &reply);
             }
             Message::Lookup { request_id, from: asker, query } => {
+                // A node may only ask about its own network: members of a
+                // private network are invisible to everyone else.
+                let same_network = query_network(&query) == asker.network;
                 let reply = match self.records.get(&asker) {
-                    Some(entry) if entry.observed == from => {
+                    Some(entry) if entry.observed == from && same_network => {
                         self.stats.lookups += 1;
                         self.stats.lookups_by_kind.count(&query);
                         let asker_record = entry.record.signed.clone();
-                        let found = self.lookup(&query);
+                let found: Vec<SignedRecord> = self
+                            .lookup(&query)
+                            .into_iter()
+                            .filter(|r| r.verify().is_ok_and(|v| self.authorize(&v.record).is_ok()))
+                            .collect();
                         self.after_lookup(asker, asker_record, &query, &found, now);
                         Message::LookupReply { request_id, records: found }
                     }
@@ -319,8 +351,74 @@ impl Directory {
             | Message::DeregisterAck { .. }
             | Message::LookupReply { .. }
             | Message::Reject { .. }
-            | Message::PeerIntent { .. } => self.stats.dropped_unknown += 1,
+            | Message::PeerIntent { .. }
+            | Message::Revocations { .. } => self.stats.dropped_unknown += 1,
         }
+    }
+
+    /// Wall-clock time, for certificate and key expiry (the driver sets it).
+    pub fn set_unix_time(&mut self, unix_secs: u64) {
+        self.unix_now = unix_secs;
+    }
+
+    /// Installs an owner-signed revocation list for a private network this
+    /// backbone serves; members it revokes are dropped at once and the list
+    /// goes to every member with its next registration answer.
+    pub fn set_revocations(&mut self, network: NetworkId, list: meshtun_proto::cert::SignedRevocations) -> Result<usize, String> {
+        let owner = self.config.network_owners.get(&network).ok_or_else(|| format!("network {} is not served here", network.0))?;
+        let revocations = list.verify(owner, network).map_err(|e| e.to_string())?;
+        if let Some((current, _)) = self.revocations.get(&network) {
+            if current.seq >= revocations.seq {
+                return Err(format!("revocation list {} is not newer than {}", revocations.seq, current.seq));
+            }
+        }
+        self.revocations.insert(network, (revocations, list));
+        let unauthorized: Vec<MeshAddr> = self
+            .records
+            .values()
+            .filter(|e| e.record.record.network == network)
+            .filter(|e| self.authorize(&e.record.record).is_err())
+            .map(|e| e.record.record.mesh_addr())
+            .collect();
+        for addr in &unauthorized {
+            self.remove(addr);
+        }
+        Ok(unauthorized.len())
+    }
+
+    /// Private-network and key-expiry rules for a verified record.
+    fn authorize(&self, record: &meshtun_proto::NodeRecord) -> Result<(), (RejectCode, String)> {
+        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+            return Err((RejectCode::KeyExpired, "the WireGuard key's certification has expired".into()));
+        }
+        if record.network == NetworkId::PUBLIC {
+            return Ok(());
+        }
+        let Some(owner) = self.config.network_owners.get(&record.network) else {
+            return Err((RejectCode::Unauthorized, format!("network {} is not served by this backbone", record.network.0)));
+        };
+        let Some(cert) = &record.cert else {
+            return Err((RejectCode::Unauthorized, "private network: a membership certificate is required".into()));
+        };
+        let revoked = self.revocations.get(&record.network).map(|(r, _)| r);
+        cert.verify(owner, record.network, record.node, self.unix_now, revoked)
+            .map(|_| ())
+            .map_err(|e| (RejectCode::Unauthorized, e.to_string()))
+    }
+
+    fn rate_limit_registration(&mut self, from: SocketAddr, now: Instant) -> bool {
+        let rate = self.config.registrations_per_source;
+        let bucket = self.register_buckets.entry(from.ip()).or_insert((rate * 2.0, now));
+        bucket.0 = (bucket.0 + now.saturating_duration_since(bucket.1).as_secs_f64() * rate).min(rate * 2.0);
+        bucket.1 = now;
+        if bucket.0 < 1.0 {
+            return false;
+        }
+        bucket.0 -= 1.0;
+        if self.register_buckets.len() > 100_000 {
+            self.register_buckets.retain(|_, b| now.saturating_duration_since(b.1) < Duration::from_secs(10));
+        }
+        true
     }
 
     fn register(
@@ -329,6 +427,9 @@ impl Directory {
         signed: &SignedRecord,
         now: Instant,
     ) -> Result<(), (RejectCode, String)> {
+        if !self.rate_limit_registration(from, now) {
+            return Err((RejectCode::RateLimited, "too many registrations from this address".into()));
+        }
         let verified = signed.verify().map_err(|e| {
             let code = match e {
                 RecordError::BadSignature | RecordError::WrongIdentity => RejectCode::BadSignature,
@@ -341,6 +442,14 @@ impl Directory {
         })?;
         let record = &verified.record;
         let addr = record.mesh_addr();
+        if let Err(refusal) = self.authorize(record) {
+            // Signed by the node itself: it is no longer allowed in, so its
+            // current record goes too.
+            if self.records.get(&addr).is_some_and(|e| e.record.record.identity_key == record.identity_key) {
+                self.remove(&addr);
+            }
+            return Err(refusal);
+        }
         if let Some(existing) = self.records.get(&addr) {
             if existing.record.signed == *signed {
                 return Ok(()); // a retransmission: acknowledge, refresh nothing
@@ -567,6 +676,17 @@ impl Directory {
     }
 }
 
+fn query_network(query: &Query) -> NetworkId {
+    match query {
+        Query::Address(addr) => addr.network,
+        Query::Hostname { network, .. }
+        | Query::WgKey { network, .. }
+        | Query::Capability { network, .. }
+        | Query::Group { network, .. }
+        | Query::Ipv4 { network, .. } => *network,
+    }
+}
+
 fn ordered(a: MeshAddr, b: MeshAddr) -> (MeshAddr, MeshAddr) {
     if a <= b { (a, b) } else { (b, a) }
 }
@@ -595,6 +715,9 @@ mod tests {
             capabilities: vec![],
             groups: vec![],
             seq,
+            wg_key_version: 1,
+            wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
+            cert: None,
         };
         SignedRecord::sign(id, &record).unwrap()
     }
@@ -882,6 +1005,97 @@ mod tests {
         let later = now + Duration::from_secs(1);
         assert_eq!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).len(), 1);
         assert!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).is_empty());
+    }
+
+    fn private_record(id: &Identity, seq: u64, cert: Option<meshtun_proto::cert::SignedCert>) -> SignedRecord {
+        let mut r = record(id, seq, None).verify().unwrap().record;
+        r.network = NetworkId(7);
+        r.cert = cert;
+        SignedRecord::sign(id, &r).unwrap()
+    }
+
+    fn private_directory() -> (Directory, meshtun_proto::cert::NetworkOwner) {
+        let owner = meshtun_proto::cert::NetworkOwner::generate(NetworkId(7), [9; 32]);
+        let mut config = DirectoryConfig::default();
+        config.network_owners.insert(NetworkId(7), owner.public_key());
+        let mut dir = Directory::new(config);
+        dir.set_unix_time(1_000);
+        (dir, owner)
+    }
+
+    #[test]
+    fn private_networks_admit_only_certified_members() {
+        let (a, b) = identities();
+        let (mut dir, owner) = private_directory();
+        let now = Instant::now();
+        let reply = register(&mut dir, NODE_A, private_record(&a, 1, None), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, .. }), "{reply:?}");
+        let stranger = meshtun_proto::cert::NetworkOwner::generate(NetworkId(7), [8; 32]);
+        let forged = stranger.sign_membership(a.node_addr(), vec![], 2_000, 1);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 2, Some(forged)), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, .. }));
+        // B's certificate presented by A does not work either.
+        let bs = owner.sign_membership(b.node_addr(), vec![], 2_000, 2);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 3, Some(bs)), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, .. }));
+        let good = owner.sign_membership(a.node_addr(), vec!["research".into()], 2_000, 1);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 4, Some(good)), now);
+        assert!(matches!(reply, Message::RegisterAck { .. }), "{reply:?}");
+    }
+
+    #[test]
+    fn outsiders_cannot_look_up_members_of_a_private_network() {
+        let (a, b) = identities();
+        let (mut dir, owner) = private_directory();
+        let now = Instant::now();
+        let cert = owner.sign_membership(a.node_addr(), vec![], 2_000, 1);
+        register(&mut dir, NODE_A, private_record(&a, 1, Some(cert)), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now); // B is on the public mesh
+        let member = MeshAddr::new(NetworkId(7), a.node_addr());
+        let reply = exchange(&mut dir, NODE_B, Message::Lookup { request_id: 1, from: b.mesh_addr(NetworkId::PUBLIC), query: Query::Address(member) }, now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::NotRegistered, .. }), "{reply:?}");
+    }
+
+    #[test]
+    fn an_expired_certificate_is_refused_at_the_next_heartbeat_and_the_record_dropped() {
+        let (a, _) = identities();
+        let (mut dir, owner) = private_directory();
+        let now = Instant::now();
+        let cert = owner.sign_membership(a.node_addr(), vec![], 1_500, 1);
+        register(&mut dir, NODE_A, private_record(&a, 1, Some(cert.clone())), now);
+        assert_eq!(dir.len(), 1);
+        dir.set_unix_time(1_501);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 2, Some(cert)), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, .. }));
+        assert!(dir.is_empty());
+    }
+
+    #[test]
+    fn a_revocation_list_drops_the_member_and_travels_with_registration_answers() {
+        let (a, b) = identities();
+        let (mut dir, owner) = private_directory();
+        let now = Instant::now();
+        register(&mut dir, NODE_A, private_record(&a, 1, Some(owner.sign_membership(a.node_addr(), vec![], 2_000, 11))), now);
+        register(&mut dir, NODE_B, private_record(&b, 1, Some(owner.sign_membership(b.node_addr(), vec![], 2_000, 12))), now);
+        assert_eq!(dir.set_revocations(NetworkId(7), owner.sign_revocations(1, vec![11])), Ok(1));
+        assert_eq!(dir.len(), 1);
+        // An older list cannot roll the newer one back.
+        assert!(dir.set_revocations(NetworkId(7), owner.sign_revocations(1, vec![])).is_err());
+        dir.handle_datagram(sock(NODE_B), &Message::Register { request_id: 5, record: private_record(&b, 2, Some(owner.sign_membership(b.node_addr(), vec![], 2_000, 12))) }.encode(), now);
+        let sent: Vec<Message> = std::iter::from_fn(|| dir.poll_transmit()).map(|t| Message::decode(&t.payload).unwrap()).collect();
+        assert!(matches!(sent[0], Message::RegisterAck { .. }));
+        assert!(matches!(sent[1], Message::Revocations { .. }));
+    }
+
+    #[test]
+    fn registration_floods_from_one_source_are_rate_limited() {
+        let (a, _) = identities();
+        let mut dir = Directory::new(DirectoryConfig { registrations_per_source: 5.0, ..DirectoryConfig::default() });
+        let now = Instant::now();
+        let refused = (1..=30)
+            .filter(|seq| matches!(register(&mut dir, NODE_A, record(&a, *seq, None), now), Message::Reject { code: RejectCode::RateLimited, .. }))
+            .count();
+        assert_eq!(refused, 20, "burst of 10 allowed");
     }
 
     fn postcard_body(signed: &SignedRecord) -> NodeRecord {

@@ -608,6 +608,9 @@ impl Node {
             capabilities: self.config.capabilities.clone(),
             groups: self.config.groups.clone(),
             seq: 0,
+            wg_key_version: 1,
+            wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
+            cert: None,
         };
         self.backbones.set_record_template(record, self.config.local_endpoints.clone());
     }

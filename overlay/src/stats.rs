@@ -24,7 +24,7 @@ pub enum DropReason {
     RateLimited,
     /// A peer sent a packet from a mesh address that is not its own.
     SpoofedSource,
-    /// WireGuard refused it (bad MAC, replay, no session, ...).
+    /// WireGuard refused it (bad MAC, no session, ...; replays count as `Replay`).
     WireGuard,
     /// A WireGuard message for a session we do not have.
     UnknownPeer,

@@ -201,6 +201,9 @@ fn tagged(identity_index: usize, seq: u64, caps: &[&str]) -> SignedRecord {
         capabilities: caps.iter().map(|s| s.to_string()).collect(),
         groups: vec![],
         seq,
+        wg_key_version: 1,
+        wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
+        cert: None,
     };
     SignedRecord::sign(&id, &record).unwrap()
 }

@@ -143,11 +143,11 @@ pub fn verify_signature(public_key: &[u8; 32], message: &[u8], signature: &[u8])
     key.verify(message, &signature).is_ok() && key.verify_strict(message, &signature).is_ok()
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-pub(crate) fn unhex32(text: &str) -> Option<[u8; 32]> {
+pub fn unhex32(text: &str) -> Option<[u8; 32]> {
     if text.len() != 64 || !text.is_ascii() {
         return None;
     }

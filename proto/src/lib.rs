@@ -9,6 +9,7 @@
 //!
 //! Sans-IO: nothing here reads the clock, opens sockets or draws randomness.
 
+pub mod cert;
 pub mod identity;
 pub mod message;
 pub mod record;

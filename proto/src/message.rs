@@ -57,6 +57,13 @@ pub enum RejectCode {
     /// source endpoint, so the backbone cannot be used to reflect traffic.
     NotRegistered,
     UnknownNode,
+    /// Private network: no valid membership certificate (missing, expired,
+    /// revoked, wrong owner) or a network this backbone does not serve.
+    Unauthorized,
+    /// The record's WireGuard key certification has expired.
+    KeyExpired,
+    /// Too many registrations from this source; try again later.
+    RateLimited,
 }
 
 impl RejectCode {
@@ -68,6 +75,9 @@ impl RejectCode {
             RejectCode::StaleSequence => "stale_sequence",
             RejectCode::HostnameTaken => "hostname_taken",
             RejectCode::NotRegistered => "not_registered",
+            RejectCode::Unauthorized => "unauthorized",
+            RejectCode::KeyExpired => "key_expired",
+            RejectCode::RateLimited => "rate_limited",
             RejectCode::UnknownNode => "unknown_node",
         }
     }
@@ -126,6 +136,10 @@ pub enum Message {
     /// node whose record this is just looked you up and is about to probe
     /// you. Probe it back now, so both NATs open at the same moment.
     PeerIntent { record: SignedRecord },
+    /// Backbone -> node of a private network, with each registration
+    /// answer: the owner's current revocation list, so a revoked member is
+    /// cut off by every peer within one heartbeat.
+    Revocations { list: crate::cert::SignedRevocations },
 }
 
 /// Why a datagram is not a valid message.
@@ -171,7 +185,7 @@ impl Message {
             | Message::Lookup { request_id, .. }
             | Message::LookupReply { request_id, .. }
             | Message::Reject { request_id, .. } => *request_id,
-            Message::PeerIntent { .. } => 0,
+            Message::PeerIntent { .. } | Message::Revocations { .. } => 0,
         }
     }
 }

@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::identity::{verify_signature, Identity};
 
+/// Default lifetime of a WireGuard key certification when none is given.
+pub const NO_EXPIRY: u64 = u64::MAX;
+
 const RECORD_SIGNING_CONTEXT: &[u8] = b"meshtun record v1\0";
 
 /// Limits that keep a record within one unfragmented datagram.
@@ -40,6 +43,13 @@ pub struct NodeRecord {
     /// Strictly increasing per identity: a record with a lower or equal
     /// sequence number than one already seen loses.
     pub seq: u64,
+    /// Version of `wg_key`: each rotation increases it; peers refuse a key
+    /// older than one they have seen for this node.
+    pub wg_key_version: u32,
+    /// After this unix time `wg_key` is no longer valid.
+    pub wg_key_expires_unix: u64,
+    /// Membership certificate (private networks only).
+    pub cert: Option<crate::cert::SignedCert>,
 }
 
 impl NodeRecord {
@@ -191,6 +201,9 @@ pub(crate) mod tests {
             capabilities: vec![],
             groups: vec![],
             seq,
+            wg_key_version: 1,
+            wg_key_expires_unix: NO_EXPIRY,
+            cert: None,
         }
     }
 
