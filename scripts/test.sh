@@ -15,6 +15,12 @@ needed=()
 command -v ip >/dev/null || needed+=(iproute2)
 command -v ping >/dev/null || needed+=(iputils-ping)
 command -v nft >/dev/null || needed+=(nftables)
+command -v stun >/dev/null || needed+=(stun-client)
+command -v dig >/dev/null || needed+=(dnsutils)
+command -v curl >/dev/null || needed+=(curl)
+command -v dot >/dev/null || needed+=(graphviz)
+command -v python3 >/dev/null || needed+=(python3)
+/usr/bin/python3 -c 'import prometheus_client.openmetrics.parser' 2>/dev/null || needed+=(python3-prometheus-client)
 if [ "${#needed[@]}" -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
         echo "test.sh: installing ${needed[*]}"
@@ -28,4 +34,4 @@ if [ "$(id -u)" -ne 0 ]; then
     echo "test.sh: not root: the netns end-to-end tests will be skipped (run with sudo to include them)" >&2
 fi
 
-cargo test --workspace --all-targets --locked "$@"
+cargo test --workspace --all-targets --locked --no-fail-fast "$@"

@@ -18,7 +18,12 @@ pub struct BackboneOptions {
     pub listen: Vec<SocketAddr>,
     pub socket: PathBuf,
     pub record_ttl: Duration,
+    /// Serve Prometheus metrics and the mesh picture here over HTTP.
+    pub metrics_listen: Option<SocketAddr>,
 }
+
+/// A pair that relayed within this long is drawn (and counted) as relayed.
+const RELAY_ACTIVE: Duration = Duration::from_secs(60);
 
 pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     let mut sockets = Vec::new();
@@ -26,6 +31,10 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
         sockets.push(Arc::new(MeshSocket::bind(Some(addr.ip()), addr.port())?));
     }
     let listener = control::bind(&options.socket).await?;
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let (datagram_tx, mut datagram_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(4096);
     let mut readers = Vec::new();
     for (local, socket) in sockets.iter().enumerate() {
@@ -39,7 +48,7 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
                             return;
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "receive error"),
+                    Err(e) => tracing::trace!(error = %e, "receive error"),
                 }
             }
         }));
@@ -54,13 +63,19 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     }
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let control_task = tokio::spawn(control::serve(listener, control_tx));
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<crate::metrics::HttpRequest>(8);
+    let started_unix = crate::metrics::unix_now();
+    let metrics_task = metrics_listener.map(|l| {
+        tracing::info!(listen = %options.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "serving metrics and the mesh picture");
+        tokio::spawn(crate::metrics::serve(l, metrics_tx))
+    });
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
         while let Some(t) = directory.poll_transmit() {
             let Some(socket) = sockets.get(t.local) else { continue };
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
-                tracing::debug!(dst = %t.dst, error = %e, "send failed");
+                tracing::trace!(dst = %t.dst, error = %e, "send failed");
             }
         }
         let deadline = directory.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
@@ -75,12 +90,29 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
                     pending.answer_and_flush(control::ok_envelope(serde_json::json!({"stopped": "backbone"}))).await;
                     break;
                 }
+                _ => {
+                    let _ = pending.reply.send(control::error_envelope("bad_request", "a backbone answers only status and down", Some("ask a node's socket instead")));
+                }
             },
+            Some(request) = metrics_rx.recv() => {
+                let now = Instant::now();
+                let snapshot = crate::metrics::BackboneSnapshot {
+                    stats: directory.stats().clone(),
+                    records: directory.len(),
+                    active_relay_pairs: directory.relay_pairs().filter(|(_, t)| now.saturating_duration_since(t.last) < RELAY_ACTIVE).count(),
+                    start_time_unix: started_unix,
+                };
+                let response = crate::metrics::backbone_response(&request.path, snapshot, || status(&directory, &options.listen));
+                let _ = request.reply.send(response);
+            }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
         }
     }
     control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
     for reader in readers {
         reader.abort();
     }
@@ -107,18 +139,48 @@ fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {
         })
         .collect();
     records.sort_by(|a, b| a["address"].as_str().cmp(&b["address"].as_str()));
+    // Pairs this backbone introduced or relays for (the mesh picture).
+    let relayed: std::collections::HashMap<_, _> = directory.relay_pairs().collect();
+    let mut pairs: Vec<serde_json::Value> = directory
+        .introduced_pairs(now)
+        .chain(relayed.keys().copied())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|(a, b)| {
+            let traffic = relayed.get(&(a, b));
+            let active = traffic.is_some_and(|t| now.saturating_duration_since(t.last) < RELAY_ACTIVE);
+            serde_json::json!({
+                "a": a.to_string(),
+                "b": b.to_string(),
+                "path": if active { "relay" } else { "introduced" },
+                "relayed_bytes": traffic.map_or(0, |t| t.bytes),
+                "relayed_packets": traffic.map_or(0, |t| t.packets),
+                "last_relayed_secs_ago": traffic.map(|t| now.saturating_duration_since(t.last).as_secs_f64()),
+            })
+        })
+        .collect();
+    pairs.sort_by(|x, y| (x["a"].as_str(), x["b"].as_str()).cmp(&(y["a"].as_str(), y["b"].as_str())));
     let s = directory.stats();
     serde_json::json!({
         "role": "backbone",
         "listen": listen,
         "record_ttl_secs": directory.config().record_ttl.as_secs(),
         "records": records,
+        "pairs": pairs,
         "stats": {
             "registrations": s.registrations,
             "registrations_rejected": s.registrations_rejected,
             "deregistrations": s.deregistrations,
             "expirations": s.expirations,
             "lookups": s.lookups,
+            "lookups_by_kind": {
+                "address": s.lookups_by_kind.address,
+                "hostname": s.lookups_by_kind.hostname,
+                "wg_key": s.lookups_by_kind.wg_key,
+                "capability": s.lookups_by_kind.capability,
+                "group": s.lookups_by_kind.group,
+                "ipv4": s.lookups_by_kind.ipv4,
+            },
             "lookups_rejected": s.lookups_rejected,
             "stun_requests": s.stun_requests,
             "dropped_malformed": s.dropped_malformed,

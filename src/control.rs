@@ -8,7 +8,9 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::cli_error::CliError;
 
@@ -17,6 +19,23 @@ use crate::cli_error::CliError;
 pub enum Request {
     Status,
     Down,
+    /// Find nodes: `kind` is hostname, capability or group.
+    Query { kind: QueryKind, name: String },
+    /// A mesh ping to a mesh address, IPv6 address or hostname.
+    Ping { target: String },
+    /// Change what this node declares (missing fields stay as they are).
+    Set { hostname: Option<String>, capabilities: Option<Vec<String>>, groups: Option<Vec<String>> },
+    /// Stream events: the connection stays open and gets one JSON object
+    /// per line (see [`serve_with_events`]).
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryKind {
+    Hostname,
+    Capability,
+    Group,
 }
 
 /// A request waiting for the main loop's answer.
@@ -58,16 +77,35 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
     Ok(listener)
 }
 
+/// Where `{"cmd":"events"}` subscribers get their events from.
+#[derive(Clone)]
+pub struct EventSource {
+    pub events: broadcast::Sender<Arc<str>>,
+    /// This node's mesh address, for the first line of the stream.
+    pub node: String,
+}
+
 /// Accepts connections and forwards each request to the main loop.
 pub async fn serve(listener: UnixListener, to_main: mpsc::Sender<Pending>) {
+    serve_with_events(listener, to_main, None).await
+}
+
+/// Like [`serve`], and answers `{"cmd":"events"}` itself by streaming
+/// NDJSON from `source` until the client goes away.
+pub async fn serve_with_events(listener: UnixListener, to_main: mpsc::Sender<Pending>, source: Option<EventSource>) {
     loop {
         let Ok((stream, _)) = listener.accept().await else { continue };
         let to_main = to_main.clone();
+        let source = source.clone();
         tokio::spawn(async move {
             let (read, mut write) = stream.into_split();
             let mut line = String::new();
             let answer = match BufReader::new(read).read_line(&mut line).await {
                 Ok(_) => match serde_json::from_str::<Request>(&line) {
+                    Ok(Request::Events) => match source {
+                        Some(source) => return stream_events(source, write).await,
+                        None => error_envelope("unsupported", "this daemon has no event stream", Some("`meshtun events` talks to a node (`meshtun up`)")),
+                    },
                     Ok(request) => {
                         let (reply, rx) = oneshot::channel();
                         let (written_tx, written) = oneshot::channel();
@@ -91,6 +129,61 @@ pub async fn serve(listener: UnixListener, to_main: mpsc::Sender<Pending>) {
             let _ = write.write_all(text.as_bytes()).await;
         });
     }
+}
+
+async fn stream_events(source: EventSource, mut write: tokio::net::unix::OwnedWriteHalf) {
+    let mut rx = source.events.subscribe();
+    let mut first = crate::events::subscribed(&source.node).to_string();
+    first.push('\n');
+    if write.write_all(first.as_bytes()).await.is_err() {
+        return;
+    }
+    loop {
+        let line: String = match rx.recv().await {
+            Ok(line) => line.to_string(),
+            Err(broadcast::error::RecvError::Lagged(missed)) => crate::events::lagged(missed).to_string(),
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if write.write_all(line.as_bytes()).await.is_err() || write.write_all(b"\n").await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Connects to a daemon's control socket, explaining why not.
+async fn connect(path: &Path) -> anyhow::Result<UnixStream> {
+    UnixStream::connect(path).await.map_err(|e| {
+        let (code, hint) = match e.kind() {
+            std::io::ErrorKind::PermissionDenied => ("permission_denied", "run as root (sudo), the socket is mode 0600"),
+            _ => ("daemon_not_running", "start one with `meshtun up`, or point --socket at the right path"),
+        };
+        CliError::new(code, format!("cannot reach the daemon at {}: {e}", path.display())).hint(hint).into()
+    })
+}
+
+/// Sends `request` and hands every line of the answer stream to `on_line`
+/// until the daemon closes it (`Ok`) or answers with an error envelope.
+pub async fn stream(path: &Path, request: &Request, mut on_line: impl FnMut(serde_json::Value)) -> anyhow::Result<()> {
+    let stream = connect(path).await?;
+    let (read, mut write) = stream.into_split();
+    let mut text = serde_json::to_string(request)?;
+    text.push('\n');
+    write.write_all(text.as_bytes()).await?;
+    let mut lines = BufReader::new(read).lines();
+    while let Some(line) = lines.next_line().await? {
+        let value: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| CliError::new("bad_response", format!("unreadable line from the daemon: {e}")))?;
+        if value["status"] == "error" {
+            return Err(CliError {
+                code: "daemon_error",
+                message: value["message"].as_str().unwrap_or("unknown error").to_string(),
+                hint: value["hint"].as_str().map(str::to_string),
+            }
+            .into());
+        }
+        on_line(value);
+    }
+    Ok(())
 }
 
 pub fn ok_envelope(data: serde_json::Value) -> serde_json::Value {

@@ -27,6 +27,14 @@ pub struct UpOptions {
     pub listen_port: u16,
     pub mtu: u16,
     pub heartbeat: Duration,
+    pub capabilities: Vec<String>,
+    pub groups: Vec<String>,
+    /// The DNS domain answered on the mesh address (e.g. "mesh").
+    pub dns_domain: String,
+    /// UDP port of the DNS server on the mesh address; 0 turns it off.
+    pub dns_port: u16,
+    /// Serve Prometheus metrics (and the mesh picture) here over HTTP.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How long a stopping daemon waits for backbones to confirm deregistration.
@@ -41,6 +49,14 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 .hint("use one lowercase DNS label, e.g. specialist-papers")
         })?;
     }
+    for (flag, tags) in [("--capability", &options.capabilities), ("--group", &options.groups)] {
+        for tag in tags {
+            meshtun_proto::record::validate_hostname(tag).map_err(|e| {
+                CliError::new("invalid_argument", format!("{flag} {tag:?}: {}", e.replace("hostname ", "")))
+                    .hint("tags are lowercase DNS labels: a-z, 0-9 and '-'")
+            })?;
+        }
+    }
     let state = StateDir::open(&options.state_dir)?;
     let (identity, created) = state.load_or_create_identity()?;
     if created {
@@ -53,12 +69,18 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     let socket = MeshSocket::bind(None, options.listen_port)?;
     let port = socket.local_port();
     let listener = control::bind(&options.socket).await?;
-    let tun = crate::tun_device::create(&options.interface, options.mtu, me.to_ipv6(), NETWORK_PREFIX_LEN)?;
+    let metrics_listener = match options.metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let tun = crate::tun_device::create(&options.interface, options.mtu, me.to_ipv6(), NETWORK_PREFIX_LEN, meshtun_addr::canonical_ipv4(me))?;
 
     let now = Instant::now();
     let config = NodeConfig {
         network: options.network,
         hostname: options.hostname.clone(),
+        capabilities: options.capabilities.clone(),
+        groups: options.groups.clone(),
         backbones: backbones.clone(),
         local_endpoints: udp::local_endpoints(port, &options.interface),
         heartbeat_interval: options.heartbeat,
@@ -67,6 +89,16 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         ..NodeConfig::default()
     };
     let mut node = Node::new(config, identity, wg_secret, now);
+    let aliases_file = options.state_dir.join(crate::state::IPV4_ALIASES_FILE);
+    node.restore_ipv4_aliases(&crate::state::load_ipv4_aliases(&aliases_file));
+    let mut saved_aliases = node.ipv4_aliases();
+    let dns_socket = match options.dns_port {
+        0 => None,
+        port => Some(bind_dns(me.to_ipv6(), port)?),
+    };
+    let resolved = dns_socket.as_ref().and_then(|_| resolved_link::configure(&options.interface, me.to_ipv6(), options.dns_port, &options.dns_domain));
+    let mut waiting = crate::requests::Waiting::default();
+    let mut dns_buf = vec![0u8; 4096];
     tracing::info!(address = %me, ipv6 = %me.to_ipv6(), interface = %options.interface, port, "meshtun is up");
     let ready = serde_json::json!({
         "address": me.to_string(),
@@ -82,7 +114,17 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     }
 
     let (control_tx, mut control_rx) = mpsc::channel(16);
-    let control_task = tokio::spawn(control::serve(listener, control_tx));
+    let mut hub = crate::events::Hub::new();
+    let source = control::EventSource { events: hub.sender(), node: me.to_string() };
+    let control_task = tokio::spawn(control::serve_with_events(listener, control_tx, Some(source)));
+    let (metrics_tx, mut metrics_rx) = mpsc::channel::<crate::metrics::HttpRequest>(8);
+    let started_unix = crate::metrics::unix_now();
+    let metrics_task = metrics_listener.map(|l| {
+        tracing::info!(listen = %options.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "serving metrics");
+        tokio::spawn(crate::metrics::serve(l, metrics_tx))
+    });
+    let mut watch = tokio::time::interval(crate::events::TICK);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
@@ -92,9 +134,28 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     let mut udp_buf = vec![0u8; meshtun_overlay::MAX_PACKET];
     let mut down_requested: Option<control::Pending> = None;
     loop {
-        flush(&mut node, &socket, &tun).await;
-        let deadline = node.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        flush(&mut node, &socket, &tun, &mut hub).await;
+        while let Some(answer) = node.poll_answer() {
+            if let Some(reply) = waiting.answer(&mut node, answer, Instant::now()) {
+                send_dns(&dns_socket, reply).await;
+            }
+        }
+        for reply in waiting.expire(Instant::now()) {
+            send_dns(&dns_socket, reply).await;
+        }
+        // Answers may have queued packets (pings): send them before sleeping.
+        flush(&mut node, &socket, &tun, &mut hub).await;
+        let deadline = [node.poll_timeout(), waiting.next_expiry()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         tokio::select! {
+            Some(Ok((n, from))) = recv_dns(&dns_socket, &mut dns_buf) => {
+                if let Some(reply) = waiting.dns(&mut node, options.network, from, &dns_buf[..n], &options.dns_domain, Instant::now()) {
+                    send_dns(&dns_socket, reply).await;
+                }
+            }
             read = tun.recv(&mut tun_buf) => match read {
                 Ok(n) => node.handle_tun_packet(&tun_buf[..n], Instant::now()),
                 Err(e) => return Err(e).context("reading from the TUN interface failed"),
@@ -103,7 +164,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], Instant::now()),
                 // ICMP port unreachable surfaces as ECONNREFUSED on the next
                 // read; it is not fatal for a connectionless socket.
-                Err(e) => tracing::debug!(error = %e, "UDP receive error"),
+                Err(e) => tracing::trace!(error = %e, "UDP receive error"),
             },
             _ = tokio::time::sleep_until(deadline.into()) => node.handle_timeout(Instant::now()),
             Some(pending) = control_rx.recv() => match pending.request {
@@ -118,8 +179,45 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                     down_requested = Some(pending);
                     break;
                 }
+                Request::Set { hostname, capabilities, groups } => {
+                    let status = node.status(Instant::now());
+                    let hostname = hostname.or(status.hostname);
+                    let capabilities = capabilities.unwrap_or(status.capabilities);
+                    let groups = groups.unwrap_or(status.groups);
+                    let invalid = hostname.iter().chain(capabilities.iter()).chain(groups.iter())
+                        .find_map(|t| meshtun_proto::record::validate_hostname(t).err());
+                    let reply = match invalid {
+                        Some(e) => control::error_envelope("invalid_argument", &e, Some("names and tags are lowercase DNS labels: a-z, 0-9 and '-'")),
+                        None => {
+                            node.set_tags(hostname.clone(), capabilities.clone(), groups.clone(), Instant::now());
+                            control::ok_envelope(serde_json::json!({ "hostname": hostname, "capabilities": capabilities, "groups": groups }))
+                        }
+                    };
+                    let _ = pending.reply.send(reply);
+                }
+                _ => {
+                    if let Some(unhandled) = waiting.control(&mut node, options.network, pending, Instant::now()) {
+                        let _ = unhandled.reply.send(control::error_envelope("bad_request", "not a node request", None));
+                    }
+                }
             },
-            _ = refresh.tick() => node.set_local_endpoints(udp::local_endpoints(port, &options.interface), Instant::now()),
+            Some(request) = metrics_rx.recv() => {
+                let now = Instant::now();
+                let response = crate::metrics::node_response(&request.path, node.status(now), hub.counters(), started_unix);
+                let _ = request.reply.send(response);
+            }
+            _ = watch.tick() => {
+                let now = Instant::now();
+                hub.tick(&node.status(now), now);
+            }
+            _ = refresh.tick() => {
+                node.set_local_endpoints(udp::local_endpoints(port, &options.interface), Instant::now());
+                let aliases = node.ipv4_aliases();
+                if aliases != saved_aliases {
+                    crate::state::save_ipv4_aliases(&aliases_file, &aliases);
+                    saved_aliases = aliases;
+                }
+            }
             _ = sigterm.recv() => { tracing::info!("SIGTERM: leaving the mesh"); break; }
             _ = sigint.recv() => { tracing::info!("SIGINT: leaving the mesh"); break; }
         }
@@ -129,7 +227,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     node.shutdown(Instant::now());
     let give_up = Instant::now() + DEREGISTER_GRACE;
     while !node.is_deregistered() && Instant::now() < give_up {
-        flush(&mut node, &socket, &tun).await;
+        flush(&mut node, &socket, &tun, &mut hub).await;
         if let Ok(Ok((n, from))) = tokio::time::timeout_at(give_up.into(), socket.recv_from(&mut udp_buf)).await {
             node.handle_udp(from, &udp_buf[..n], Instant::now());
         }
@@ -138,6 +236,16 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         tracing::warn!("not every backbone confirmed deregistration; it forgets this node when the record expires");
     }
     control_task.abort();
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    let aliases = node.ipv4_aliases();
+    if aliases != saved_aliases {
+        crate::state::save_ipv4_aliases(&aliases_file, &aliases);
+    }
+    if let Some(link) = resolved {
+        link.revert();
+    }
     drop(tun);
     let _ = std::fs::remove_file(&options.socket);
     if let Some(pending) = down_requested {
@@ -147,19 +255,84 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice) {
+async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, hub: &mut crate::events::Hub) {
     while let Some(transmit) = node.poll_transmit() {
         if let Err(e) = socket.send_to(&transmit.payload, transmit.dst).await {
-            tracing::debug!(dst = %transmit.dst, error = %e, "UDP send failed");
+            tracing::trace!(dst = %transmit.dst, error = %e, "UDP send failed");
         }
     }
     while let Some(packet) = node.poll_tun() {
         if let Err(e) = tun.send(&packet).await {
-            tracing::debug!(error = %e, "TUN write failed");
+            tracing::trace!(error = %e, "TUN write failed");
         }
     }
     while let Some(event) = node.poll_event() {
-        tracing::info!(event = %serde_json::to_string(&event).unwrap_or_default(), "event");
+        crate::events::log(&event);
+        hub.core_event(&event, Instant::now());
+    }
+}
+
+fn bind_dns(ip: std::net::Ipv6Addr, port: u16) -> anyhow::Result<tokio::net::UdpSocket> {
+    let addr = SocketAddr::new(ip.into(), port);
+    let busy = |e: std::io::Error| {
+        CliError::new("port_busy", format!("cannot serve DNS on [{ip}]:{port}: {e}"))
+            .hint("choose another --dns-port, or --dns-port 0 to turn the mesh DNS off")
+    };
+    let socket = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::DGRAM, Some(socket2::Protocol::UDP)).map_err(busy)?;
+    // The mesh address may still be tentative for a moment after it was
+    // added; freebind lets the server bind to it anyway.
+    socket.set_freebind_v6(true).map_err(busy)?;
+    socket.set_only_v6(true).map_err(busy)?;
+    socket.set_nonblocking(true).map_err(busy)?;
+    socket.bind(&addr.into()).map_err(busy)?;
+    Ok(tokio::net::UdpSocket::from_std(socket.into())?)
+}
+
+async fn recv_dns(socket: &Option<tokio::net::UdpSocket>, buf: &mut [u8]) -> Option<std::io::Result<(usize, SocketAddr)>> {
+    match socket {
+        Some(s) => Some(s.recv_from(buf).await),
+        None => std::future::pending().await,
+    }
+}
+
+async fn send_dns(socket: &Option<tokio::net::UdpSocket>, reply: crate::requests::DnsReply) {
+    if let Some(s) = socket {
+        if let Err(e) = s.send_to(&reply.bytes, reply.to).await {
+            tracing::debug!(to = %reply.to, error = %e, "DNS reply failed");
+        }
+    }
+}
+
+/// Per-link DNS with systemd-resolved: queries for the mesh domain go to
+/// our server on the mesh interface; undone on exit.
+mod resolved_link {
+    use std::process::Command;
+
+    pub struct Link {
+        interface: String,
+    }
+
+    pub fn configure(interface: &str, ip: std::net::Ipv6Addr, port: u16, domain: &str) -> Option<Link> {
+        if !std::path::Path::new("/run/systemd/resolve/io.systemd.Resolve").exists() {
+            tracing::info!("systemd-resolved not running: point your resolver at [{ip}]:{port} for *.{domain} (see README)");
+            return None;
+        }
+        let server = if port == 53 { format!("{ip}") } else { format!("[{ip}]:{port}") };
+        let ok = Command::new("resolvectl").args(["dns", interface, &server]).status().is_ok_and(|s| s.success())
+            && Command::new("resolvectl").args(["domain", interface, &format!("~{domain}")]).status().is_ok_and(|s| s.success());
+        if ok {
+            tracing::info!(%interface, %server, %domain, "systemd-resolved sends *.{domain} to the mesh DNS");
+            Some(Link { interface: interface.to_string() })
+        } else {
+            tracing::warn!("could not configure systemd-resolved for the mesh domain; use the mesh DNS server directly");
+            None
+        }
+    }
+
+    impl Link {
+        pub fn revert(self) {
+            let _ = Command::new("resolvectl").args(["revert", &self.interface]).status();
+        }
     }
 }
 

@@ -1,9 +1,17 @@
 //! The `meshtun` command: CLI, node daemon and backbone.
 
 mod backbone_server;
+mod assets;
 mod cli_error;
+mod cli_mesh;
+mod config;
 mod control;
 mod daemon;
+mod events;
+mod graph;
+mod metrics;
+mod dns;
+mod requests;
 mod netcheck;
 mod state;
 mod tun_device;
@@ -14,13 +22,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use meshtun_addr::NetworkId;
 
 use cli_error::CliError;
 
 const DEFAULT_STATE_DIR: &str = "/var/lib/meshtun";
-const DEFAULT_SOCKET: &str = "/run/meshtun/meshtun.sock";
+pub const DEFAULT_SOCKET: &str = "/run/meshtun/meshtun.sock";
 const DEFAULT_BACKBONE_SOCKET: &str = "/run/meshtun/backbone.sock";
 
 /// meshtun: an overlay network for fleets of agents.
@@ -43,6 +51,10 @@ struct Cli {
     #[arg(long, global = true, default_value = "info", env = "MESHTUN_LOG_LEVEL")]
     log_level: String,
 
+    /// Log format on stderr: text (for people) or json (one object per line).
+    #[arg(long, global = true, value_enum, default_value = "text", env = "MESHTUN_LOG_FORMAT")]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -56,7 +68,11 @@ enum Command {
     Down(SocketArgs),
     /// Show this node (address, backbones, peers) or, given a backbone's
     /// socket, the backbone's records.
-    Status(SocketArgs),
+    Status(StatusArgs),
+    /// Stream what happens as it happens (peer up/down, path changes, key
+    /// rotation, backbone lost/regained): one JSON object per line with
+    /// --json, until interrupted or the daemon stops.
+    Events(SocketArgs),
     /// Print this node's mesh address, IPv6 address and public key,
     /// creating the identity if there is none yet.
     Id(IdArgs),
@@ -67,6 +83,47 @@ enum Command {
     /// Check the network without a running daemon: is UDP open, what is our
     /// public endpoint, how does our NAT map, how far are the backbones.
     Netcheck(NetcheckArgs),
+    /// Ping a node through the mesh itself (hostname, mesh address or mesh
+    /// IPv6) and show the path and RTT.
+    Ping(cli_mesh::PingArgs),
+    /// Find nodes by capability and/or group, best first.
+    Find(cli_mesh::FindArgs),
+    /// Resolve a hostname to its mesh address.
+    Resolve(cli_mesh::ResolveArgs),
+    /// Change this node's hostname, capabilities or groups at run time.
+    Set(cli_mesh::SetArgs),
+    /// Work with config files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Write the man pages and shell completions (for packaging).
+    #[command(hide = true)]
+    GenerateAssets(GenerateAssetsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate a config file without running anything (no root needed).
+    ///
+    /// Prints `FILE: OK`, or the problem as `FILE:LINE:COLUMN: message` and
+    /// exits with status 78.
+    Check(ConfigCheckArgs),
+}
+
+#[derive(Args, Debug)]
+struct ConfigCheckArgs {
+    /// The file to check [default: /etc/meshtun/meshtun.toml, or
+    /// /etc/meshtun/backbone.toml with --backbone].
+    file: Option<PathBuf>,
+    /// Check it as a backbone config (`meshtun backbone --config`).
+    #[arg(long)]
+    backbone: bool,
+}
+
+#[derive(Args, Debug)]
+struct GenerateAssetsArgs {
+    /// Directory to write man/*.1 and completions/ into.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
 }
 
 #[derive(Args, Debug)]
@@ -97,10 +154,31 @@ struct SocketArgs {
     socket: PathBuf,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug)]
+struct StatusArgs {
+    /// Write the mesh as this node (or backbone) sees it as Graphviz DOT
+    /// (render with `dot -Tsvg`).
+    #[arg(long)]
+    graph: bool,
+    #[command(flatten)]
+    socket: SocketArgs,
+}
+
 #[derive(Args, Debug)]
 struct UpArgs {
-    /// Backbone to register with, as HOST:PORT (repeatable).
-    #[arg(long = "backbone", value_name = "HOST:PORT", required = true)]
+    /// Config file; flags given here override its settings [default:
+    /// /etc/meshtun/meshtun.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Backbone to register with, as HOST:PORT (repeatable; needed here or
+    /// as `backbones` in the config file).
+    #[arg(long = "backbone", value_name = "HOST:PORT")]
     backbones: Vec<String>,
     /// Name other agents can look this node up by (one lowercase DNS label).
     #[arg(long)]
@@ -115,11 +193,27 @@ struct UpArgs {
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,
     /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay.
-    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(1280..=9000))]
+    #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(config::Mtu::RANGE))]
     mtu: u16,
     /// Seconds between heartbeats to the backbone.
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(config::HeartbeatSecs::RANGE_U64))]
     heartbeat_secs: u64,
+    /// A capability this node offers, e.g. citations (repeatable).
+    #[arg(long = "capability", value_name = "CAP")]
+    capabilities: Vec<String>,
+    /// A group this node belongs to (repeatable).
+    #[arg(long = "group", value_name = "GROUP")]
+    groups: Vec<String>,
+    /// DNS domain the daemon answers on its mesh address.
+    #[arg(long, default_value = "mesh")]
+    dns_domain: String,
+    /// UDP port of the mesh DNS server (0: off).
+    #[arg(long, default_value_t = 53)]
+    dns_port: u16,
+    /// Serve Prometheus metrics on http://IP:PORT/metrics (off unless
+    /// given; alone it means 127.0.0.1:9474).
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = metrics::DEFAULT_NODE_LISTEN, value_parser = metrics::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     state: StateArgs,
     #[command(flatten)]
@@ -137,22 +231,44 @@ struct IdArgs {
 
 #[derive(Args, Debug)]
 struct BackboneArgs {
+    /// Config file; flags given here override its settings [default:
+    /// /etc/meshtun/backbone.toml if it exists].
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
     /// UDP address to serve nodes on. Repeat it (another port or address
     /// of this host) so `meshtun netcheck` can tell how clients' NATs map.
     #[arg(long, default_value = "0.0.0.0:7400")]
     listen: Vec<SocketAddr>,
     /// Seconds a record lives without a heartbeat.
-    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(2..=86400))]
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(config::RecordTtl::RANGE_U64))]
     record_ttl: u64,
     /// The backbone's control socket.
     #[arg(long, default_value = DEFAULT_BACKBONE_SOCKET)]
     socket: PathBuf,
+    /// Serve Prometheus metrics (/metrics) and a picture of the mesh (/)
+    /// over HTTP (off unless given; alone it means 127.0.0.1:9475).
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = metrics::DEFAULT_BACKBONE_LISTEN, value_parser = metrics::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let json = cli.json;
+    match &cli.command {
+        Command::Config(ConfigCommand::Check(args)) => return config_check(args, json),
+        Command::GenerateAssets(args) => {
+            return match assets::generate(Cli::command(), &args.out) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => report(json, &e),
+            }
+        }
+        _ => {}
+    }
+    if let Err(e) = config::apply(&mut cli, &matches) {
+        return report(json, &e.into());
+    }
+    init_logging(&cli.log_level, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => return report(json, &anyhow::anyhow!("cannot start the runtime: {e}")),
@@ -173,13 +289,55 @@ fn report(json: bool, error: &anyhow::Error) -> ExitCode {
             eprintln!("  hint: {hint}");
         }
     }
-    ExitCode::FAILURE
+    exit_code(cli.code)
 }
 
-fn init_logging(level: &str) {
+/// 78 (EX_CONFIG) for config errors, so systemd does not restart a daemon
+/// that cannot start until its config is fixed; 1 for everything else.
+fn exit_code(code: &str) -> ExitCode {
+    if code == "config_error" {
+        ExitCode::from(78)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// `meshtun config check [FILE] [--backbone]`.
+fn config_check(args: &ConfigCheckArgs, json: bool) -> ExitCode {
+    let kind = if args.backbone { config::Kind::Backbone } else { config::Kind::Node };
+    let file = args.file.clone().unwrap_or_else(|| PathBuf::from(kind.default_file()));
+    match config::read(&file).and_then(|text| kind.check(&file, &text)) {
+        Ok(()) => {
+            if json {
+                print_ok(serde_json::json!({ "file": file, "kind": kind.name(), "valid": true }));
+            } else {
+                println!("{}: OK", file.display());
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            if json {
+                let mut envelope = control::error_envelope("config_error", &e.to_string(), None);
+                envelope["errors"] = serde_json::json!([e.to_json()]);
+                println!("{envelope}");
+            } else {
+                eprintln!("meshtun: error: {e}");
+            }
+            exit_code("config_error")
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        // One JSON object per line; `span` holds the innermost span's
+        // fields (e.g. {"name":"peer","peer":"0:..."}).
+        LogFormat::Json => builder.json().with_current_span(true).with_span_list(false).init(),
+    }
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -198,6 +356,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     listen_port: args.listen_port,
                     mtu: args.mtu,
                     heartbeat: Duration::from_secs(args.heartbeat_secs),
+                    capabilities: args.capabilities,
+                    groups: args.groups,
+                    dns_domain: args.dns_domain,
+                    dns_port: args.dns_port,
+                    metrics_listen: args.metrics_listen,
                 },
                 json,
             )
@@ -209,6 +372,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     listen: args.listen,
                     socket: args.socket,
                     record_ttl: Duration::from_secs(args.record_ttl),
+                    metrics_listen: args.metrics_listen,
                 },
                 json,
             )
@@ -224,17 +388,51 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 print_ok(serde_json::json!({
                     "address": addr.to_string(),
                     "ipv6": addr.to_ipv6(),
+                    "ipv4": meshtun_addr::canonical_ipv4(addr),
                     "public_key": public_key,
                     "pow_nonce": identity.nonce(),
                 }));
             } else {
-                println!("address     {addr}\nipv6        {}\npublic key  {public_key}", addr.to_ipv6());
+                println!(
+                    "address     {addr}\nipv6        {}\nipv4        {}\npublic key  {public_key}",
+                    addr.to_ipv6(),
+                    meshtun_addr::canonical_ipv4(addr)
+                );
             }
             Ok(())
         }
+        Command::Config(_) | Command::GenerateAssets(_) => unreachable!("handled before the runtime starts"),
         Command::Netcheck(args) => netcheck::run(&args.backbones, args.port, Duration::from_secs_f64(args.timeout.clamp(0.1, 60.0)), json).await,
+        Command::Status(args) if args.graph => {
+            let data = control::call(&args.socket.socket, &control::Request::Status).await?;
+            let graph = match data["role"].as_str() {
+                Some("backbone") => graph::from_backbone_status(&data),
+                _ => graph::from_node_status(&data),
+            };
+            let dot = graph::to_dot(&graph);
+            if json {
+                print_ok(serde_json::json!({ "format": "dot", "dot": dot }));
+            } else {
+                print!("{dot}");
+            }
+            Ok(())
+        }
+        Command::Events(args) => {
+            control::stream(&args.socket, &control::Request::Events, |event| {
+                if json {
+                    println!("{event}");
+                } else {
+                    println!("{}", events::human_line(&event));
+                }
+            })
+            .await
+        }
+        Command::Ping(args) => cli_mesh::ping(args, json).await,
+        Command::Find(args) => cli_mesh::find(args, json).await,
+        Command::Resolve(args) => cli_mesh::resolve(args, json).await,
+        Command::Set(args) => cli_mesh::set(args, json).await,
         Command::Status(args) => {
-            let data = control::call(&args.socket, &control::Request::Status).await?;
+            let data = control::call(&args.socket.socket, &control::Request::Status).await?;
             if json {
                 print_ok(data);
             } else {
@@ -292,7 +490,7 @@ fn print_status(data: &serde_json::Value) {
         }
         return;
     }
-    println!("node {}  {}  hostname {}", s(&data["address"]), s(&data["ipv6"]), s(&data["hostname"]));
+    println!("node {}  {}  {}  hostname {}", s(&data["address"]), s(&data["ipv6"]), s(&data["ipv4"]), s(&data["hostname"]));
     println!("interface {}  UDP port {}", s(&data["interface"]), s(&data["listen_port"]));
     for b in data["backbones"].as_array().cloned().unwrap_or_default() {
         let extra = match &b["last_error"] {

@@ -16,6 +16,28 @@ use crate::cli_error::CliError;
 
 pub const IDENTITY_FILE: &str = "identity";
 pub const WIREGUARD_KEY_FILE: &str = "wireguard.key";
+/// IPv4 aliases this host gave peers whose canonical address collided.
+pub const IPV4_ALIASES_FILE: &str = "ipv4-aliases";
+
+/// Reads saved IPv4 aliases (`MESH-ADDRESS IPV4` per line); a missing or
+/// unreadable file means none (aliases are then handed out afresh).
+pub fn load_ipv4_aliases(file: &Path) -> Vec<(meshtun_addr::MeshAddr, std::net::Ipv4Addr)> {
+    let Ok(text) = fs::read_to_string(file) else { return vec![] };
+    text.lines()
+        .filter_map(|line| {
+            let (addr, ip) = line.split_once(' ')?;
+            Some((addr.parse().ok()?, ip.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+pub fn save_ipv4_aliases(file: &Path, aliases: &[(meshtun_addr::MeshAddr, std::net::Ipv4Addr)]) {
+    let text: String = aliases.iter().map(|(a, ip)| format!("{a} {ip}\n")).collect();
+    let tmp = file.with_extension("tmp");
+    if fs::write(&tmp, text).and_then(|_| fs::rename(&tmp, file)).is_err() {
+        tracing::warn!(file = %file.display(), "cannot save IPv4 aliases");
+    }
+}
 
 pub struct StateDir {
     path: PathBuf,

@@ -23,8 +23,25 @@ struct In6Ifreq {
 
 nix::ioctl_write_ptr_bad!(set_ipv6_address, libc::SIOCSIFADDR, In6Ifreq);
 
+/// `struct in6_rtmsg` from `<linux/ipv6_route.h>` (libc's has private fields).
+#[repr(C)]
+struct In6Rtmsg {
+    dst: libc::in6_addr,
+    src: libc::in6_addr,
+    gateway: libc::in6_addr,
+    rtmsg_type: u32,
+    dst_len: u16,
+    src_len: u16,
+    metric: u32,
+    info: libc::c_ulong,
+    flags: u32,
+    ifindex: libc::c_int,
+}
+
+nix::ioctl_write_ptr_bad!(add_ipv6_route, libc::SIOCADDRT, In6Rtmsg);
+
 /// Creates the TUN interface `name`, up, with `address/prefix_len`.
-pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8) -> anyhow::Result<tun::AsyncDevice> {
+pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std::net::Ipv4Addr) -> anyhow::Result<tun::AsyncDevice> {
     if !Path::new("/dev/net/tun").exists() {
         return Err(CliError::new("no_tun", "/dev/net/tun does not exist: this kernel or container has no TUN device")
             .hint("load the module (modprobe tun) or, in a container, pass the device through (docker run --device /dev/net/tun --cap-add NET_ADMIN)")
@@ -38,7 +55,9 @@ pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8) -> anyhow
     let mut config = tun::Configuration::default();
     // The tun crate brings the link up and sets the MTU (AF_INET ioctls
     // that work for any interface); the IPv6 address is ours to add.
-    config.tun_name(name).mtu(mtu).up();
+    // The IPv4 address goes on the same way: 100.64.0.0/10 routes to the mesh.
+    let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(meshtun_addr::IPV4_PREFIX_LEN)));
+    config.tun_name(name).mtu(mtu).address(ipv4).netmask(netmask).up();
     let device = tun::create_as_async(&config).map_err(|e| tun_error(e, name))?;
 
     let sysctl = |key: &str, value: &str| {
@@ -68,6 +87,24 @@ pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8) -> anyhow
     // SAFETY: the request is a valid in6_ifreq that outlives the call.
     unsafe { set_ipv6_address(socket.as_raw_fd(), &request) }
         .with_context(|| format!("cannot add {address}/{prefix_len} to {name}"))?;
+    // Group multicast (ff15:4d54::/32) goes to the mesh, where the engine
+    // fans it out to the group's members.
+    let zero = libc::in6_addr { s6_addr: [0; 16] };
+    let route = In6Rtmsg {
+        dst: libc::in6_addr { s6_addr: meshtun_addr::GROUP_PREFIX.octets() },
+        src: zero,
+        gateway: zero,
+        rtmsg_type: 0,
+        dst_len: u16::from(meshtun_addr::GROUP_PREFIX_LEN),
+        src_len: 0,
+        metric: 256,
+        info: 0,
+        flags: libc::RTF_UP as u32,
+        ifindex: ifindex as libc::c_int,
+    };
+    // SAFETY: a valid in6_rtmsg that outlives the call.
+    unsafe { add_ipv6_route(socket.as_raw_fd(), &route) }
+        .with_context(|| format!("cannot route group multicast {}/{} to {name}", meshtun_addr::GROUP_PREFIX, meshtun_addr::GROUP_PREFIX_LEN))?;
     Ok(device)
 }
 

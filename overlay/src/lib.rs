@@ -18,6 +18,7 @@
 //! the OS. That is contained in [`peer`]; nothing else depends on it.
 
 mod backbone_client;
+pub mod firewall;
 pub mod ipv4;
 pub mod packet;
 pub mod path;
@@ -369,6 +370,16 @@ impl Node {
     /// driver; the answer comes from [`Node::poll_answer`]. Answers are
     /// cached briefly: the directory is eventually consistent anyway.
     pub fn query(&mut self, query: Query, now: Instant) -> Token {
+        self.query_with_cache(query, true, now)
+    }
+
+    /// Like [`Node::query`] but always asks the backbones (an operator's
+    /// `meshtun find` wants the directory as it is now).
+    pub fn query_fresh(&mut self, query: Query, now: Instant) -> Token {
+        self.query_with_cache(query, false, now)
+    }
+
+    fn query_with_cache(&mut self, query: Query, use_cache: bool, now: Instant) -> Token {
         let token = Token(self.rng.next_u64());
         if let Query::Hostname { name, .. } = &query {
             if self.config.hostname.as_deref() == Some(name.as_str()) {
@@ -377,7 +388,7 @@ impl Node {
                 return token;
             }
         }
-        if let Some((records, until)) = self.query_cache.get(&query) {
+        if let Some((records, until)) = self.query_cache.get(&query).filter(|_| use_cache) {
             if *until > now {
                 let found = records.clone().into_iter().map(|r| self.found(r)).collect();
                 let found = self.rank(found);

@@ -114,7 +114,14 @@ pub struct Backbone {
 impl Backbone {
     /// Starts `meshtun backbone` in `ns` and waits until its status answers.
     pub fn start(lab: &Lab, ns: &Ns, listen: SocketAddr, record_ttl: Option<u64>) -> Backbone {
-        let socket = lab.path(&format!("{}.sock", ns.role()));
+        Self::start_as(lab, ns, ns.role(), listen, record_ttl)
+    }
+
+    /// Like [`Backbone::start`], with `name` choosing the control socket
+    /// (`{name}.sock`) and log (`backbone-{name}.log`): a backbone restarted
+    /// in the same namespace under a new name keeps the old log.
+    pub fn start_as(lab: &Lab, ns: &Ns, name: &str, listen: SocketAddr, record_ttl: Option<u64>) -> Backbone {
+        let socket = lab.path(&format!("{name}.sock"));
         let listen_s = listen.to_string();
         let ttl_s = record_ttl.map(|t| t.to_string());
         let mut args = vec![bin(), "backbone", "--listen", &listen_s, "--socket", socket.to_str().unwrap()];
@@ -123,7 +130,7 @@ impl Backbone {
         }
         let env = daemon_env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let proc = ns.spawn_env(&format!("backbone-{}", ns.role()), &args, &env);
+        let proc = ns.spawn_env(&format!("backbone-{name}"), &args, &env);
         let bb = Backbone {
             ns: ns.clone(),
             proc,
@@ -167,6 +174,10 @@ pub struct NodeOpts<'a> {
     pub heartbeat_secs: Option<u64>,
     pub interface: Option<&'a str>,
     pub listen_port: Option<u16>,
+    /// More `--backbone`s after the one given to [`Node::start`].
+    pub extra_backbones: Vec<SocketAddr>,
+    /// More arguments for `meshtun up` (`--capability X`, `--group G`, ...).
+    pub extra_args: Vec<&'a str>,
 }
 
 impl<'a> NodeOpts<'a> {
@@ -176,6 +187,8 @@ impl<'a> NodeOpts<'a> {
             heartbeat_secs: None,
             interface: None,
             listen_port: None,
+            extra_backbones: Vec::new(),
+            extra_args: Vec::new(),
         }
     }
 }
@@ -202,6 +215,7 @@ impl Node {
         let bb = backbone.to_string();
         let hb = opts.heartbeat_secs.map(|h| h.to_string());
         let lp = opts.listen_port.map(|p| p.to_string());
+        let extra_bb: Vec<String> = opts.extra_backbones.iter().map(|b| b.to_string()).collect();
         let mut args = vec![
             bin(),
             "up",
@@ -223,6 +237,10 @@ impl Node {
         if let Some(h) = &hb {
             args.extend_from_slice(&["--heartbeat-secs", h]);
         }
+        for b in &extra_bb {
+            args.extend_from_slice(&["--backbone", b]);
+        }
+        args.extend_from_slice(&opts.extra_args);
         let env = daemon_env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let proc = ns.spawn_env(&format!("node-{role}"), &args, &env);
@@ -239,6 +257,39 @@ impl Node {
 
     pub fn status(&self) -> Result<Value, String> {
         status(&self.ns, &self.socket)
+    }
+
+    /// `(address, state)` of every backbone in the node's status.
+    pub fn backbone_states(&self) -> Result<Vec<(String, String)>, String> {
+        let d = self.status()?;
+        let list = d
+            .get("backbones")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("node status lacks `backbones` array: {d}"))?;
+        Ok(list
+            .iter()
+            .map(|b| {
+                let f = |k: &str| b.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+                (f("address"), f("state"))
+            })
+            .collect())
+    }
+
+    /// Waits until every backbone in the node's status is `registered` and
+    /// the interface carries the mesh address.
+    pub fn wait_registered_all(&self, timeout: Duration) {
+        wait_until(
+            timeout,
+            &format!("node `{}` to register with every backbone and configure {}", self.hostname, self.interface),
+            || {
+                self.proc.check_running()?;
+                let states = self.backbone_states()?;
+                if states.is_empty() || states.iter().any(|(_, s)| s != "registered") {
+                    return Err(format!("backbones {states:?}"));
+                }
+                self.interface_has_address()
+            },
+        );
     }
 
     /// State of the first backbone in the node's status.

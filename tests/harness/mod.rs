@@ -19,6 +19,7 @@
 #![allow(dead_code)]
 
 pub mod meshtun;
+pub mod nat;
 
 use std::collections::BTreeSet;
 use std::ffi::OsStr;
@@ -614,7 +615,16 @@ pub struct Lab {
     dir: PathBuf,
     namespaces: Mutex<Vec<String>>,
     registry: Arc<Registry>,
+    /// `/etc/netns/NAME` directories written by [`Lab::set_resolv_conf`].
+    etc_netns: Mutex<Vec<PathBuf>>,
 }
+
+/// Where `ip netns exec NAME` finds per-namespace files that it bind-mounts
+/// over `/etc` (e.g. `/etc/netns/NAME/resolv.conf`).
+pub const ETC_NETNS: &str = "/etc/netns";
+/// Set when this process created [`ETC_NETNS`]: the last lab to clean up
+/// removes it again once it is empty.
+static CREATED_ETC_NETNS: AtomicBool = AtomicBool::new(false);
 
 impl Lab {
     /// `short` names the test (keep it short: it is part of every namespace
@@ -633,7 +643,35 @@ impl Lab {
             dir,
             namespaces: Mutex::new(Vec::new()),
             registry: Arc::new(Registry::default()),
+            etc_netns: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Writes `/etc/netns/{ns}/resolv.conf` with one `nameserver` line per
+    /// entry of `nameservers`: programs run through [`Ns::exec`] / `ip netns
+    /// exec` (getent, curl, anything using the system resolver) then resolve
+    /// through them. The directory is removed when the lab is dropped (and
+    /// `/etc/netns` too if this process created it and it is empty).
+    pub fn set_resolv_conf(&self, ns: &Ns, nameservers: &[std::net::IpAddr]) {
+        let etc = Path::new(ETC_NETNS);
+        if !etc.exists() && std::fs::create_dir(etc).is_ok() {
+            CREATED_ETC_NETNS.store(true, Ordering::SeqCst);
+        }
+        let dir = etc.join(ns.name());
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        {
+            let mut dirs = self.etc_netns.lock().unwrap();
+            if !dirs.contains(&dir) {
+                dirs.push(dir.clone());
+            }
+        }
+        let mut text = String::new();
+        for n in nameservers {
+            let _ = writeln!(text, "nameserver {n}");
+        }
+        let _ = writeln!(text, "options timeout:2 attempts:1");
+        let file = dir.join("resolv.conf");
+        std::fs::write(&file, text).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
     }
 
     pub fn prefix(&self) -> &str {
@@ -757,6 +795,21 @@ impl Drop for Lab {
                 leftovers.push(format!("{n}: {}", out.describe()));
             }
         }
+        // 2b. Per-namespace /etc files we wrote.
+        let etc_dirs = std::mem::take(&mut *self.etc_netns.lock().unwrap());
+        for d in &etc_dirs {
+            if let Err(e) = std::fs::remove_dir_all(d) {
+                if e.kind() != io::ErrorKind::NotFound {
+                    leftovers.push(format!("{}: {e}", d.display()));
+                }
+            }
+        }
+        if !etc_dirs.is_empty() && CREATED_ETC_NETNS.load(Ordering::SeqCst) {
+            // Fails harmlessly while another lab (or anyone else) still uses it.
+            if std::fs::remove_dir(ETC_NETNS).is_ok() {
+                CREATED_ETC_NETNS.store(false, Ordering::SeqCst);
+            }
+        }
         // 3. The temp dir: kept after a failure, for the logs.
         if panicking {
             let _ = writeln!(report, "lab dir kept for inspection: {}", self.dir.display());
@@ -767,7 +820,7 @@ impl Drop for Lab {
             eprintln!("{report}");
         }
         if !leftovers.is_empty() {
-            let msg = format!("lab cleanup could not delete namespaces: {leftovers:?}");
+            let msg = format!("lab cleanup could not delete namespaces / netns files: {leftovers:?}");
             if panicking {
                 eprintln!("{msg}");
             } else {

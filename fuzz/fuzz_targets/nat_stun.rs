@@ -1,0 +1,42 @@
+//! The shared UDP port's demultiplexer and the STUN codec, all on the same
+//! datagram: `classify`, `binding_response` (the reflector, for IPv4 and
+//! IPv6 observers) and `parse_binding_response` (the client, with the
+//! datagram's own transaction id so the id check passes, and a fixed one).
+#![no_main]
+
+use std::net::SocketAddr;
+
+use libfuzzer_sys::fuzz_target;
+use meshtun_nat::{binding_response, classify, parse_binding_response, DatagramKind, TransactionId};
+
+fuzz_target!(|data: &[u8]| {
+    let kind = classify(data);
+    let observers: [SocketAddr; 3] = [
+        "198.18.0.9:4242".parse().expect("literal"),
+        "[2001:db8::9]:4242".parse().expect("literal"),
+        "[::ffff:198.18.0.9]:4242".parse().expect("literal"),
+    ];
+    for observed in observers {
+        if let Ok(response) = binding_response(data, observed) {
+            assert_eq!(kind, DatagramKind::Stun, "answered a datagram classify calls {kind:?}");
+            // Amplification bound documented on binding_response.
+            assert!(response.len() <= 88, "{}-byte response", response.len());
+            assert_eq!(classify(&response), DatagramKind::Stun);
+            // The reflector's answer must parse as the answer to this request
+            // (cookie-less RFC 3489 requests get an RFC 3489 answer, which the
+            // RFC 8489 client does not take).
+            if let Some(tid) = data.get(8..20).and_then(|t| TransactionId::try_from(t).ok()) {
+                if data.get(4..8) == Some(&[0x21, 0x12, 0xA4, 0x42][..]) {
+                    let parsed = parse_binding_response(&response, &tid).expect("own response parses");
+                    assert_eq!(parsed, SocketAddr::new(observed.ip().to_canonical(), observed.port()));
+                }
+            }
+        }
+    }
+    let own_tid = data.get(8..20).and_then(|t| TransactionId::try_from(t).ok()).unwrap_or_default();
+    for tid in [own_tid, [0x5A; 12]] {
+        if parse_binding_response(data, &tid).is_ok() {
+            assert_eq!(kind, DatagramKind::Stun, "parsed a datagram classify calls {kind:?}");
+        }
+    }
+});

@@ -1,0 +1,303 @@
+//! The event stream behind `meshtun events`: the core's events as they
+//! happen, plus a few the driver derives from status snapshots (peer down,
+//! key rotated, backbone lost/regained), as one JSON object per line.
+//!
+//! The main loop owns the [`Hub`]: it feeds it every core event in
+//! `flush()` and a status snapshot once a second. Subscribers (control
+//! socket connections) hold a `broadcast` receiver, so a slow reader never
+//! blocks the daemon; it is told how many events it missed instead.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use meshtun_overlay::{Event, NodeStatus};
+use serde_json::{json, Value};
+use tokio::sync::broadcast;
+
+/// Events a subscriber may fall behind by before it is told it missed some.
+const CAPACITY: usize = 1024;
+/// WireGuard's REJECT_AFTER_TIME: a session this old carries nothing.
+const SESSION_DEAD_AFTER_SECS: f64 = 180.0;
+/// How long a punching attempt may take before it counts as failed (the
+/// path agent's quick probe rounds end after 4 s).
+const PUNCH_WINDOW: Duration = Duration::from_secs(10);
+
+/// How often the main loop hands the hub a status snapshot.
+pub const TICK: Duration = Duration::from_secs(1);
+
+/// Logs a core event, inside a `peer` span when it concerns one peer, so
+/// one peer's story can be filtered out (`RUST_LOG='[peer{peer=...}]=debug'`
+/// or, with `--log-format json`, on the `peer` field).
+pub fn log(event: &Event) {
+    let text = serde_json::to_string(event).unwrap_or_default();
+    let peer = match event {
+        Event::PeerAdded { peer, .. }
+        | Event::PeerUp { peer, .. }
+        | Event::PathChanged { peer, .. }
+        | Event::LookupFailed { peer, .. } => Some(peer.as_str()),
+        _ => None,
+    };
+    match peer {
+        Some(peer) => {
+            let span = tracing::info_span!("peer", peer = %peer);
+            let _entered = span.enter();
+            tracing::info!(event = %text, "event");
+        }
+        None => tracing::info!(event = %text, "event"),
+    }
+}
+
+/// Counters over the events, for the metrics endpoint.
+#[derive(Clone, Debug, Default)]
+pub struct EventCounters {
+    pub by_kind: BTreeMap<String, u64>,
+    pub punch_attempts: u64,
+    pub punch_direct: u64,
+    pub punch_relayed: u64,
+}
+
+#[derive(Default)]
+struct PeerWatch {
+    up: bool,
+    handshake_age: Option<f64>,
+}
+
+pub struct Hub {
+    tx: broadcast::Sender<Arc<str>>,
+    counters: EventCounters,
+    /// Open punching attempts: peer -> when probing started.
+    punching: HashMap<String, Instant>,
+    peers: HashMap<String, PeerWatch>,
+    /// Backbone -> registered?
+    backbones: HashMap<String, bool>,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new()
+    }
+}
+
+impl Hub {
+    pub fn new() -> Hub {
+        let (tx, _) = broadcast::channel(CAPACITY);
+        Hub { tx, counters: EventCounters::default(), punching: HashMap::new(), peers: HashMap::new(), backbones: HashMap::new() }
+    }
+
+    /// A handle subscribers can be created from (any task).
+    pub fn sender(&self) -> broadcast::Sender<Arc<str>> {
+        self.tx.clone()
+    }
+
+    pub fn counters(&self) -> EventCounters {
+        self.counters.clone()
+    }
+
+    /// One event from the core.
+    pub fn core_event(&mut self, event: &Event, now: Instant) {
+        let Ok(value) = serde_json::to_value(event) else { return };
+        let kind = value["event"].as_str().unwrap_or("unknown").to_string();
+        let peer = value["peer"].as_str().map(str::to_string);
+        let backbone = value["backbone"].as_str().map(str::to_string);
+        match (kind.as_str(), &peer, &backbone) {
+            ("peer_added", Some(peer), _) => self.start_punch(peer, now),
+            ("peer_up", Some(peer), _) => self.peers.entry(peer.clone()).or_default().up = true,
+            ("path_changed", Some(peer), _) => {
+                let to = value["to"].as_str().unwrap_or("");
+                if to.starts_with("direct") {
+                    if self.punching.remove(peer).is_some() {
+                        self.counters.punch_direct += 1;
+                    }
+                } else if to.starts_with("relay") {
+                    // The direct path died: probing starts over.
+                    self.start_punch(peer, now);
+                }
+            }
+            _ => {}
+        }
+        self.emit(value.clone());
+        let registered = match kind.as_str() {
+            "backbone_registered" => Some(true),
+            "backbone_unreachable" | "registration_rejected" => Some(false),
+            _ => None,
+        };
+        if let (Some(registered), Some(b)) = (registered, backbone) {
+            match (self.backbones.insert(b.clone(), registered), registered) {
+                (Some(false), true) => self.emit(json!({ "event": "backbone_regained", "backbone": b })),
+                (Some(true), false) => {
+                    let why = value["error"].as_str().or(value["detail"].as_str()).unwrap_or("").to_string();
+                    self.emit(json!({ "event": "backbone_lost", "backbone": b, "reason": why }));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// A status snapshot (about once a second): derives peer down / up
+    /// again, key rotation and punching failures.
+    pub fn tick(&mut self, status: &NodeStatus, now: Instant) {
+        let mut seen = Vec::with_capacity(status.peers.len());
+        for p in &status.peers {
+            seen.push(p.address.clone());
+            let watch = self.peers.entry(p.address.clone()).or_default();
+            let age = p.handshake_age_secs;
+            let alive = age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
+            let mut derived = Vec::new();
+            if watch.up && !alive && p.up_for_secs.is_some() {
+                watch.up = false;
+                derived.push(json!({
+                    "event": "peer_down", "peer": p.address,
+                    "reason": format!("no WireGuard handshake for {SESSION_DEAD_AFTER_SECS:.0} s"),
+                }));
+            } else if !watch.up && alive && p.up_for_secs.is_some() && watch.handshake_age.is_some() {
+                watch.up = true;
+                derived.push(json!({ "event": "peer_up", "peer": p.address, "path": path_text(p), "reason": "session established again" }));
+            } else if let (true, Some(before), Some(age)) = (watch.up, watch.handshake_age, age) {
+                if age + 0.5 < before {
+                    derived.push(json!({ "event": "key_rotated", "peer": p.address, "reason": "new WireGuard handshake: fresh session keys" }));
+                }
+            }
+            watch.handshake_age = age;
+            if let Some(started) = self.punching.get(&p.address) {
+                if now.saturating_duration_since(*started) >= PUNCH_WINDOW && p.path != "direct" {
+                    self.punching.remove(&p.address);
+                    self.counters.punch_relayed += 1;
+                }
+            }
+            for event in derived {
+                self.emit(event);
+            }
+        }
+        let gone: Vec<String> = self.peers.keys().filter(|k| !seen.contains(k)).cloned().collect();
+        for peer in gone {
+            if self.peers.remove(&peer).is_some_and(|w| w.up) {
+                self.emit(json!({ "event": "peer_down", "peer": peer, "reason": "peer removed" }));
+            }
+            self.punching.remove(&peer);
+        }
+    }
+
+    fn start_punch(&mut self, peer: &str, now: Instant) {
+        if !self.punching.contains_key(peer) {
+            self.punching.insert(peer.to_string(), now);
+            self.counters.punch_attempts += 1;
+        }
+    }
+
+    fn emit(&mut self, mut value: Value) {
+        let kind = value["event"].as_str().unwrap_or("unknown").to_string();
+        *self.counters.by_kind.entry(kind).or_default() += 1;
+        if self.tx.receiver_count() == 0 {
+            return;
+        }
+        if let Value::Object(map) = &mut value {
+            map.insert("time".into(), rfc3339_now().into());
+        }
+        let _ = self.tx.send(Arc::from(value.to_string()));
+    }
+}
+
+fn path_text(p: &meshtun_overlay::peer::PeerStatus) -> String {
+    match p.endpoint {
+        Some(e) => format!("{} {e}", p.path),
+        None => p.path.to_string(),
+    }
+}
+
+/// The first line a subscriber gets.
+pub fn subscribed(address: &str) -> Value {
+    json!({ "time": rfc3339_now(), "event": "subscribed", "node": address })
+}
+
+/// A subscriber fell behind and `missed` events were dropped for it.
+pub fn lagged(missed: u64) -> Value {
+    json!({ "time": rfc3339_now(), "event": "lagged", "missed": missed })
+}
+
+/// UTC now as `2025-01-31T12:34:56.789Z`.
+pub fn rfc3339_now() -> String {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    rfc3339(since.as_secs() as i64, since.subsec_millis())
+}
+
+fn rfc3339(secs: i64, millis: u32) -> String {
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// One line of `meshtun events` without `--json`.
+pub fn human_line(v: &Value) -> String {
+    let time = v["time"].as_str().unwrap_or("");
+    let kind = v["event"].as_str().unwrap_or("?");
+    let mut out = format!("{time} {kind:<20}");
+    if let Value::Object(map) = v {
+        for (k, val) in map {
+            if k == "time" || k == "event" || val.is_null() {
+                continue;
+            }
+            let text = match val {
+                Value::String(s) if s.contains(' ') => format!("{s:?}"),
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!(" {k}={text}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_known_instants() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(rfc3339(1_700_000_000, 123), "2023-11-14T22:13:20.123Z");
+    }
+
+    #[test]
+    fn punching_counts_attempts_and_direct_results_and_backbone_loss() {
+        let mut hub = Hub::new();
+        let mut rx = hub.sender().subscribe();
+        let now = Instant::now();
+        hub.core_event(&Event::PeerAdded { peer: "0:AAAA.0000.0001".into(), hostname: None }, now);
+        hub.core_event(
+            &Event::PathChanged { peer: "0:AAAA.0000.0001".into(), from: None, to: "direct 10.0.0.1:1".into(), reason: "probe answered".into() },
+            now,
+        );
+        let backbone: std::net::SocketAddr = "198.18.0.1:7400".parse().unwrap();
+        hub.core_event(&Event::BackboneRegistered { backbone, observed: backbone }, now);
+        hub.core_event(&Event::BackboneUnreachable { backbone, error: "no answer".into() }, now);
+        hub.core_event(&Event::BackboneRegistered { backbone, observed: backbone }, now);
+        let c = hub.counters();
+        assert_eq!((c.punch_attempts, c.punch_direct, c.punch_relayed), (1, 1, 0));
+        let mut kinds = Vec::new();
+        while let Ok(line) = rx.try_recv() {
+            let v: Value = serde_json::from_str(&line).unwrap();
+            assert!(v["time"].as_str().unwrap().ends_with('Z'));
+            kinds.push(v["event"].as_str().unwrap().to_string());
+        }
+        assert_eq!(
+            kinds,
+            ["peer_added", "path_changed", "backbone_registered", "backbone_unreachable", "backbone_lost", "backbone_registered", "backbone_regained"]
+        );
+    }
+}

@@ -1,0 +1,724 @@
+//! NAT traversal in a network-namespace lab (issue 3): the real binary on
+//! real TUN devices, behind nftables routers that behave like the NATs of
+//! the field (see `tests/harness/nat.rs` for the topology and rules).
+//!
+//! Needs root (namespaces, veth, TUN) and the Debian packages iproute2,
+//! nftables, iputils-ping and stun-client (conntrack optionally, for failure
+//! diagnostics). Without root every test prints a skip line and passes; as
+//! root a missing tool is a failure naming its package. Run with:
+//!
+//!     cargo test --test netns_nat_lab -- --nocapture --test-threads=1
+//!
+//! `NAT_LAB_JOBS` sets how many pairs of the matrix run at once (default 4);
+//! `NAT_LAB_PAIRS=prc>sym,pub>fc` runs only those pairs (tags: pub, fc, prc,
+//! sym); `NAT_LAB_NODE_ARGS="--dns-port 0"` adds arguments to every `meshtun up`.
+
+mod harness;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use harness::meshtun::{json_data, Backbone};
+use harness::nat::{
+    control_status, direct_expected, keep_traffic, payload, relayed_packets,
+    require_nat_tools, send_hashed, start_sink, Host, NatKind, NatLab, PathWatch, Received, Sent, Side, BB_IP, BB_IP2,
+    BB_PORT,
+};
+use harness::{require_root, require_tool, wait_until, Checks};
+use serde_json::Value;
+
+const SINK_PORT: u16 = 9000;
+const SMALL_TRANSFER: usize = 256 * 1024;
+/// How long after the first byte the matrix keeps traffic flowing before it
+/// judges the path: the probe schedule's quick rounds end 4 s after the
+/// peer appears, so a punchable path must be direct by then and an
+/// unpunchable one must still be relayed.
+const OBSERVE_AFTER_FIRST_BYTE: Duration = Duration::from_secs(6);
+/// The end of the observation over which the backbone's relay counter must
+/// agree with the path the status shows.
+const RELAY_WINDOW: Duration = Duration::from_secs(2);
+
+fn bb_addr() -> SocketAddr {
+    SocketAddr::new(BB_IP.into(), BB_PORT)
+}
+
+fn secs(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| {
+        if d < Duration::from_secs(1) {
+            format!("{}ms", d.as_millis())
+        } else {
+            format!("{:.2}s", d.as_secs_f64())
+        }
+    })
+}
+
+/// No namespace of this test process is left.
+fn assert_no_namespaces_left(prefix: &str) {
+    let list = harness::ip(&["netns", "list"]).ok().stdout;
+    let left: Vec<&str> = list.lines().filter(|l| l.starts_with(prefix)).collect();
+    assert!(left.is_empty(), "namespaces left behind: {left:?}");
+}
+
+// ---------------------------------------------------------------------------
+// 1. the matrix
+// ---------------------------------------------------------------------------
+
+struct PairResult {
+    a: NatKind,
+    b: NatKind,
+    path_ab: String,
+    path_ba: String,
+    endpoint_ab: String,
+    endpoint_ba: String,
+    first_byte: Option<Duration>,
+    direct_a: Option<Duration>,
+    direct_b: Option<Duration>,
+    transfer: Option<Duration>,
+    relayed: Option<u64>,
+    relayed_in_window: Option<u64>,
+    failures: Vec<String>,
+    details: String,
+}
+
+fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
+    let tag = format!("{}>{}", a_kind.tag(), b_kind.tag());
+    let expect_direct = direct_expected(a_kind, b_kind);
+    let want = if expect_direct { "direct" } else { "relay" };
+    let lab = NatLab::new(&format!("m-{}-{}", a_kind.tag(), b_kind.tag()));
+    let ha = lab.host(a_kind, "a");
+    let hb = lab.host(b_kind, "b");
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    let mut checks = Checks::new();
+
+    let data = payload(SMALL_TRANSFER, 0x6e61_7400 ^ (a_kind as u64) << 8 ^ b_kind as u64);
+    let sink = start_sink(&hb.ns, nb.id.ipv6, SINK_PORT, Duration::from_secs(40));
+    let t0 = Instant::now();
+    let mut watch = PathWatch::start(t0, vec![Side::of("A->B", &na, &nb), Side::of("B->A", &nb, &na)]);
+    // Traffic both ways for the observation window, from the first byte on.
+    let pinger = Mutex::new(None);
+    let sent = send_hashed(&ha.ns, nb.id.ipv6, SINK_PORT, &data, None, Duration::from_secs(20), || {
+        *pinger.lock().unwrap() = Some(keep_traffic(&ha.ns, nb.id.ipv6, OBSERVE_AFTER_FIRST_BYTE + Duration::from_secs(1)));
+    });
+    let received = sink.join().expect("sink thread panicked");
+    let first_byte = sent.as_ref().ok().map(|s| s.connect_after);
+    let transfer = sent.as_ref().ok().map(|s| s.transfer);
+    check_transfer(&mut checks, &tag, &sent, &received, data.len());
+
+    // Judge the path once the quick probe rounds are over.
+    // Cross-check the status with the backbone's counter: over the last
+    // RELAY_WINDOW of the observation (ping traffic both ways) a direct pair
+    // relays nothing and a relayed pair relays every ping.
+    let judge_at = first_byte.unwrap_or(Duration::ZERO) + OBSERVE_AFTER_FIRST_BYTE;
+    let sleep_until = |at: Duration| {
+        if let Some(rest) = at.checked_sub(t0.elapsed()) {
+            thread::sleep(rest);
+        }
+    };
+    sleep_until(judge_at - RELAY_WINDOW);
+    let relayed_1 = relayed_packets(&bb);
+    sleep_until(judge_at);
+    let relayed_2 = relayed_packets(&bb);
+    let relayed_in_window = match (&relayed_1, &relayed_2) {
+        (Ok(x), Ok(y)) => Some(y - x),
+        _ => None,
+    };
+    let both = |w: &PathWatch, p: &str| w.path(0).as_deref() == Some(p) && w.path(1).as_deref() == Some(p);
+    if expect_direct && !both(&watch, "direct") {
+        // Late: find out when (if ever), for the report; still a failure.
+        watch.wait_for(Duration::from_secs(10), |w| both(w, "direct"));
+    }
+    let path_ab = watch.path(0).unwrap_or_else(|| "?".into());
+    let path_ba = watch.path(1).unwrap_or_else(|| "?".into());
+    let direct_a = watch.first_at(0, "direct", Duration::ZERO);
+    let direct_b = watch.first_at(1, "direct", Duration::ZERO);
+    let relayed = relayed_2.as_ref().ok().copied();
+    if let Some(p) = pinger.lock().unwrap().take() {
+        let _ = p.join();
+    }
+    watch.stop();
+
+    for (i, (side, path)) in [("A->B", &path_ab), ("B->A", &path_ba)].into_iter().enumerate() {
+        checks.check(path == want, || {
+            format!(
+                "{tag}: {side} path is {path:?} after {:.1}s of traffic, expected {want:?} (A behind {}, B behind {}); status entry: {}",
+                OBSERVE_AFTER_FIRST_BYTE.as_secs_f64(),
+                a_kind.label(),
+                b_kind.label(),
+                watch.last_json(i).map_or_else(|| watch.last_entry(i), |v| v.to_string())
+            )
+        });
+        if !expect_direct {
+            checks.check(!watch.ever(i, "direct"), || {
+                format!("{tag}: {side} was direct at some point though no direct path should exist: {}", watch.timeline(i))
+            });
+        }
+    }
+    if expect_direct {
+        // Direct to the peer's public address (port: whatever its NAT chose).
+        for (i, peer) in [(0, &hb), (1, &ha)] {
+            let ep = watch.endpoint(i).unwrap_or_default();
+            let ip_ok = ep.parse::<SocketAddr>().is_ok_and(|e| e.ip() == std::net::IpAddr::V4(peer.public_ip));
+            checks.check(ip_ok || watch.path(i).as_deref() != Some("direct"), || {
+                format!("{tag}: side {i} is direct via {ep}, expected the peer's public address {}", peer.public_ip)
+            });
+        }
+        checks.check(relayed_in_window == Some(0), || {
+            format!(
+                "{tag}: the status says direct but the backbone relayed {relayed_in_window:?} packets in the last {RELAY_WINDOW:?} of the observation ({relayed_1:?} -> {relayed_2:?})"
+            )
+        });
+    } else {
+        checks.check(relayed_in_window.is_some_and(|r| r >= 5), || {
+            format!(
+                "{tag}: relayed pair, but the backbone relayed only {relayed_in_window:?} packets in the last {RELAY_WINDOW:?} of ping traffic ({relayed_1:?} -> {relayed_2:?})"
+            )
+        });
+    }
+    let failures = checks.failures().to_vec();
+    let mut details = format!("  {}\n  {}", watch.timeline(0), watch.timeline(1));
+    if !failures.is_empty() {
+        details.push_str(&format!(
+            "\n  A's entry: {}\n  B's entry: {}",
+            watch.last_entry(0),
+            watch.last_entry(1)
+        ));
+        for h in [&ha, &hb] {
+            if let Some(r) = &h.router {
+                details.push_str(&format!("\n{}", r.diagnostics()));
+            }
+        }
+        for n in [&na, &nb] {
+            details.push_str(&format!("\n--- {} log tail ---\n{}", n.hostname, n.proc.log_tail(25)));
+        }
+    }
+    let res = PairResult {
+        a: a_kind,
+        b: b_kind,
+        path_ab,
+        path_ba,
+        endpoint_ab: watch.endpoint(0).unwrap_or_else(|| "-".into()),
+        endpoint_ba: watch.endpoint(1).unwrap_or_else(|| "-".into()),
+        first_byte,
+        direct_a,
+        direct_b,
+        transfer,
+        relayed,
+        relayed_in_window,
+        failures,
+        details,
+    };
+    drop(watch);
+    drop((na, nb, bb, ha, hb));
+    drop(lab);
+    res
+}
+
+fn check_transfer(
+    checks: &mut Checks,
+    tag: &str,
+    sent: &Result<Sent, String>,
+    received: &Result<Received, String>,
+    len: usize,
+) {
+    match sent {
+        Err(e) => {
+            checks.check(false, || format!("{tag}: TCP transfer failed: {e}; sink: {received:?}"));
+        }
+        Ok(s) => {
+            checks.check(s.hash_ok && s.bytes == len, || {
+                format!("{tag}: transfer corrupted: sent {} of {len} B, hash ok {}; sink {received:?}", s.bytes, s.hash_ok)
+            });
+        }
+    }
+    checks.check(received.as_ref().is_ok_and(|r| r.bytes == len), || {
+        format!("{tag}: sink received {received:?}, expected {len} bytes")
+    });
+}
+
+#[test]
+fn nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible() {
+    let name = "nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    let started = Instant::now();
+    // Every ordered pair: the 10 unordered ones plus the 6 swapped.
+    let mut pairs = Vec::new();
+    for (i, &a) in NatKind::ALL.iter().enumerate() {
+        for &b in &NatKind::ALL[i..] {
+            pairs.push((a, b));
+        }
+    }
+    for (i, &a) in NatKind::ALL.iter().enumerate() {
+        for &b in &NatKind::ALL[i + 1..] {
+            pairs.push((b, a));
+        }
+    }
+    // NAT_LAB_PAIRS="prc>sym,pub>fc" runs only those (for debugging).
+    if let Ok(only) = std::env::var("NAT_LAB_PAIRS") {
+        let only: Vec<&str> = only.split(',').map(str::trim).collect();
+        pairs.retain(|(a, b)| only.contains(&format!("{}>{}", a.tag(), b.tag()).as_str()));
+        println!("NAT_LAB_PAIRS: running only {} pair(s)", pairs.len());
+    }
+    let jobs: usize = std::env::var("NAT_LAB_JOBS").ok().and_then(|j| j.parse().ok()).unwrap_or(4).max(1);
+    let queue = Mutex::new(pairs.clone().into_iter());
+    let results = Mutex::new(Vec::new());
+    thread::scope(|s| {
+        for _ in 0..jobs {
+            s.spawn(|| loop {
+                let Some((a, b)) = queue.lock().unwrap().next() else { break };
+                let t = Instant::now();
+                let r = std::panic::catch_unwind(|| run_pair(a, b));
+                let r = r.unwrap_or_else(|p| {
+                    let msg = p
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_default();
+                    PairResult {
+                        a,
+                        b,
+                        path_ab: "?".into(),
+                        path_ba: "?".into(),
+                        endpoint_ab: "-".into(),
+                        endpoint_ba: "-".into(),
+                        first_byte: None,
+                        direct_a: None,
+                        direct_b: None,
+                        transfer: None,
+                        relayed: None,
+                        relayed_in_window: None,
+                        failures: vec![format!("{}>{}: setup panicked: {msg}", a.tag(), b.tag())],
+                        details: String::new(),
+                    }
+                });
+                println!(
+                    "[{}>{}] done in {:.1?}: A->B {} B->A {} ({} failure(s))",
+                    a.tag(),
+                    b.tag(),
+                    t.elapsed(),
+                    r.path_ab,
+                    r.path_ba,
+                    r.failures.len()
+                );
+                results.lock().unwrap().push(r);
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap();
+    results.sort_by_key(|r| pairs.iter().position(|p| *p == (r.a, r.b)));
+
+    println!(
+        "\nNAT matrix ({} ordered pairs, {jobs} at a time, {:.1?} in all). Times from the first connect attempt (path times sampled every 100 ms); \
+         relayed = backbone relayed_packets in all / in the last {RELAY_WINDOW:?} of ping traffic:",
+        results.len(),
+        started.elapsed()
+    );
+    println!(
+        "{:<34} {:<6} {:<30} {:<30} {:>10} {:>9} {:>9} {:>9} {:>12}  result",
+        "pair (A -> B)", "expect", "A->B path", "B->A path", "first byte", "direct A", "direct B", "transfer", "relayed/last"
+    );
+    let mut all = Vec::new();
+    for r in &results {
+        let pair = format!("{} -> {}", r.a.label(), r.b.label());
+        println!(
+            "{:<34} {:<6} {:<30} {:<30} {:>10} {:>9} {:>9} {:>9} {:>12}  {}",
+            pair,
+            if direct_expected(r.a, r.b) { "direct" } else { "relay" },
+            format!("{} {}", r.path_ab, r.endpoint_ab),
+            format!("{} {}", r.path_ba, r.endpoint_ba),
+            secs(r.first_byte),
+            secs(r.direct_a),
+            secs(r.direct_b),
+            secs(r.transfer),
+            format!(
+                "{}/{}",
+                r.relayed.map_or("-".into(), |r| r.to_string()),
+                r.relayed_in_window.map_or("-".into(), |r| r.to_string())
+            ),
+            if r.failures.is_empty() { "ok" } else { "FAIL" }
+        );
+        all.extend(r.failures.iter().cloned());
+    }
+    for r in &results {
+        println!("{} -> {}:\n{}", r.a.label(), r.b.label(), r.details);
+    }
+    assert_no_namespaces_left(&format!("mt-{}-", std::process::id()));
+    assert!(all.is_empty(), "{} check(s) failed:\n- {}", all.len(), all.join("\n- "));
+}
+
+// ---------------------------------------------------------------------------
+// 2. two hosts behind one NAT
+// ---------------------------------------------------------------------------
+
+#[test]
+fn two_hosts_behind_one_nat_use_the_lan_path() {
+    let name = "two_hosts_behind_one_nat_use_the_lan_path";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    let lab = NatLab::new("lan");
+    let r = lab.router(NatKind::PortRestricted);
+    let ha = lab.host_behind(&r, "a");
+    let hb = lab.host_behind(&r, "b");
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    println!("router {} wan {}; alpha on {}, beta on {}", r.ns.role(), r.wan_ip, ha.ip, hb.ip);
+
+    let data = payload(SMALL_TRANSFER, 2);
+    let sink = start_sink(&hb.ns, nb.id.ipv6, SINK_PORT, Duration::from_secs(40));
+    let t0 = Instant::now();
+    let watch = PathWatch::start(t0, vec![Side::of("A->B", &na, &nb), Side::of("B->A", &nb, &na)]);
+    let pinger = Mutex::new(None);
+    let sent = send_hashed(&ha.ns, nb.id.ipv6, SINK_PORT, &data, None, Duration::from_secs(20), || {
+        *pinger.lock().unwrap() = Some(keep_traffic(&ha.ns, nb.id.ipv6, OBSERVE_AFTER_FIRST_BYTE));
+    });
+    let received = sink.join().expect("sink thread panicked");
+    let mut checks = Checks::new();
+    check_transfer(&mut checks, "lan", &sent, &received, data.len());
+    if let Some(p) = pinger.lock().unwrap().take() {
+        let _ = p.join();
+    }
+    let lan_ep = |peer: &Host| format!("{}:{}", peer.ip, harness::nat::NODE_PORT);
+    for (i, peer) in [(0, &hb), (1, &ha)] {
+        println!("{}", watch.timeline(i));
+        let path = watch.path(i);
+        let ep = watch.endpoint(i);
+        checks.check(path.as_deref() == Some("direct") && ep.as_deref() == Some(lan_ep(peer).as_str()), || {
+            format!(
+                "side {i}: expected direct via the peer's LAN address {}, got {path:?} via {ep:?}; entry: {}",
+                lan_ep(peer),
+                watch.last_entry(i)
+            )
+        });
+        let hairpin = watch.timeline(i).contains(&r.wan_ip.to_string());
+        checks.check(!hairpin, || {
+            format!("side {i} used the router's WAN address {} at some point: {}", r.wan_ip, watch.timeline(i))
+        });
+    }
+    println!(
+        "first byte after {}, transfer {}; alpha's view of beta: {}",
+        secs(sent.as_ref().ok().map(|s| s.connect_after)),
+        secs(sent.as_ref().ok().map(|s| s.transfer)),
+        watch.last_entry(0)
+    );
+    if !checks.failures().is_empty() {
+        println!("{}", r.diagnostics());
+    }
+    drop(watch);
+    let _ = (&na, &nb, &bb);
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 3. carrier-grade NAT
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_host_behind_two_nats_cgnat_still_connects() {
+    let name = "a_host_behind_two_nats_cgnat_still_connects";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    let lab = NatLab::new("cgn");
+    let carrier = lab.router(NatKind::PortRestricted);
+    let home = lab.router_behind(&carrier, NatKind::PortRestricted);
+    let ha = lab.host_behind(&home, "a");
+    let hb = lab.host(NatKind::FullCone, "b");
+    let hc = lab.public_host("c");
+    println!(
+        "A {} behind home router (wan {}) behind carrier NAT (wan {}); B {} behind a full cone (wan {}); C public {}",
+        ha.ip,
+        home.wan_ip,
+        carrier.wan_ip,
+        hb.ip,
+        hb.public_ip,
+        hc.ip
+    );
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    let nc = lab.start_node(&hc, "gamma", &bb);
+    let observed = na.status().ok().and_then(|s| s.pointer("/backbones/0/observed").cloned());
+    println!("the backbone sees A as {observed:?}");
+    let mut checks = Checks::new();
+    checks.check(
+        observed.as_ref().and_then(Value::as_str).is_some_and(|o| o.starts_with(&format!("{}:", carrier.wan_ip))),
+        || format!("A's observed endpoint {observed:?} is not on the carrier's WAN address {}", carrier.wan_ip),
+    );
+
+    for (i, (peer_host, peer)) in [(&hb, &nb), (&hc, &nc)].into_iter().enumerate() {
+        let who = format!("A -> {} ({})", peer.hostname, peer_host.kind.label());
+        let data = payload(SMALL_TRANSFER, 30 + i as u64);
+        let sink = start_sink(&peer_host.ns, peer.id.ipv6, SINK_PORT, Duration::from_secs(40));
+        let t0 = Instant::now();
+        let watch = PathWatch::start(t0, vec![Side::of("A->peer", &na, peer), Side::of("peer->A", peer, &na)]);
+        let pinger = Mutex::new(None);
+        let sent = send_hashed(&ha.ns, peer.id.ipv6, SINK_PORT, &data, None, Duration::from_secs(20), || {
+            *pinger.lock().unwrap() = Some(keep_traffic(&ha.ns, peer.id.ipv6, OBSERVE_AFTER_FIRST_BYTE));
+        });
+        let received = sink.join().expect("sink thread panicked");
+        check_transfer(&mut checks, &who, &sent, &received, data.len());
+        if let Some(p) = pinger.lock().unwrap().take() {
+            let _ = p.join();
+        }
+        println!(
+            "{who}: transfer {} (first byte {}, {}); path after {:.0}s of traffic: A->peer {:?}, peer->A {:?}\n  {}\n  {}",
+            if sent.as_ref().is_ok_and(|s| s.hash_ok) { "intact" } else { "FAILED" },
+            secs(sent.as_ref().ok().map(|s| s.connect_after)),
+            secs(sent.as_ref().ok().map(|s| s.transfer)),
+            OBSERVE_AFTER_FIRST_BYTE.as_secs_f64(),
+            watch.path(0),
+            watch.path(1),
+            watch.timeline(0),
+            watch.timeline(1)
+        );
+    }
+    if !checks.failures().is_empty() {
+        println!("{}\n{}", carrier.diagnostics(), home.diagnostics());
+    }
+    let _ = (&nb, &nc, &bb);
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 4. failover
+// ---------------------------------------------------------------------------
+
+#[test]
+fn failover_to_relay_when_the_direct_path_dies_and_tcp_survives() {
+    let name = "failover_to_relay_when_the_direct_path_dies_and_tcp_survives";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    const LEN: usize = 4 * 1024 * 1024;
+    const PACE: usize = 400 * 1024; // ~10 s
+    const CUT_AFTER: Duration = Duration::from_secs(3);
+    const FAILOVER_LIMIT: Duration = Duration::from_secs(5);
+
+    let lab = NatLab::new("fo");
+    let ha = lab.host(NatKind::PortRestricted, "a");
+    let hb = lab.host(NatKind::PortRestricted, "b");
+    let (ra, rb) = (ha.router.clone().unwrap(), hb.router.clone().unwrap());
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    let t0 = Instant::now();
+    let watch = PathWatch::start(t0, vec![Side::of("A->B", &na, &nb), Side::of("B->A", &nb, &na)]);
+
+    // Bring the direct path up.
+    wait_until(Duration::from_secs(15), "a ping from A to B over the mesh", || {
+        let o = ha.ns.exec(&["ping", "-6", "-n", "-c", "1", "-W", "2", &nb.id.ipv6.to_string()]);
+        if o.success() { Ok(()) } else { Err(o.describe()) }
+    });
+    let direct_at = watch.wait_for(Duration::from_secs(15), |w| {
+        w.path(0).as_deref() == Some("direct") && w.path(1).as_deref() == Some("direct")
+    });
+    assert!(
+        direct_at.is_some(),
+        "the direct path between two port-restricted cones never came up:\n{}\n{}\nA: {}\nB: {}\n{}\n{}",
+        watch.timeline(0),
+        watch.timeline(1),
+        watch.last_entry(0),
+        watch.last_entry(1),
+        ra.diagnostics(),
+        rb.diagnostics()
+    );
+    println!("direct both ways at {}: A->B via {:?}, B->A via {:?}", secs(direct_at), watch.endpoint(0), watch.endpoint(1));
+    let relayed_before = relayed_packets(&bb).unwrap_or_else(|e| panic!("{e}"));
+
+    // A long paced transfer; cut the direct path in the middle of it.
+    let data = payload(LEN, 4);
+    let sink = start_sink(&hb.ns, nb.id.ipv6, SINK_PORT, Duration::from_secs(40));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sender = {
+        let (ns, dst, data) = (ha.ns.clone(), nb.id.ipv6, data.clone());
+        thread::spawn(move || {
+            send_hashed(&ns, dst, SINK_PORT, &data, Some(PACE), Duration::from_secs(15), move || {
+                let _ = tx.send(Instant::now());
+            })
+        })
+    };
+    let connected = rx.recv_timeout(Duration::from_secs(20)).expect("the transfer did not connect");
+    thread::sleep(CUT_AFTER.saturating_sub(connected.elapsed()));
+    ra.block_udp_with(rb.wan_ip);
+    let cut = t0.elapsed();
+    println!(
+        "cut UDP between {} and {} at {:.2}s ({:.1?} into the transfer); backbone {} untouched",
+        ra.wan_ip,
+        rb.wan_ip,
+        cut.as_secs_f64(),
+        connected.elapsed(),
+        BB_IP
+    );
+    let relay_both = watch.wait_for(FAILOVER_LIMIT + Duration::from_secs(10), |w| {
+        w.path(0).as_deref() == Some("relay") && w.path(1).as_deref() == Some("relay")
+    });
+    let fo_a = watch.first_at(0, "relay", cut).map(|t| t - cut);
+    let fo_b = watch.first_at(1, "relay", cut).map(|t| t - cut);
+    println!(
+        "failover to the relay: A->B after {}, B->A after {} (limit {:?}); both relayed at {}",
+        secs(fo_a),
+        secs(fo_b),
+        FAILOVER_LIMIT,
+        secs(relay_both)
+    );
+    let sent = sender.join().expect("sender panicked");
+    let received = sink.join().expect("sink panicked");
+    let relayed_after = relayed_packets(&bb).unwrap_or_else(|e| panic!("{e}"));
+    println!("{}\n{}", watch.timeline(0), watch.timeline(1));
+    println!(
+        "transfer: {:?}; sink {:?}; backbone relayed {} packets during it",
+        sent.as_ref().map(|s| format!("{} B in {:.1?}, hash ok {}", s.bytes, s.transfer, s.hash_ok)),
+        received.as_ref().map(|r| r.bytes),
+        relayed_after - relayed_before
+    );
+    let mut checks = Checks::new();
+    for (side, fo) in [("A->B", fo_a), ("B->A", fo_b)] {
+        checks.check(fo.is_some_and(|f| f <= FAILOVER_LIMIT), || {
+            format!("{side}: did not switch to the relay within {FAILOVER_LIMIT:?} of the cut (took {})", secs(fo))
+        });
+    }
+    check_transfer(&mut checks, "failover", &sent, &received, LEN);
+    checks.check(relayed_after > relayed_before, || {
+        format!("the backbone relayed nothing after the cut ({relayed_before} -> {relayed_after})")
+    });
+    if !checks.failures().is_empty() {
+        println!("A: {}\nB: {}\n{}\n{}", watch.last_entry(0), watch.last_entry(1), ra.diagnostics(), rb.diagnostics());
+    }
+    drop(watch);
+    let _ = (&na, &nb);
+    checks.finish();
+}
+
+// ---------------------------------------------------------------------------
+// 5. STUN and netcheck
+// ---------------------------------------------------------------------------
+
+fn netcheck(h: &Host) -> Result<Value, String> {
+    let out = harness::meshtun::cli_timeout(
+        &h.ns,
+        &[
+            "netcheck",
+            "--backbone",
+            &format!("{BB_IP}:{BB_PORT}"),
+            "--backbone",
+            &format!("{BB_IP2}:7401"),
+            "--json",
+        ],
+        Duration::from_secs(20),
+    );
+    json_data(&out)
+}
+
+fn reflexive_ips(v: &Value) -> Vec<Ipv4Addr> {
+    v.get("reflexive")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str()?.parse::<SocketAddr>().ok())
+                .filter_map(|e| match e.ip() {
+                    std::net::IpAddr::V4(ip) => Some(ip),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn stun_answers_satisfy_a_real_client_and_netcheck_sees_the_nat() {
+    let name = "stun_answers_satisfy_a_real_client_and_netcheck_sees_the_nat";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    require_tool("stun", "stun-client");
+    let lab = NatLab::new("stun");
+    let bb: Backbone = lab.start_backbone(&[
+        SocketAddr::new(BB_IP.into(), BB_PORT),
+        SocketAddr::new(BB_IP2.into(), 7401),
+    ]);
+    let hp = lab.host(NatKind::PortRestricted, "prc");
+    let hs = lab.host(NatKind::Symmetric, "sym");
+    let hpub = lab.public_host("pub");
+    let mut checks = Checks::new();
+
+    // A third-party STUN client (Debian's stun-client, RFC 3489 test I:
+    // a plain Binding request) behind the port-restricted router.
+    let stun_before = control_status(&bb.socket).ok().and_then(|d| d.pointer("/stats/stun_requests")?.as_u64());
+    let out = hp.ns.exec_timeout(&["stun", &format!("{BB_IP}:{BB_PORT}"), "1", "-v"], Duration::from_secs(30));
+    let stun_after = control_status(&bb.socket).ok().and_then(|d| d.pointer("/stats/stun_requests")?.as_u64());
+    let text = format!("{}\n{}", out.stdout, out.stderr);
+    let mapped: Vec<&str> = text.lines().filter(|l| l.contains("MappedAddress")).collect();
+    println!(
+        "stun-client from {} (router wan {}): exit {:?}; backbone stun_requests {stun_before:?} -> {stun_after:?}\n  {}",
+        hp.ip,
+        hp.public_ip,
+        out.code(),
+        mapped.join("\n  ")
+    );
+    checks.check(
+        mapped.iter().any(|l| l.contains(&format!("MappedAddress = {}:", hp.public_ip))),
+        || format!("stun-client did not report the router's WAN address {} as MappedAddress:\n{}", hp.public_ip, out.describe()),
+    );
+    checks.check(!mapped.iter().any(|l| l.contains(&hp.ip.to_string())), || {
+        format!("stun-client reported the private address {}:\n{}", hp.ip, out.describe())
+    });
+
+    // turnutils_stunclient (coturn) too, when installed.
+    if harness::nat::on_path("turnutils_stunclient") {
+        let out = hp.ns.exec_timeout(&["turnutils_stunclient", "-p", &BB_PORT.to_string(), &BB_IP.to_string()], Duration::from_secs(30));
+        println!("turnutils_stunclient: {}", out.stdout.trim().replace('\n', " | "));
+        checks.check(out.stdout.contains(&hp.public_ip.to_string()), || {
+            format!("turnutils_stunclient did not report {}:\n{}", hp.public_ip, out.describe())
+        });
+    } else {
+        println!("turnutils_stunclient not installed (package coturn): skipped that client");
+    }
+
+    // meshtun netcheck from behind each kind of NAT.
+    let cases: [(&Host, &[&str]); 3] = [
+        (&hp, &["endpoint_independent"]),
+        (&hs, &["address_and_port_dependent", "address_dependent"]),
+        (&hpub, &["none"]),
+    ];
+    for (h, want) in cases {
+        let who = format!("netcheck behind {}", h.kind.label());
+        match netcheck(h) {
+            Err(e) => {
+                checks.check(false, || format!("{who}: {e}"));
+            }
+            Ok(v) => {
+                println!(
+                    "{who}: udp={} mapping={} reflexive={} (expected mapping {want:?}, public ip {})",
+                    v.get("udp").unwrap_or(&Value::Null),
+                    v.get("mapping").unwrap_or(&Value::Null),
+                    v.get("reflexive").unwrap_or(&Value::Null),
+                    h.public_ip
+                );
+                checks.check(v.get("udp") == Some(&Value::Bool(true)), || format!("{who}: udp is not true: {v}"));
+                let mapping = v.get("mapping").and_then(Value::as_str).unwrap_or("null");
+                checks.check(want.contains(&mapping), || format!("{who}: mapping {mapping:?}, expected one of {want:?}: {v}"));
+                let ips = reflexive_ips(&v);
+                checks.check(!ips.is_empty() && ips.iter().all(|ip| *ip == h.public_ip), || {
+                    format!("{who}: reflexive addresses {ips:?} should all be {}: {v}", h.public_ip)
+                });
+                if h.kind == NatKind::PortRestricted {
+                    checks.check(ips.len() == 1, || format!("{who}: an endpoint-independent NAT should show one reflexive endpoint: {v}"));
+                }
+            }
+        }
+    }
+    let _ = &bb;
+    checks.finish();
+}
