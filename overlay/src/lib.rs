@@ -88,6 +88,14 @@ pub struct NodeConfig {
     /// Destinations with packets waiting at once.
     pub max_pending_destinations: usize,
     pub rng_seed: u64,
+    /// Owner key of this node's private network (`None` on the public mesh).
+    pub network_owner: Option<[u8; 32]>,
+    /// This node's membership certificate (private networks).
+    pub certificate: Option<meshtun_proto::cert::SignedCert>,
+    pub firewall: firewall::FirewallConfig,
+    /// Version and expiry of the current WireGuard key's certification.
+    pub wg_key_version: u32,
+    pub wg_key_expires_unix: u64,
 }
 
 impl Default for NodeConfig {
@@ -109,6 +117,11 @@ impl Default for NodeConfig {
             max_queued_per_destination: 64,
             max_pending_destinations: 1024,
             rng_seed: 0,
+            network_owner: None,
+            certificate: None,
+            firewall: firewall::FirewallConfig::default(),
+            wg_key_version: 1,
+            wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
         }
     }
 }
@@ -132,6 +145,10 @@ pub enum Event {
     PathChanged { peer: String, from: Option<String>, to: String, reason: String },
     LookupFailed { peer: String, reason: String },
     Deregistered { backbone: SocketAddr },
+    /// A peer was dropped: its certificate or key is no longer valid.
+    PeerRemoved { peer: String, reason: String },
+    KeyRotated { version: u32 },
+    RevocationsUpdated { seq: u64, revoked: usize },
 }
 
 /// A handle for an answer the driver asked for ([`Node::query`], [`Node::ping`]).
@@ -243,6 +260,10 @@ pub struct Node {
     next_ping_seq: u16,
     broadcast_tokens: (f64, Instant),
     known_group_names: Vec<String>,
+    unix_now: u64,
+    revocations: Option<meshtun_proto::cert::Revocations>,
+    firewall: firewall::Firewall,
+    next_trust_check: Instant,
     /// The newest record seen for each node, so a backbone serving an older
     /// one is caught.
     newest: HashMap<MeshAddr, NodeRecord>,
@@ -292,6 +313,10 @@ impl Node {
             broadcast_tokens: (BROADCAST_BURST, now),
             known_group_names: Vec::new(),
             newest: HashMap::new(),
+            unix_now: 0,
+            revocations: None,
+            firewall: firewall::Firewall::new(config.firewall.clone(), config.network != NetworkId::PUBLIC),
+            next_trust_check: now,
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
             events: VecDeque::new(),
@@ -354,6 +379,88 @@ impl Node {
     /// Replaces the backbone list (addresses re-resolved by the driver).
     pub fn set_backbones(&mut self, backbones: Vec<SocketAddr>, now: Instant) {
         self.backbones.set_backbones(backbones, now);
+    }
+
+    /// Wall-clock time (unix seconds) for certificate and key expiry; the
+    /// driver sets it before handing in events.
+    pub fn set_unix_time(&mut self, unix_secs: u64) {
+        self.unix_now = unix_secs;
+    }
+
+    /// Replaces the WireGuard static key. The mesh address stays (it
+    /// belongs to the identity key); the new key is certified in a record
+    /// with a higher version and sent to the backbones at once; sessions
+    /// re-handshake with it on their next packet, and peers look the new
+    /// key up when its first handshake reaches them.
+    pub fn rotate_wg_key(&mut self, secret: StaticSecret, version: u32, expires_unix: u64, now: Instant) {
+        let public = PublicKey::from(&secret);
+        self.wg_secret = secret;
+        self.wg_public = public;
+        self.config.wg_key_version = version;
+        self.config.wg_key_expires_unix = expires_unix;
+        for peer in self.peers.iter_mut().flatten() {
+            peer.tunn.set_static_private(self.wg_secret.clone(), public, None);
+            peer.probe_key = probe::probe_key(&self.wg_secret, &PublicKey::from(peer.record.wg_key));
+            peer.handshake = None;
+        }
+        self.refresh_record();
+        self.backbones.register_now(now);
+        tracing::info!(version, "WireGuard key rotated");
+        self.events.push_back(Event::KeyRotated { version });
+    }
+
+    pub fn wg_key_version(&self) -> u32 {
+        self.config.wg_key_version
+    }
+
+    pub fn firewall(&self) -> &firewall::Firewall {
+        &self.firewall
+    }
+
+    /// Why `record` may not be a peer of this node, if it may not: another
+    /// network, no valid certificate (private networks), an expired or
+    /// superseded WireGuard key. Ok carries its certified groups.
+    fn admit(&self, record: &NodeRecord) -> Result<Vec<String>, String> {
+        if record.network != self.me.network {
+            return Err(format!("belongs to network {}", record.network.0));
+        }
+        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+            return Err("its WireGuard key certification has expired".into());
+        }
+        if let Some(known) = self.newest.get(&record.mesh_addr()) {
+            if known.wg_key_version > record.wg_key_version {
+                return Err(format!("WireGuard key version {} is superseded by {}", record.wg_key_version, known.wg_key_version));
+            }
+        }
+        if record.network == NetworkId::PUBLIC {
+            return Ok(Vec::new());
+        }
+        let Some(owner) = &self.config.network_owner else {
+            return Err("this node has no owner key for its private network".into());
+        };
+        let Some(cert) = &record.cert else {
+            return Err("no membership certificate".into());
+        };
+        cert.verify(owner, record.network, record.node, self.unix_now, self.revocations.as_ref())
+            .map(|m| m.groups)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Re-checks every peer's certificate and key (expiry, revocation).
+    fn check_trust(&mut self) {
+        let revoked: Vec<(PeerId, String)> = self
+            .peers
+            .iter()
+            .flatten()
+            .filter_map(|p| self.admit(&p.record).err().map(|why| (p.id, why)))
+            .collect();
+        for (id, reason) in revoked {
+            if let Some(peer) = self.peers.get(id.index()).and_then(Option::as_ref) {
+                tracing::warn!(peer = %peer.addr, %reason, "dropping peer");
+                self.events.push_back(Event::PeerRemoved { peer: peer.addr.to_string(), reason });
+            }
+            self.remove_peer(id);
+        }
     }
 
     /// Changes what this node declares about itself; the new record reaches
@@ -491,6 +598,7 @@ impl Node {
                 return;
             }
         };
+        self.firewall.outbound(dest, packet, now);
         if let Some(&id) = self.by_addr.get(&dest) {
             self.encapsulate(id, packet, now);
             return;
@@ -537,6 +645,10 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
+        if self.next_trust_check <= now {
+            self.check_trust();
+            self.next_trust_check = now + Duration::from_secs(1);
+        }
         self.run_path_timers(now);
         if self.next_wg_tick.is_some_and(|t| t <= now) {
             self.tick_wireguard();
@@ -548,7 +660,8 @@ impl Node {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
         let paths = self.peers.iter().flatten().map(|p| p.poll_timeout()).min();
-        [self.backbones.poll_timeout(), lookups, self.next_wg_tick, paths]
+        let trust = (!self.by_addr.is_empty()).then_some(self.next_trust_check);
+        [self.backbones.poll_timeout(), lookups, self.next_wg_tick, paths, trust]
             .into_iter()
             .flatten()
             .min()
@@ -619,9 +732,9 @@ impl Node {
             capabilities: self.config.capabilities.clone(),
             groups: self.config.groups.clone(),
             seq: 0,
-            wg_key_version: 1,
-            wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
-            cert: None,
+            wg_key_version: self.config.wg_key_version,
+            wg_key_expires_unix: self.config.wg_key_expires_unix,
+            cert: self.config.certificate.clone(),
         };
         self.backbones.set_record_template(record, self.config.local_endpoints.clone());
     }
@@ -643,13 +756,30 @@ impl Node {
             Message::LookupReply { request_id, records } => {
                 self.handle_lookup_reply(from, request_id, records, now)
             }
+            Message::Revocations { list } => {
+                let Some(owner) = self.config.network_owner else { return };
+                match list.verify(&owner, self.me.network) {
+                    Ok(r) if self.revocations.as_ref().is_none_or(|cur| r.seq > cur.seq) => {
+                        tracing::info!(seq = r.seq, revoked = r.serials.len(), "revocation list updated");
+                        self.events.push_back(Event::RevocationsUpdated { seq: r.seq, revoked: r.serials.len() });
+                        self.revocations = Some(r);
+                        self.check_trust();
+                    }
+                    Ok(_) => {}
+                    Err(error) => {
+                        tracing::warn!(%error, "backbone sent a revocation list that does not verify");
+                        self.stats.bad_records += 1;
+                    }
+                }
+            }
             Message::PeerIntent { record } => match record.verify() {
                 Ok(v) if v.record.network == self.me.network && v.record.mesh_addr() != self.me => {
                     tracing::debug!(peer = %v.record.mesh_addr(), "peer intends to connect; probing it");
                     let record = self.newest_of(v.record);
-                    let id = self.upsert_peer(record, Some(from), now);
-                    if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
-                        peer.path.restart_probing(now);
+                    if let Some(id) = self.upsert_peer(record, Some(from), now) {
+                        if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
+                            peer.path.restart_probing(now);
+                        }
                     }
                 }
                 _ => self.stats.bad_records += 1,
@@ -687,6 +817,7 @@ impl Node {
                     self.drop_packet(DropReason::Malformed);
                     return;
                 }
+                self.firewall.outbound(dest, &packet, now);
                 self.route_unicast(dest, &packet, now);
             }
             // An address nobody here has used yet: ask which node has it.
@@ -896,7 +1027,12 @@ impl Node {
         if !matches!(query, Query::Address(_) | Query::WgKey { .. }) && lookup.packets.is_empty() {
             return; // name resolution only: no session until traffic flows
         }
-        let id = self.upsert_peer(verified.record, Some(backbone), now);
+        let Some(id) = self.upsert_peer(verified.record, Some(backbone), now) else {
+            for _ in &lookup.packets {
+                self.stats.count_drop(DropReason::Firewall);
+            }
+            return;
+        };
         if let Some((from, datagram)) = lookup.handshake {
             self.handle_wireguard(from, &datagram, now);
         }
@@ -941,6 +1077,7 @@ impl Node {
                         let mut packet = packet.clone();
                         let canonical = meshtun_addr::canonical_ipv4(dest);
                         if alias == literal && (canonical == alias || ipv4::rewrite(&mut packet, None, Some(canonical))) {
+                            self.firewall.outbound(dest, &packet, now);
                             self.route_unicast(dest, &packet, now);
                         }
                     }
@@ -976,7 +1113,8 @@ impl Node {
     fn newest_of(&mut self, record: NodeRecord) -> NodeRecord {
         let addr = record.mesh_addr();
         match self.newest.get(&addr) {
-            Some(known) if known.seq > record.seq => {
+            // Older, or a rolled-back WireGuard key: keep what we know.
+            Some(known) if known.seq > record.seq || known.wg_key_version > record.wg_key_version => {
                 tracing::warn!(peer = %addr, seq = record.seq, newest = known.seq, "backbone answered with a stale record; keeping the newer one");
                 self.stats.stale_records += 1;
                 known.clone()
@@ -991,8 +1129,16 @@ impl Node {
         }
     }
 
-    fn upsert_peer(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> PeerId {
+    fn upsert_peer(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> Option<PeerId> {
         let addr = record.mesh_addr();
+        let certified_groups = match self.admit(&record) {
+            Ok(groups) => groups,
+            Err(reason) => {
+                tracing::info!(peer = %addr, %reason, "not accepting this node as a peer");
+                self.stats.untrusted_peers += 1;
+                return None;
+            }
+        };
         let own = self.backbones.record().endpoints.clone();
         if let Some(&id) = self.by_addr.get(&addr) {
             if let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) {
@@ -1002,8 +1148,9 @@ impl Node {
                     }
                     if record.seq > peer.record.seq {
                         peer.update_record(record, &own);
+                        peer.certified_groups = certified_groups;
                     }
-                    return id;
+                    return Some(id);
                 }
             }
             self.remove_peer(id);
@@ -1035,12 +1182,14 @@ impl Node {
         self.by_wg_key.insert(record.wg_key, id);
         self.by_addr.insert(addr, id);
         if let Some(slot) = self.peers.get_mut(id.index()) {
-            *slot = Some(Peer::new(id, record, tunn, path, probe_key, now));
+            let mut peer = Peer::new(id, record, tunn, path, probe_key, now);
+            peer.certified_groups = certified_groups;
+            *slot = Some(peer);
         }
         if self.next_wg_tick.is_none() {
             self.next_wg_tick = Some(now + WG_TICK);
         }
-        id
+        Some(id)
     }
 
     fn remove_peer(&mut self, id: PeerId) {
@@ -1178,6 +1327,9 @@ impl Node {
                             });
                         }
                         peer.path.on_activity(now);
+                    } else if !self.firewall.inbound(peer.addr, &peer.certified_groups, packet, now) {
+                        tracing::trace!(peer = %peer.addr, "firewall denied an inbound packet");
+                        self.stats.count_drop(DropReason::Firewall);
                     } else {
                         peer.rx_packets += 1;
                         peer.path.on_activity(now);
@@ -1197,6 +1349,8 @@ impl Node {
                         self.stats.count_drop(DropReason::SpoofedSource);
                     } else if dst != Some(self.my_ipv4) {
                         self.stats.count_drop(DropReason::NoRoute);
+                    } else if !self.firewall.inbound(peer.addr, &peer.certified_groups, packet, now) {
+                        self.stats.count_drop(DropReason::Firewall);
                     } else {
                         let alias = self.aliases.alias_for(peer.addr, self.my_ipv4);
                         if alias == canonical || ipv4::rewrite(packet, Some(alias), None) {

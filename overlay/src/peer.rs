@@ -39,6 +39,8 @@ pub struct Peer {
     /// When to refresh the peer's record (and our relay permission) while
     /// relayed.
     pub next_relay_refresh: Option<Instant>,
+    /// Groups the network owner certified this peer for (firewall input).
+    pub certified_groups: Vec<String>,
     pub tx_packets: u64,
     pub rx_packets: u64,
 }
@@ -90,6 +92,7 @@ impl Peer {
             up_since: None,
             handshake: None,
             next_relay_refresh: None,
+            certified_groups: Vec::new(),
             tx_packets: 0,
             rx_packets: 0,
         }

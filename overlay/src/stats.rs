@@ -60,6 +60,9 @@ pub struct Stats {
     /// Records older than one already seen for that node (a stale or
     /// rolled-back answer from a backbone).
     pub stale_records: u64,
+    /// Nodes refused as peers (other network, no valid certificate,
+    /// expired or superseded key).
+    pub untrusted_peers: u64,
     pub dropped: Dropped,
 }
 

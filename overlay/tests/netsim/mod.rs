@@ -183,6 +183,11 @@ impl Net {
 
     /// Adds a host behind `nat` (LAN 198.19.n.0/24) or public (198.18.1.x).
     pub fn add_host(&mut self, identity_index: usize, nat: Option<usize>) -> usize {
+        self.add_host_with(identity_index, nat, |_| {})
+    }
+
+    /// Like [`Net::add_host`], letting the test adjust the node's config.
+    pub fn add_host_with(&mut self, identity_index: usize, nat: Option<usize>, adjust: impl FnOnce(&mut NodeConfig)) -> usize {
         let i = self.hosts.len();
         let ip = match nat {
             Some(n) => Ipv4Addr::new(198, 19, n as u8, 10 + i as u8),
@@ -198,6 +203,8 @@ impl Net {
             rng_seed: i as u64 + 1,
             ..NodeConfig::default()
         };
+        let mut config = config;
+        adjust(&mut config);
         let node = Node::new(config, identity(identity_index), StaticSecret::from([i as u8 + 1; 32]), self.now);
         self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new() });
         i
@@ -236,6 +243,11 @@ impl Net {
     pub fn add_host_behind(&mut self, identity_index: usize, nat: NatType) -> usize {
         let n = nat.map(|(m, f)| self.add_nat(m, f));
         self.add_host(identity_index, n)
+    }
+
+    /// Simulated wall-clock time: unix 1000 at the start.
+    pub fn unix_time(&self) -> u64 {
+        1_000 + (self.now - self.start).as_secs()
     }
 
     pub fn mesh_ip(&self, host: usize) -> Ipv6Addr {
@@ -372,6 +384,11 @@ impl Net {
                 self.deliver(f);
             }
             let now = self.now;
+            let unix = self.unix_time();
+            self.backbone.set_unix_time(unix);
+            for h in &mut self.hosts {
+                h.node.set_unix_time(unix);
+            }
             self.backbone.handle_timeout(now);
             for b in &mut self.extra {
                 b.dir.handle_timeout(now);

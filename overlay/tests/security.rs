@@ -1,0 +1,182 @@
+//! Private networks, certificate expiry and revocation, the firewall and
+//! key rotation, in the simulator.
+
+mod netsim;
+
+use std::time::Duration;
+
+use boringtun::x25519::StaticSecret;
+use etherparse::PacketBuilder;
+use meshtun_addr::{MeshAddr, NetworkId};
+use meshtun_backbone::{Directory, DirectoryConfig};
+use meshtun_overlay::firewall::{FirewallConfig, Rule};
+use meshtun_proto::cert::NetworkOwner;
+use netsim::Net;
+
+const NET: NetworkId = NetworkId(7);
+
+fn owner() -> NetworkOwner {
+    NetworkOwner::generate(NET, [77; 32])
+}
+
+/// A backbone serving network 7, and members 0 and 1 (member 1 in group
+/// "ops"), certificates valid until unix `expires`.
+fn private_net(expires: u64, firewall: FirewallConfig) -> (Net, usize, usize) {
+    let mut net = Net::new(31);
+    let owner = owner();
+    let mut config = DirectoryConfig::default();
+    config.network_owners.insert(NET, owner.public_key());
+    net.backbone = Directory::new(config);
+    let mut members = Vec::new();
+    for (i, groups) in [(0usize, vec![]), (1usize, vec!["ops".to_string()])] {
+        let node = netsim::identity(i).node_addr();
+        let cert = owner.sign_membership(node, groups, expires, i as u64 + 1);
+        let fw = firewall.clone();
+        members.push(net.add_host_with(i, None, |c| {
+            c.network = NET;
+            c.network_owner = Some(owner.public_key());
+            c.certificate = Some(cert);
+            c.firewall = fw;
+        }));
+    }
+    net.run_for(Duration::from_secs(1));
+    (net, members[0], members[1])
+}
+
+fn udp6(net: &Net, from: usize, to: usize, port: u16) -> Vec<u8> {
+    let b = PacketBuilder::ipv6(net.mesh_ip(from).octets(), net.mesh_ip(to).octets(), 64).udp(40000, port);
+    let mut out = Vec::new();
+    b.write(&mut out, b"payload").unwrap();
+    out
+}
+
+fn allow_all() -> FirewallConfig {
+    FirewallConfig { default_inbound: None, rules: vec!["allow any".parse().unwrap()] }
+}
+
+#[test]
+fn members_of_a_private_network_reach_each_other() {
+    let (mut net, a, b) = private_net(10_000, allow_all());
+    assert_eq!(net.backbone.len(), 2);
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    assert!(net.ping(b, a, Duration::from_secs(2)).is_some());
+}
+
+#[test]
+fn an_outsider_can_neither_register_look_up_nor_reach_members() {
+    let (mut net, a, _b) = private_net(10_000, allow_all());
+    // An outsider configured for network 7 without a certificate.
+    let outsider = net.add_host_with(2, None, |c| c.network = NET);
+    // And one on the public mesh who knows member a's address.
+    let public = net.add_host(3, None);
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.backbone.len(), 3, "two members and the public node; the outsider was refused");
+    let status = net.status(outsider);
+    assert_eq!(status.backbones[0].state, meshtun_overlay::BackboneState::Rejected);
+    assert!(net.ping(outsider, a, Duration::from_secs(3)).is_none());
+    let before = net.hosts[a].delivered.len();
+    let packet = udp6(&net, public, a, 80);
+    net.inject(public, &packet);
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.hosts[a].delivered.len(), before, "nothing from the public mesh gets in");
+}
+
+#[test]
+fn a_member_whose_certificate_expires_is_cut_off() {
+    let (mut net, a, b) = private_net(1_010, allow_all());
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    net.run_for(Duration::from_secs(12)); // unix time passes 1010
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_none());
+    assert!(net.hosts[a].events.iter().any(|e| matches!(e, meshtun_overlay::Event::PeerRemoved { .. })));
+    assert!(net.backbone.is_empty() || net.backbone.len() < 2, "the backbone drops them at their next heartbeat");
+}
+
+#[test]
+fn a_revocation_cuts_the_member_off_everywhere_within_a_heartbeat() {
+    let (mut net, a, b) = private_net(10_000, allow_all());
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    // Member b's certificate (serial 2) is revoked by the owner.
+    net.backbone.set_revocations(NET, owner().sign_revocations(1, vec![2])).unwrap();
+    net.run_for(net.heartbeat + Duration::from_secs(1));
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_none());
+    assert!(net.hosts[a].events.iter().any(|e| matches!(e, meshtun_overlay::Event::RevocationsUpdated { .. })));
+}
+
+#[test]
+fn firewall_rules_deny_one_port_and_allow_another_by_certified_group() {
+    let rules: Vec<Rule> = vec!["allow udp/8080 from group:ops".parse().unwrap(), "allow icmp".parse().unwrap()];
+    let (mut net, a, b) = private_net(10_000, FirewallConfig { default_inbound: None, rules });
+    assert!(net.ping(b, a, Duration::from_secs(2)).is_some(), "icmp allowed");
+    // b is certified for ops: its 8080 traffic gets in, its 9090 does not.
+    let ok = udp6(&net, b, a, 8080);
+    let denied = udp6(&net, b, a, 9090);
+    net.inject(b, &ok);
+    net.inject(b, &denied);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.hosts[a].delivered.contains(&ok));
+    assert!(!net.hosts[a].delivered.contains(&denied));
+    // a is not in ops: its 8080 traffic to b is denied (default deny), but
+    // b's answer to a flow b opened gets in.
+    let from_a = udp6(&net, a, b, 8080);
+    net.inject(a, &from_a);
+    net.run_for(Duration::from_secs(1));
+    assert!(!net.hosts[b].delivered.contains(&from_a));
+    assert!(net.hosts[b].node.stats().dropped.firewall >= 1);
+}
+
+#[test]
+fn a_key_rotation_keeps_traffic_flowing_and_the_address() {
+    let mut net = Net::new(41);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    let addr: MeshAddr = net.hosts[a].node.mesh_addr();
+    let now = net.now;
+    net.hosts[a].node.rotate_wg_key(StaticSecret::from([99; 32]), 2, u64::MAX, now);
+    let mut lost = 0;
+    for _ in 0..10 {
+        if net.ping(a, b, Duration::from_secs(1)).is_none() {
+            lost += 1;
+        }
+        if net.ping(b, a, Duration::from_secs(1)).is_none() {
+            lost += 1;
+        }
+    }
+    assert!(lost <= 4, "{lost} of 20 pings lost around the rotation");
+    for _ in 0..3 {
+        assert!(net.ping(a, b, Duration::from_secs(1)).is_some());
+    }
+    assert_eq!(net.hosts[a].node.mesh_addr(), addr);
+    assert_eq!(net.hosts[a].node.record().wg_key_version, 2);
+    let b_view = net.status(b);
+    assert!(b_view.peers.iter().any(|p| p.address == addr.to_string()));
+}
+
+#[test]
+fn an_older_wireguard_key_version_is_refused_after_a_rotation() {
+    let mut net = Net::new(42);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    net.ping(a, b, Duration::from_secs(2)).unwrap();
+    let now = net.now;
+    net.hosts[a].node.rotate_wg_key(StaticSecret::from([98; 32]), 5, u64::MAX, now);
+    for _ in 0..5 {
+        net.ping(a, b, Duration::from_secs(1));
+    }
+    // A stale record with version 1 arrives (replayed by someone): refused.
+    let refused_before = net.hosts[b].node.stats().untrusted_peers;
+    let id = netsim::identity(0);
+    let mut old = net.hosts[a].node.record().clone();
+    old.wg_key_version = 1;
+    old.wg_key = [1; 32];
+    old.seq += 100;
+    let signed = meshtun_proto::SignedRecord::sign(&id, &old).unwrap();
+    let intent = meshtun_proto::Message::PeerIntent { record: signed };
+    let now = net.now;
+    net.hosts[b].node.handle_udp(netsim::BACKBONE, &intent.encode(), now);
+    let stats = net.hosts[b].node.stats().clone();
+    assert_eq!(stats.untrusted_peers + stats.stale_records, refused_before + 1);
+    assert!(net.ping(a, b, Duration::from_secs(1)).is_some(), "the current key still works");
+}
