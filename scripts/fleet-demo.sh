@@ -59,7 +59,6 @@ P="${FLEET_PREFIX:-mtfleet}"
 NAMESPACES=(inet backbone coordinator papers news fxrouter fx)
 RUN=$(mktemp -d /tmp/mtfleet.XXXXXX)
 PIDS=()
-CREATED_ETC_NETNS=0
 
 cleanup() {
     trap - INT TERM
@@ -72,7 +71,12 @@ cleanup() {
     done 2>/dev/null
     for n in "${NAMESPACES[@]}"; do ip netns del "$P-$n" 2>/dev/null || true; done
     rm -rf "/etc/netns/$P-coordinator"
-    if [ "$CREATED_ETC_NETNS" = 1 ]; then rmdir /etc/netns 2>/dev/null || true; fi
+    # /etc/netns goes too if this demo (or meshtun's test lab) created it
+    # and nothing else is left in it.
+    if [ "$(ls -A /etc/netns 2>/dev/null)" = ".created-by-meshtun" ]; then
+        rm -f /etc/netns/.created-by-meshtun
+        rmdir /etc/netns 2>/dev/null || true
+    fi
     rm -rf "$RUN"
 }
 trap cleanup EXIT
@@ -134,11 +138,6 @@ for _ in $(seq 50); do [ -S "$RUN/backbone.sock" ] && break; sleep 0.1; done
 # is registered with the backbone.
 start_node() {
     local ns=$1 host=$2; shift 2
-    # meshtun binds its DNS socket to the mesh address right after adding it,
-    # while the kernel may still hold the address "tentative" for a few ms
-    # (EADDRNOTAVAIL: `meshtun up` exits). Allowing non-local binds in the
-    # node's namespace sidesteps that race until the daemon handles it.
-    ip netns exec "$P-$ns" sysctl -qw net.ipv6.ip_nonlocal_bind=1 || true
     NO_COLOR=1 ip netns exec "$P-$ns" "$BIN" up --backbone 198.18.0.1:7400 --hostname "$host" --group fleet "$@" \
         --state-dir "$RUN/$host" --socket "$RUN/$host.sock" >"$RUN/$host.log" 2>&1 &
     local pid=$!
@@ -169,7 +168,7 @@ done
 COORD_IP=${IP6[coordinator]}
 # The coordinator's system resolver asks its own mesh DNS: `ip netns exec`
 # bind-mounts this file over /etc/resolv.conf.
-[ -d /etc/netns ] || { mkdir -p /etc/netns; CREATED_ETC_NETNS=1; }
+[ -d /etc/netns ] || { mkdir /etc/netns && touch /etc/netns/.created-by-meshtun; }
 mkdir -p "/etc/netns/$P-coordinator"
 printf 'nameserver %s\noptions timeout:2 attempts:2\n' "$COORD_IP" >"/etc/netns/$P-coordinator/resolv.conf"
 

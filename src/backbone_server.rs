@@ -20,6 +20,10 @@ pub struct BackboneOptions {
     pub record_ttl: Duration,
     /// Serve Prometheus metrics and the mesh picture here over HTTP.
     pub metrics_listen: Option<SocketAddr>,
+    /// Private networks served, with their owner keys.
+    pub network_owners: Vec<(meshtun_addr::NetworkId, [u8; 32])>,
+    /// Revocation list files, re-read when they change.
+    pub revocations: Vec<PathBuf>,
 }
 
 /// A pair that relayed within this long is drawn (and counted) as relayed.
@@ -53,7 +57,13 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
             }
         }));
     }
-    let mut directory = Directory::new(DirectoryConfig { record_ttl: options.record_ttl, ..DirectoryConfig::default() });
+    let mut config = DirectoryConfig { record_ttl: options.record_ttl, ..DirectoryConfig::default() };
+    config.network_owners.extend(options.network_owners.iter().copied());
+    let mut directory = Directory::new(config);
+    directory.set_unix_time(unix_now());
+    let mut revocation_files = RevocationFiles::new(options.revocations.clone());
+    revocation_files.reload(&mut directory, &options.network_owners)?;
+    let mut revocation_check = tokio::time::interval(Duration::from_secs(5));
     let listen_text: Vec<String> = options.listen.iter().map(|a| a.to_string()).collect();
     tracing::info!(listen = %listen_text.join(","), ttl_secs = options.record_ttl.as_secs(), "backbone is up");
     if json {
@@ -72,6 +82,7 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
+        directory.set_unix_time(unix_now());
         while let Some(t) = directory.poll_transmit() {
             let Some(socket) = sockets.get(t.local) else { continue };
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
@@ -104,6 +115,11 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
                 };
                 let response = crate::metrics::backbone_response(&request.path, snapshot, || status(&directory, &options.listen));
                 let _ = request.reply.send(response);
+            }
+            _ = revocation_check.tick() => {
+                if let Err(e) = revocation_files.reload(&mut directory, &options.network_owners) {
+                    tracing::warn!(error = %format!("{e:#}"), "revocation list not applied");
+                }
             }
             _ = sigterm.recv() => break,
             _ = sigint.recv() => break,
@@ -192,4 +208,49 @@ fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {
             "relay_rate_limited": s.relay_rate_limited,
         },
     })
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// Revocation list files and when each was last applied.
+struct RevocationFiles {
+    files: Vec<(PathBuf, Option<std::time::SystemTime>)>,
+}
+
+impl RevocationFiles {
+    fn new(files: Vec<PathBuf>) -> RevocationFiles {
+        RevocationFiles { files: files.into_iter().map(|f| (f, None)).collect() }
+    }
+
+    /// Applies every file that changed since it was last read. At start-up a
+    /// bad file is an error; later it is logged and the old list stays.
+    fn reload(&mut self, directory: &mut Directory, owners: &[(meshtun_addr::NetworkId, [u8; 32])]) -> anyhow::Result<()> {
+        for (file, seen) in &mut self.files {
+            let modified = std::fs::metadata(&*file).and_then(|m| m.modified()).ok();
+            if modified.is_some() && modified == *seen {
+                continue;
+            }
+            let text = std::fs::read_to_string(&*file).map_err(|e| {
+                crate::cli_error::CliError::new("config_error", format!("cannot read revocation list {}: {e}", file.display()))
+            })?;
+            let list = meshtun_proto::cert::SignedRevocations::from_file_str(&text)
+                .map_err(|e| crate::cli_error::CliError::new("config_error", format!("{}: {e}", file.display())))?;
+            let network = owners
+                .iter()
+                .find(|(n, key)| list.verify(key, *n).is_ok())
+                .map(|(n, _)| *n)
+                .ok_or_else(|| {
+                    crate::cli_error::CliError::new("config_error", format!("{} is not signed by the owner of any network served here", file.display()))
+                        .hint("pass the network's --network-owner N:KEY too")
+                })?;
+            match directory.set_revocations(network, list) {
+                Ok(dropped) => tracing::info!(file = %file.display(), network = network.0, dropped, "revocation list applied"),
+                Err(e) => tracing::debug!(file = %file.display(), reason = %e, "revocation list not newer"),
+            }
+            *seen = modified;
+        }
+        Ok(())
+    }
 }

@@ -23,6 +23,8 @@ pub enum Request {
     Query { kind: QueryKind, name: String },
     /// A mesh ping to a mesh address, IPv6 address or hostname.
     Ping { target: String },
+    /// Rotate the WireGuard key now.
+    RotateKeys,
     /// Change what this node declares (missing fields stay as they are).
     Set { hostname: Option<String>, capabilities: Option<Vec<String>>, groups: Option<Vec<String>> },
     /// Stream events: the connection stays open and gets one JSON object

@@ -33,6 +33,11 @@ pub struct UpOptions {
     pub dns_domain: String,
     /// UDP port of the DNS server on the mesh address; 0 turns it off.
     pub dns_port: u16,
+    pub cert: Option<PathBuf>,
+    pub firewall_rules: Vec<String>,
+    pub firewall_default: Option<String>,
+    /// Interval of automatic WireGuard key rotation (zero: never).
+    pub key_rotation: Duration,
     /// Serve Prometheus metrics (and the mesh picture) here over HTTP.
     pub metrics_listen: Option<SocketAddr>,
 }
@@ -62,7 +67,39 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     if created {
         tracing::info!(address = %identity.mesh_addr(options.network), "created a new identity");
     }
-    let wg_secret = state.load_or_create_wireguard_key()?;
+    let mut wg_key = state.load_or_create_wireguard_key()?;
+    let (network_owner, certificate) = match (&options.cert, options.network) {
+        (Some(file), network) => {
+            let (owner, cert) = crate::network_cmd::load_cert(file)?;
+            let membership = cert.verify_signature(&owner).map_err(|e| CliError::new("config_error", format!("{}: {e}", file.display())))?;
+            if membership.network != network || membership.member != identity.node_addr() {
+                return Err(CliError::new(
+                    "config_error",
+                    format!("{} is for {}:{}, but this node is {}", file.display(), membership.network.0, membership.member, identity.mesh_addr(network)),
+                )
+                .hint("ask the network owner for a certificate for this node's address (`meshtun id --network N`)")
+                .into());
+            }
+            (Some(owner), Some(cert))
+        }
+        (None, network) if network != NetworkId::PUBLIC => {
+            return Err(CliError::new("config_error", format!("network {} is private: a membership certificate is required", network.0))
+                .hint("pass --cert FILE (from the owner's `meshtun network sign`)")
+                .into());
+        }
+        (None, _) => (None, None),
+    };
+    let mut firewall = meshtun_overlay::firewall::FirewallConfig::default();
+    for rule in &options.firewall_rules {
+        firewall.rules.push(rule.parse().map_err(|e: meshtun_overlay::firewall::RuleError| {
+            CliError::new("invalid_argument", format!("--firewall: {e}")).hint("e.g. \"allow tcp/22 from group:ops\", \"deny udp/53\", \"allow icmp\"")
+        })?);
+    }
+    firewall.default_inbound = options.firewall_default.as_deref().map(|d| {
+        if d == "deny" { meshtun_overlay::firewall::Action::Deny } else { meshtun_overlay::firewall::Action::Allow }
+    });
+    let rotation = options.key_rotation;
+    let key_expiry = |issued: u64| if rotation.is_zero() { meshtun_proto::record::NO_EXPIRY } else { issued + 2 * rotation.as_secs() };
     let me = identity.mesh_addr(options.network);
 
     let backbones = resolve_backbones(&options.backbones).await?;
@@ -82,13 +119,23 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         capabilities: options.capabilities.clone(),
         groups: options.groups.clone(),
         backbones: backbones.clone(),
+        network_owner,
+        certificate,
+        firewall,
+        wg_key_version: wg_key.version,
+        wg_key_expires_unix: key_expiry(wg_key.issued_unix),
         local_endpoints: udp::local_endpoints(port, &options.interface),
         heartbeat_interval: options.heartbeat,
         initial_seq: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(1),
         rng_seed: rand::random(),
         ..NodeConfig::default()
     };
-    let mut node = Node::new(config, identity, wg_secret, now);
+    let mut node = Node::new(config, identity, wg_key.secret.clone(), now);
+    node.set_unix_time(unix_now());
+    let mut next_rotation = (!rotation.is_zero()).then(|| {
+        let due = wg_key.issued_unix + rotation.as_secs();
+        Instant::now() + Duration::from_secs(due.saturating_sub(unix_now()))
+    });
     let aliases_file = options.state_dir.join(crate::state::IPV4_ALIASES_FILE);
     node.restore_ipv4_aliases(&crate::state::load_ipv4_aliases(&aliases_file));
     let mut saved_aliases = node.ipv4_aliases();
@@ -143,6 +190,13 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         for reply in waiting.expire(Instant::now()) {
             send_dns(&dns_socket, reply).await;
         }
+        node.set_unix_time(unix_now());
+        if next_rotation.is_some_and(|at| at <= Instant::now()) {
+            if let Err(e) = rotate(&state, &mut wg_key, &mut node, key_expiry) {
+                tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed; retrying in an hour");
+            }
+            next_rotation = Some(Instant::now() + if wg_key.issued_unix + 60 >= unix_now() { rotation } else { Duration::from_secs(3600) });
+        }
         // Answers may have queued packets (pings): send them before sleeping.
         flush(&mut node, &socket, &tun, &mut hub).await;
         let deadline = [node.poll_timeout(), waiting.next_expiry()]
@@ -178,6 +232,16 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 Request::Down => {
                     down_requested = Some(pending);
                     break;
+                }
+                Request::RotateKeys => {
+                    let reply = match rotate(&state, &mut wg_key, &mut node, key_expiry) {
+                        Ok(()) => control::ok_envelope(serde_json::json!({ "version": wg_key.version })),
+                        Err(e) => control::error_envelope("io_error", &format!("{e:#}"), None),
+                    };
+                    if let Some(at) = next_rotation.as_mut() {
+                        *at = Instant::now() + rotation;
+                    }
+                    let _ = pending.reply.send(reply);
                 }
                 Request::Set { hostname, capabilities, groups } => {
                     let status = node.status(Instant::now());
@@ -270,6 +334,18 @@ async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, hub
         crate::events::log(&event);
         hub.core_event(&event, Instant::now());
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// A new WireGuard key: saved first (so a crash never loses it), then used.
+fn rotate(state: &StateDir, key: &mut crate::state::WireguardKey, node: &mut Node, expiry: impl Fn(u64) -> u64) -> anyhow::Result<()> {
+    let next = state.rotate_wireguard_key(key)?;
+    node.rotate_wg_key(next.secret.clone(), next.version, expiry(next.issued_unix), Instant::now());
+    *key = next;
+    Ok(())
 }
 
 fn bind_dns(ip: std::net::Ipv6Addr, port: u16) -> anyhow::Result<tokio::net::UdpSocket> {

@@ -13,6 +13,7 @@ mod metrics;
 mod dns;
 mod requests;
 mod netcheck;
+mod network_cmd;
 mod state;
 mod tun_device;
 mod udp;
@@ -92,6 +93,11 @@ enum Command {
     Resolve(cli_mesh::ResolveArgs),
     /// Change this node's hostname, capabilities or groups at run time.
     Set(cli_mesh::SetArgs),
+    /// Private networks: owner key, membership certificates, revocations.
+    #[command(subcommand)]
+    Network(network_cmd::NetworkCommand),
+    /// Rotate this node's WireGuard key now (the mesh address stays).
+    RotateKeys(SocketArgs),
     /// Work with config files.
     #[command(subcommand)]
     Config(ConfigCommand),
@@ -210,6 +216,20 @@ struct UpArgs {
     /// UDP port of the mesh DNS server (0: off).
     #[arg(long, default_value_t = 53)]
     dns_port: u16,
+    /// Membership certificate for a private network (from `meshtun network sign`).
+    #[arg(long, value_name = "FILE")]
+    cert: Option<PathBuf>,
+    /// Inbound firewall rule (repeatable, first match wins), e.g.
+    /// "allow tcp/22 from group:ops", "deny udp/53", "allow icmp".
+    #[arg(long = "firewall", value_name = "RULE")]
+    firewall_rules: Vec<String>,
+    /// Inbound policy when no rule matches [default: allow on the public
+    /// mesh, deny in a private network].
+    #[arg(long, value_parser = ["allow", "deny"])]
+    firewall_default: Option<String>,
+    /// Days between automatic WireGuard key rotations (0: never).
+    #[arg(long, default_value_t = 14)]
+    key_rotation_days: u64,
     /// Serve Prometheus metrics on http://IP:PORT/metrics (off unless
     /// given; alone it means 127.0.0.1:9474).
     #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = metrics::DEFAULT_NODE_LISTEN, value_parser = metrics::parse_listen)]
@@ -249,6 +269,14 @@ struct BackboneArgs {
     /// over HTTP (off unless given; alone it means 127.0.0.1:9475).
     #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = metrics::DEFAULT_BACKBONE_LISTEN, value_parser = metrics::parse_listen)]
     metrics_listen: Option<SocketAddr>,
+    /// A private network this backbone serves, as NETWORK:OWNER-KEY-HEX
+    /// (repeatable; printed by `meshtun network create`).
+    #[arg(long = "network-owner", value_name = "N:KEY")]
+    network_owners: Vec<String>,
+    /// An owner-signed revocation list to enforce and hand to members
+    /// (repeatable; re-read when the file changes).
+    #[arg(long = "revocations", value_name = "FILE")]
+    revocations: Vec<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -361,6 +389,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dns_domain: args.dns_domain,
                     dns_port: args.dns_port,
                     metrics_listen: args.metrics_listen,
+                    cert: args.cert,
+                    firewall_rules: args.firewall_rules,
+                    firewall_default: args.firewall_default,
+                    key_rotation: Duration::from_secs(args.key_rotation_days * 86_400),
                 },
                 json,
             )
@@ -373,6 +405,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     socket: args.socket,
                     record_ttl: Duration::from_secs(args.record_ttl),
                     metrics_listen: args.metrics_listen,
+                    network_owners: parse_network_owners(&args.network_owners)?,
+                    revocations: args.revocations,
                 },
                 json,
             )
@@ -431,6 +465,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Find(args) => cli_mesh::find(args, json).await,
         Command::Resolve(args) => cli_mesh::resolve(args, json).await,
         Command::Set(args) => cli_mesh::set(args, json).await,
+        Command::Network(command) => network_cmd::run(command, json),
+        Command::RotateKeys(args) => {
+            let data = control::call(&args.socket, &control::Request::RotateKeys).await?;
+            if json {
+                print_ok(data);
+            } else {
+                println!("WireGuard key rotated: version {}", data["version"]);
+            }
+            Ok(())
+        }
         Command::Status(args) => {
             let data = control::call(&args.socket.socket, &control::Request::Status).await?;
             if json {
@@ -450,6 +494,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_network_owners(specs: &[String]) -> anyhow::Result<Vec<(NetworkId, [u8; 32])>> {
+    specs
+        .iter()
+        .map(|spec| {
+            let bad = || {
+                CliError::new("invalid_argument", format!("--network-owner {spec:?}: expected NETWORK:OWNER-KEY (64 hex digits)"))
+                    .hint("copy it from the output of `meshtun network create`")
+            };
+            let (n, key) = spec.split_once(':').ok_or_else(bad)?;
+            let n: u16 = n.parse().map_err(|_| bad())?;
+            let key = meshtun_proto::identity::unhex32(key).ok_or_else(bad)?;
+            Ok((network_id(n)?, key))
+        })
+        .collect()
 }
 
 fn network_id(n: u16) -> anyhow::Result<NetworkId> {

@@ -83,28 +83,76 @@ impl StateDir {
     }
 
     /// Loads the WireGuard static key, creating it on first use.
-    pub fn load_or_create_wireguard_key(&self) -> anyhow::Result<StaticSecret> {
+    pub fn load_or_create_wireguard_key(&self) -> anyhow::Result<WireguardKey> {
         let file = self.path.join(WIREGUARD_KEY_FILE);
         match fs::read_to_string(&file) {
-            Ok(text) => {
-                let bytes = unhex32(text.trim()).ok_or_else(|| {
-                    CliError::new(
-                        "identity_corrupt",
-                        format!("{} is not 64 hex digits", file.display()),
-                    )
+            Ok(text) => WireguardKey::parse(&text).ok_or_else(|| {
+                CliError::new("identity_corrupt", format!("{} is not a WireGuard key file", file.display()))
                     .hint("delete it to create a new WireGuard key (the mesh address does not change)")
-                })?;
-                Ok(StaticSecret::from(bytes))
-            }
+                    .into()
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let mut secret = [0u8; 32];
-                rand::rngs::OsRng.fill_bytes(&mut secret);
-                let text: String = secret.iter().map(|b| format!("{b:02x}")).collect();
-                write_private(&file, format!("{text}\n").as_bytes())?;
-                Ok(StaticSecret::from(secret))
+                let key = WireguardKey::new(1);
+                write_private(&file, key.to_file_string().as_bytes())?;
+                Ok(key)
             }
             Err(e) => Err(io_error(e, &format!("cannot read {}", file.display())).into()),
         }
+    }
+
+    /// Makes and saves the next WireGuard key (atomically replacing the file).
+    pub fn rotate_wireguard_key(&self, current: &WireguardKey) -> anyhow::Result<WireguardKey> {
+        let next = WireguardKey::new(current.version + 1);
+        let file = self.path.join(WIREGUARD_KEY_FILE);
+        let tmp = file.with_extension("next");
+        let _ = fs::remove_file(&tmp);
+        write_private(&tmp, next.to_file_string().as_bytes())?;
+        fs::rename(&tmp, &file).with_context(|| format!("cannot replace {}", file.display()))?;
+        Ok(next)
+    }
+}
+
+/// The WireGuard static key with its version and issue time.
+#[derive(Clone)]
+pub struct WireguardKey {
+    pub secret: StaticSecret,
+    pub version: u32,
+    pub issued_unix: u64,
+}
+
+impl WireguardKey {
+    fn new(version: u32) -> WireguardKey {
+        let mut secret = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut secret);
+        let issued_unix = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        WireguardKey { secret: StaticSecret::from(secret), version, issued_unix }
+    }
+
+    fn to_file_string(&self) -> String {
+        let hex: String = self.secret.to_bytes().iter().map(|b| format!("{b:02x}")).collect();
+        format!("# meshtun WireGuard key (rotated automatically)\nversion = {}\nissued = {}\nsecret = {hex}\n", self.version, self.issued_unix)
+    }
+
+    /// The current format, or a bare hex key (version 1, issued now).
+    fn parse(text: &str) -> Option<WireguardKey> {
+        if let Some(bytes) = unhex32(text.trim()) {
+            let mut key = WireguardKey::new(1);
+            key.secret = StaticSecret::from(bytes);
+            return Some(key);
+        }
+        let mut version = None;
+        let mut issued = None;
+        let mut secret = None;
+        for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
+            let (k, v) = line.split_once('=')?;
+            match k.trim() {
+                "version" => version = v.trim().parse().ok(),
+                "issued" => issued = v.trim().parse().ok(),
+                "secret" => secret = unhex32(v.trim()),
+                _ => return None,
+            }
+        }
+        Some(WireguardKey { secret: StaticSecret::from(secret?), version: version?, issued_unix: issued? })
     }
 }
 
@@ -199,7 +247,12 @@ mod tests {
         let state = StateDir::open(&dir).unwrap();
         let a = state.load_or_create_wireguard_key().unwrap();
         let b = state.load_or_create_wireguard_key().unwrap();
-        assert_eq!(a.to_bytes(), b.to_bytes());
+        assert_eq!(a.secret.to_bytes(), b.secret.to_bytes());
+        let next = state.rotate_wireguard_key(&b).unwrap();
+        assert_eq!(next.version, 2);
+        let reloaded = state.load_or_create_wireguard_key().unwrap();
+        assert_eq!((reloaded.version, reloaded.secret.to_bytes()), (2, next.secret.to_bytes()));
+        assert_ne!(reloaded.secret.to_bytes(), a.secret.to_bytes());
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -14,7 +14,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use meshtun_addr::{MeshAddr, NetworkId, NodeAddr};
 use meshtun_backbone::{Directory, DirectoryConfig};
-use meshtun_fuzz::{identity, wg_public, Addr, Label, RecordSpec};
+use meshtun_fuzz::{identity, owner, wg_public, Addr, Label, RecordSpec, OWNER_NETWORK};
 use meshtun_nat::{classify, DatagramKind};
 use meshtun_proto::message::Deregistration;
 use meshtun_proto::{relay, Message, Query, MAX_MESSAGE_LEN};
@@ -28,6 +28,8 @@ enum Op {
     Relay { from: Addr, to: Peer, payload: Vec<u8> },
     Stun { local: u8, from: Addr, tid: [u8; 12] },
     Advance { millis: u32 },
+    UnixTime(u64),
+    Revocations { seq: u64, serials: Vec<u64> },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -39,7 +41,7 @@ enum Peer {
 impl Peer {
     fn addr(&self) -> MeshAddr {
         match self {
-            Peer::Known { identity: i, network } => identity(*i).mesh_addr(NetworkId(u16::from(network % 4))),
+            Peer::Known { identity: i, network } => identity(*i).mesh_addr(meshtun_fuzz::network(*network)),
             Peer::Raw(n, node) => MeshAddr::new(NetworkId(u16::from_be_bytes(*n)), NodeAddr::from_bytes(*node)),
         }
     }
@@ -76,7 +78,11 @@ impl QuerySpec {
 fuzz_target!(|ops: Vec<Op>| {
     let start = Instant::now();
     let mut now = start;
-    let mut dir = Directory::new(DirectoryConfig::default());
+    let config = DirectoryConfig {
+        network_owners: [(OWNER_NETWORK, owner().public_key())].into_iter().collect(),
+        ..DirectoryConfig::default()
+    };
+    let mut dir = Directory::new(config);
     for op in ops.into_iter().take(64) {
         let mut relayed_in = None;
         match op {
@@ -91,13 +97,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 dir.handle_datagram_on(usize::from(local % 3), from.get(), &wire, now);
             }
             Op::Lookup { local, from, request_id, asker, network, query } => {
-                let network = NetworkId(u16::from(network % 4));
+                let network = meshtun_fuzz::network(network);
                 let from_addr = identity(asker).mesh_addr(network);
                 let wire = Message::Lookup { request_id, from: from_addr, query: query.query(network) }.encode();
                 dir.handle_datagram_on(usize::from(local % 3), from.get(), &wire, now);
             }
             Op::Deregister { from, identity: i, network, seq, signer } => {
-                let addr = identity(i).mesh_addr(NetworkId(u16::from(network % 4)));
+                let addr = identity(i).mesh_addr(meshtun_fuzz::network(network));
                 let deregistration = Deregistration::sign(identity(signer), addr, seq);
                 let wire = Message::Deregister { request_id: 1, deregistration }.encode();
                 dir.handle_datagram(from.get(), &wire, now);
@@ -113,6 +119,10 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::Advance { millis } => {
                 now += Duration::from_millis(u64::from(millis % 200_000));
                 dir.handle_timeout(now);
+            }
+            Op::UnixTime(secs) => dir.set_unix_time(secs),
+            Op::Revocations { seq, serials } => {
+                let _ = dir.set_revocations(OWNER_NETWORK, owner().sign_revocations(seq, serials));
             }
         }
         if let Some(at) = dir.poll_timeout() {

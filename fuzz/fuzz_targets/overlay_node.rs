@@ -16,7 +16,7 @@ use boringtun::x25519::{PublicKey, StaticSecret};
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use meshtun_addr::{MeshAddr, NetworkId, NodeAddr};
-use meshtun_fuzz::{identity, wg_public, wg_secret, Addr, Label, RecordSpec, IDENTITY_PARTS};
+use meshtun_fuzz::{identity, owner, wg_public, wg_secret, Addr, Label, RecordSpec, IDENTITY_PARTS, OWNER_NETWORK};
 use meshtun_nat::{classify, DatagramKind};
 use meshtun_overlay::probe::{self, Probe, ProbeKind};
 use meshtun_overlay::{Node, NodeConfig, MAX_PACKET};
@@ -42,7 +42,16 @@ enum Op {
     SetEndpoints(Vec<Addr>),
     SetTags { hostname: Option<Label>, capabilities: Vec<Label>, groups: Vec<Label> },
     Advance { millis: u32 },
+    UnixTime(u64),
+    RotateWgKey { secret: [u8; 32], version: u32, expires_unix: u64 },
     Shutdown,
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    /// Run the node in the owner's private network, with a certificate.
+    private: bool,
+    ops: Vec<Op>,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -52,10 +61,10 @@ enum Peer {
 }
 
 impl Peer {
-    fn addr(&self) -> MeshAddr {
+    fn addr(&self, network: NetworkId) -> MeshAddr {
         match self {
-            Peer::Known(i) => identity(*i).mesh_addr(NetworkId::PUBLIC),
-            Peer::Raw(node) => MeshAddr::new(NetworkId::PUBLIC, NodeAddr::from_bytes(*node)),
+            Peer::Known(i) => identity(*i).mesh_addr(network),
+            Peer::Raw(node) => MeshAddr::new(network, NodeAddr::from_bytes(*node)),
         }
     }
 }
@@ -71,15 +80,14 @@ enum QuerySpec {
 }
 
 impl QuerySpec {
-    fn query(&self) -> Query {
-        let network = NetworkId::PUBLIC;
+    fn query(&self, network: NetworkId) -> Query {
         match self {
-            QuerySpec::Address(p) => Query::Address(p.addr()),
+            QuerySpec::Address(p) => Query::Address(p.addr(network)),
             QuerySpec::Hostname(l) => Query::Hostname { network, name: l.get() },
             QuerySpec::WgKey(i) => Query::WgKey { network, key: wg_public(*i) },
             QuerySpec::Capability(l) => Query::Capability { network, name: l.get() },
             QuerySpec::Group(l) => Query::Group { network, name: l.get() },
-            QuerySpec::Ipv4(p) => Query::Ipv4 { network, addr: meshtun_addr::canonical_ipv4(p.addr()).octets() },
+            QuerySpec::Ipv4(p) => Query::Ipv4 { network, addr: meshtun_addr::canonical_ipv4(p.addr(network)).octets() },
         }
     }
 }
@@ -98,6 +106,7 @@ enum Reply {
     LookupReply { id: Rid, records: Vec<RecordSpec> },
     Reject { id: Rid, code: u8, detail: String },
     PeerIntent { record: RecordSpec },
+    Revocations { seq: u64, serials: Vec<u64> },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -120,6 +129,7 @@ enum WgAction {
 
 struct Harness {
     node: Node,
+    network: NetworkId,
     now: Instant,
     request_ids: Vec<u64>,
     /// (peer index, txid) of pings the node sent.
@@ -131,17 +141,25 @@ struct Harness {
 }
 
 impl Harness {
-    fn new() -> Harness {
+    fn new(private: bool) -> Harness {
         let now = Instant::now();
-        let config = NodeConfig {
+        let mut config = NodeConfig {
             backbones: vec![backbone()],
             local_endpoints: vec!["198.18.0.50:51820".parse().expect("literal")],
             groups: vec!["ops".into()],
             ..NodeConfig::default()
         };
+        if private {
+            let owner = owner();
+            config.network = OWNER_NETWORK;
+            config.network_owner = Some(owner.public_key());
+            config.certificate = Some(owner.sign_membership(identity(0).node_addr(), vec!["ops".into()], u64::MAX, 1));
+        }
+        let network = config.network;
         let node = Node::new(config, identity(0).clone(), StaticSecret::from(wg_secret(0)), now);
         Harness {
             node,
+            network,
             now,
             request_ids: Vec::new(),
             pings: Vec::new(),
@@ -166,20 +184,21 @@ impl Harness {
         1 + i % (IDENTITY_PARTS.len() as u8 - 1)
     }
 
-    fn probe_key(peer: u8) -> [u8; 32] {
-        probe::probe_key(&StaticSecret::from(wg_secret(peer)), &PublicKey::from(wg_public(0)))
+    fn probe_key(&self, peer: u8) -> [u8; 32] {
+        probe::probe_key(&StaticSecret::from(wg_secret(peer)), &PublicKey::from(self.node.wg_public_key()))
     }
 
     fn tunn(&mut self, peer: u8) -> &mut Tunn {
+        let node_key = PublicKey::from(self.node.wg_public_key());
         self.tunns[usize::from(peer)].get_or_insert_with(|| {
-            Tunn::new(StaticSecret::from(wg_secret(peer)), PublicKey::from(wg_public(0)), None, None, u32::from(peer), None)
+            Tunn::new(StaticSecret::from(wg_secret(peer)), node_key, None, None, u32::from(peer), None)
         })
     }
 
     /// Sends what a harness peer produced, directly or through the relay.
     fn peer_send(&mut self, peer: u8, from: SocketAddr, via_relay: bool, datagram: Vec<u8>) {
         if via_relay {
-            let framed = relay::wrap(identity(peer).mesh_addr(NetworkId::PUBLIC), &datagram);
+            let framed = relay::wrap(identity(peer).mesh_addr(self.network), &datagram);
             self.node.handle_udp(backbone(), &framed, self.now);
         } else {
             self.node.handle_udp(from, &datagram, self.now);
@@ -193,11 +212,11 @@ impl Harness {
             Op::UdpFromBackbone { datagram } => self.node.handle_udp(backbone(), &datagram, now),
             Op::Tun { packet } => self.node.handle_tun_packet(&packet, now),
             Op::TunTo { to, v4, payload } => {
-                let packet = ip_packet(self.node.mesh_addr(), to.addr(), v4, &payload);
+                let packet = ip_packet(self.node.mesh_addr(), to.addr(self.network), v4, &payload);
                 self.node.handle_tun_packet(&packet, now);
             }
             Op::TunToGroup { name, payload } => {
-                let group = meshtun_addr::group_multicast_addr(NetworkId::PUBLIC, &name.get());
+                let group = meshtun_addr::group_multicast_addr(self.network, &name.get());
                 let builder = etherparse::PacketBuilder::ipv6(self.node.mesh_ip().octets(), group.octets(), 1).udp(5, 5);
                 let mut packet = Vec::new();
                 if builder.write(&mut packet, &payload).is_ok() {
@@ -228,6 +247,9 @@ impl Harness {
                         Message::Reject { request_id: self.rid(&id), code, detail }
                     }
                     Reply::PeerIntent { record } => Message::PeerIntent { record: record.signed() },
+                    Reply::Revocations { seq, serials } => {
+                        Message::Revocations { list: owner().sign_revocations(seq, serials) }
+                    }
                 };
                 self.node.handle_udp(backbone(), &message.encode(), now);
             }
@@ -244,7 +266,7 @@ impl Harness {
                     ProbeSpec::PongRaw { txid, observed } => (ProbeKind::Pong(observed.get()), txid),
                 };
                 let probe = Probe { kind, sender: wg_public(peer), txid };
-                let wire = probe::encode(&probe, &Self::probe_key(peer));
+                let wire = probe::encode(&probe, &self.probe_key(peer));
                 self.node.handle_udp(from.get(), &wire, now);
             }
             Op::PeerWg { peer, from, via_relay, action } => {
@@ -273,7 +295,7 @@ impl Harness {
                     }
                     WgAction::Send { payload, v4 } => {
                         let me = self.node.mesh_addr();
-                        let packet = ip_packet(identity(peer).mesh_addr(NetworkId::PUBLIC), me, v4, &payload);
+                        let packet = ip_packet(identity(peer).mesh_addr(self.network), me, v4, &payload);
                         if let TunnResult::WriteToNetwork(d) = self.tunn(peer).encapsulate(&packet, &mut buf) {
                             out.push(d.to_vec());
                         }
@@ -290,10 +312,10 @@ impl Harness {
                 }
             }
             Op::Query(q) => {
-                self.node.query(q.query(), now);
+                self.node.query(q.query(self.network), now);
             }
             Op::Ping(p) => {
-                self.node.ping(p.addr(), now);
+                self.node.ping(p.addr(self.network), now);
             }
             Op::LearnGroup(name) => self.node.learn_group_name(name.get()),
             Op::SetEndpoints(endpoints) => {
@@ -308,6 +330,12 @@ impl Harness {
             Op::Advance { millis } => {
                 self.now += Duration::from_millis(u64::from(millis % 120_000));
                 self.node.handle_timeout(self.now);
+            }
+            Op::UnixTime(secs) => self.node.set_unix_time(secs),
+            Op::RotateWgKey { secret, version, expires_unix } => {
+                self.node.rotate_wg_key(StaticSecret::from(secret), version, expires_unix, now);
+                // The harness peers knew the old key: they start over.
+                self.tunns.iter_mut().for_each(|t| *t = None);
             }
             Op::Shutdown => self.node.shutdown(now),
         }
@@ -328,9 +356,9 @@ impl Harness {
                     }
                 }
                 DatagramKind::Probe => {
-                    assert_eq!(probe::peek_sender(&t.payload), Some(wg_public(0)));
+                    assert_eq!(probe::peek_sender(&t.payload), Some(self.node.wg_public_key()));
                     for peer in 1..IDENTITY_PARTS.len() as u8 {
-                        if let Some(p) = probe::decode(&t.payload, &Self::probe_key(peer)) {
+                        if let Some(p) = probe::decode(&t.payload, &self.probe_key(peer)) {
                             if p.kind == ProbeKind::Ping {
                                 self.pings.push((peer, p.txid));
                             }
@@ -375,10 +403,10 @@ fn ip_packet(src: MeshAddr, dst: MeshAddr, v4: bool, payload: &[u8]) -> Vec<u8> 
     packet
 }
 
-fuzz_target!(|ops: Vec<Op>| {
-    let mut h = Harness::new();
+fuzz_target!(|input: Input| {
+    let mut h = Harness::new(input.private);
     h.drain();
-    for op in ops.into_iter().take(64) {
+    for op in input.ops.into_iter().take(64) {
         h.step(op);
     }
 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use meshtun_fuzz::{identity, largest_allocation, MeteredAlloc};
+use meshtun_fuzz::{identity, largest_allocation, owner, MeteredAlloc, OWNER_NETWORK};
 use meshtun_proto::{Message, MAX_MESSAGE_LEN};
 
 #[global_allocator]
@@ -44,6 +44,9 @@ fuzz_target!(|data: &[u8]| {
         }
         Message::Reject { code, .. } => {
             let _ = code.as_str();
+        }
+        Message::Revocations { list } => {
+            let _ = list.verify(&owner().public_key(), OWNER_NETWORK);
         }
         // Acks and anything added later: decoding and re-encoding is all.
         _ => {}

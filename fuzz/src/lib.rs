@@ -143,6 +143,12 @@ pub struct RecordSpec {
     pub cert: Option<CertSpec>,
 }
 
+/// Network `i` of a small pool: public, the private [`OWNER_NETWORK`], a
+/// private network nobody has the owner key of, and the reserved one.
+pub fn network(i: u8) -> NetworkId {
+    NetworkId([0, OWNER_NETWORK.0, 1, 65535][usize::from(i % 4)])
+}
+
 /// The owner of private network [`OWNER_NETWORK`] in the fuzz targets.
 pub const OWNER_SECRET: [u8; 32] = [5; 32];
 pub const OWNER_NETWORK: NetworkId = NetworkId(7);
@@ -155,11 +161,16 @@ pub enum CertSpec {
     Raw { body: Vec<u8>, signature: Vec<u8> },
 }
 
+pub fn owner() -> NetworkOwner {
+    NetworkOwner::generate(OWNER_NETWORK, OWNER_SECRET)
+}
+
 impl CertSpec {
     pub fn cert(&self, member: NodeAddr) -> SignedCert {
         match self {
-            CertSpec::Owner { groups, not_after_unix, serial } => NetworkOwner::generate(OWNER_NETWORK, OWNER_SECRET)
-                .sign_membership(member, groups.iter().take(40).map(Label::get).collect(), *not_after_unix, *serial),
+            CertSpec::Owner { groups, not_after_unix, serial } => {
+                owner().sign_membership(member, groups.iter().take(40).map(Label::get).collect(), *not_after_unix, *serial)
+            }
             CertSpec::Raw { body, signature } => SignedCert { body: body.clone(), signature: signature.clone() },
         }
     }
@@ -187,7 +198,7 @@ impl RecordSpec {
         let id = identity(self.identity);
         let wg_key = self.wg_key.unwrap_or_else(|| wg_public(self.identity));
         NodeRecord {
-            network: NetworkId(u16::from(self.network % 4)),
+            network: network(self.network),
             node: self.wrong_node.map(NodeAddr::from_bytes).unwrap_or(id.node_addr()),
             identity_key: id.public_key(),
             pow_nonce: self.wrong_nonce.unwrap_or(id.nonce()),

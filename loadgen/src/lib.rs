@@ -3,3 +3,7 @@
 
 pub mod pow;
 pub mod identities;
+pub mod hist;
+pub mod net;
+pub mod procstat;
+pub mod run;

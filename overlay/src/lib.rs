@@ -228,7 +228,7 @@ struct PendingPing {
 /// ping`); replies carrying it are answered to the driver, not the TUN.
 const PING_IDENT: u16 = 0x4d54;
 /// How long discovery answers are cached.
-const QUERY_CACHE_TTL: Duration = Duration::from_secs(10);
+const QUERY_CACHE_TTL: Duration = Duration::from_secs(5);
 const NEGATIVE_QUERY_CACHE_TTL: Duration = Duration::from_secs(2);
 /// Bound on the newest-record memory (cleared when full).
 const MAX_REMEMBERED_RECORDS: usize = 100_000;
@@ -264,6 +264,9 @@ pub struct Node {
     revocations: Option<meshtun_proto::cert::Revocations>,
     firewall: firewall::Firewall,
     next_trust_check: Instant,
+    /// MAC1 check and cookie challenge for handshake initiations, shared by
+    /// the whole node: under a flood, initiators must prove their address.
+    handshake_limiter: std::sync::Arc<boringtun::noise::rate_limiter::RateLimiter>,
     /// The newest record seen for each node, so a backbone serving an older
     /// one is caught.
     newest: HashMap<MeshAddr, NodeRecord>,
@@ -281,6 +284,8 @@ pub struct Node {
 const WG_TICK: Duration = Duration::from_millis(250);
 /// First handshake retry; later ones back off linearly to 5x this.
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
+/// Handshake initiations per second before cookies are demanded.
+const HANDSHAKES_PER_SECOND: u64 = 100;
 /// WireGuard's REKEY_ATTEMPT_TIME.
 const HANDSHAKE_GIVE_UP: Duration = Duration::from_secs(90);
 
@@ -317,6 +322,7 @@ impl Node {
             revocations: None,
             firewall: firewall::Firewall::new(config.firewall.clone(), config.network != NetworkId::PUBLIC),
             next_trust_check: now,
+            handshake_limiter: std::sync::Arc::new(boringtun::noise::rate_limiter::RateLimiter::new(&wg_public, HANDSHAKES_PER_SECOND)),
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
             events: VecDeque::new(),
@@ -396,6 +402,7 @@ impl Node {
         let public = PublicKey::from(&secret);
         self.wg_secret = secret;
         self.wg_public = public;
+        self.handshake_limiter = std::sync::Arc::new(boringtun::noise::rate_limiter::RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
         self.config.wg_key_version = version;
         self.config.wg_key_expires_unix = expires_unix;
         for peer in self.peers.iter_mut().flatten() {
@@ -646,6 +653,7 @@ impl Node {
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
         if self.next_trust_check <= now {
+            self.handshake_limiter.reset_count();
             self.check_trust();
             self.next_trust_check = now + Duration::from_secs(1);
         }
@@ -1232,6 +1240,31 @@ impl Node {
         let from = match origin {
             Origin::Direct(a) | Origin::Relay(a) => a,
         };
+        if datagram.first() == Some(&1) {
+            match self.handshake_limiter.verify_packet(Some(from.ip()), datagram, &mut self.buf) {
+                Ok(_) => {}
+                Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => {
+                    // Under load: answer with a cookie (smaller than the
+                    // initiation), not with work.
+                    self.stats.handshake_cookies_sent += 1;
+                    let payload = match origin {
+                        Origin::Direct(_) => cookie.to_vec(),
+                        Origin::Relay(_) => {
+                            // The relay tells us who sent it only in its header,
+                            // which the datagram no longer has: drop instead.
+                            self.drop_packet(DropReason::RateLimited);
+                            return;
+                        }
+                    };
+                    self.transmits.push_back(Transmit { dst: from, payload });
+                    return;
+                }
+                Err(_) => {
+                    self.drop_packet(DropReason::WireGuard);
+                    return;
+                }
+            }
+        }
         let id = match Tunn::parse_incoming_packet(datagram) {
             Ok(Packet::HandshakeInit(init)) => {
                 match boringtun::noise::handshake::parse_handshake_anon(&self.wg_secret, &self.wg_public, &init) {

@@ -63,6 +63,8 @@ pub struct Stats {
     /// Nodes refused as peers (other network, no valid certificate,
     /// expired or superseded key).
     pub untrusted_peers: u64,
+    /// Cookie replies sent to handshake initiations while under load.
+    pub handshake_cookies_sent: u64,
     pub dropped: Dropped,
 }
 

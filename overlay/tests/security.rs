@@ -180,3 +180,38 @@ fn an_older_wireguard_key_version_is_refused_after_a_rotation() {
     assert_eq!(stats.untrusted_peers + stats.stale_records, refused_before + 1);
     assert!(net.ping(a, b, Duration::from_secs(1)).is_some(), "the current key still works");
 }
+
+#[test]
+fn a_handshake_flood_is_answered_with_cookies_not_work() {
+    let mut net = Net::new(43);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    let b_public = boringtun::x25519::PublicKey::from(net.hosts[b].node.wg_public_key());
+    let target = net.hosts[b].internal;
+    let attacker: std::net::SocketAddr = "203.0.113.66:4444".parse().unwrap();
+    let now = net.now;
+    let mut buf = vec![0u8; 256];
+    let mut replies = 0usize;
+    for i in 0..300u32 {
+        // Fresh keys each time: valid MAC1 (the attacker knows B's public
+        // key), unknown senders.
+        let mut secret = [0u8; 32];
+        secret[..4].copy_from_slice(&i.to_be_bytes());
+        secret[31] = 7;
+        let mut tunn = boringtun::noise::Tunn::new(StaticSecret::from(secret), b_public, None, None, i, None);
+        if let boringtun::noise::TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut buf, false) {
+            let init = init.to_vec();
+            net.hosts[b].node.handle_udp(attacker, &init, now);
+        }
+        while let Some(t) = net.hosts[b].node.poll_transmit() {
+            if t.dst == attacker {
+                replies += 1;
+                assert!(t.payload.len() <= 148, "never more than the initiation");
+            }
+        }
+    }
+    let stats = net.hosts[b].node.stats().clone();
+    assert!(stats.handshake_cookies_sent >= 150, "{stats:?}");
+    assert!(replies >= 150);
+    let _ = target;
+}

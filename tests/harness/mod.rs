@@ -552,6 +552,18 @@ impl Ns {
     }
 }
 
+/// Removes [`ETC_NETNS`] if it holds nothing but [`ETC_NETNS_MARKER`].
+pub fn remove_etc_netns_if_ours_and_unused() {
+    let etc = Path::new(ETC_NETNS);
+    let Ok(entries) = std::fs::read_dir(etc) else { return };
+    let names: Vec<_> = entries.filter_map(|e| e.ok()).map(|e| e.file_name()).collect();
+    if names.len() == 1 && names[0] == ETC_NETNS_MARKER {
+        let _ = std::fs::remove_file(etc.join(ETC_NETNS_MARKER));
+        // Fails harmlessly if someone added an entry meanwhile.
+        let _ = std::fs::remove_dir(etc);
+    }
+}
+
 pub fn netns_path(name: &str) -> PathBuf {
     Path::new("/run/netns").join(name)
 }
@@ -622,9 +634,11 @@ pub struct Lab {
 /// Where `ip netns exec NAME` finds per-namespace files that it bind-mounts
 /// over `/etc` (e.g. `/etc/netns/NAME/resolv.conf`).
 pub const ETC_NETNS: &str = "/etc/netns";
-/// Set when this process created [`ETC_NETNS`]: the last lab to clean up
-/// removes it again once it is empty.
-static CREATED_ETC_NETNS: AtomicBool = AtomicBool::new(false);
+/// Written into [`ETC_NETNS`] by whoever created that directory (a lab, or
+/// `scripts/fleet-demo.sh`): whoever cleans up last, in any process, removes
+/// the directory once nothing but this marker is left. A pre-existing
+/// `/etc/netns` has no marker and is never removed.
+pub const ETC_NETNS_MARKER: &str = ".created-by-meshtun";
 
 impl Lab {
     /// `short` names the test (keep it short: it is part of every namespace
@@ -651,11 +665,12 @@ impl Lab {
     /// entry of `nameservers`: programs run through [`Ns::exec`] / `ip netns
     /// exec` (getent, curl, anything using the system resolver) then resolve
     /// through them. The directory is removed when the lab is dropped (and
-    /// `/etc/netns` too if this process created it and it is empty).
+    /// `/etc/netns` too if a lab or the fleet demo created it and nothing
+    /// else is left in it, see [`ETC_NETNS_MARKER`]).
     pub fn set_resolv_conf(&self, ns: &Ns, nameservers: &[std::net::IpAddr]) {
         let etc = Path::new(ETC_NETNS);
         if !etc.exists() && std::fs::create_dir(etc).is_ok() {
-            CREATED_ETC_NETNS.store(true, Ordering::SeqCst);
+            let _ = std::fs::write(etc.join(ETC_NETNS_MARKER), b"");
         }
         let dir = etc.join(ns.name());
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
@@ -804,11 +819,8 @@ impl Drop for Lab {
                 }
             }
         }
-        if !etc_dirs.is_empty() && CREATED_ETC_NETNS.load(Ordering::SeqCst) {
-            // Fails harmlessly while another lab (or anyone else) still uses it.
-            if std::fs::remove_dir(ETC_NETNS).is_ok() {
-                CREATED_ETC_NETNS.store(false, Ordering::SeqCst);
-            }
+        if !etc_dirs.is_empty() {
+            remove_etc_netns_if_ours_and_unused();
         }
         // 3. The temp dir: kept after a failure, for the logs.
         if panicking {
