@@ -11,7 +11,8 @@ use crate::control::{self, QueryKind, Request};
 
 #[derive(Args, Debug)]
 pub struct PingArgs {
-    /// A hostname, a mesh address (0:A91F.0000.7C2E) or a mesh IPv6 address.
+    /// A hostname, a mesh address (0:A91F.0000.7C2E), or the node's mesh
+    /// IPv6 or IPv4 (100.64.0.0/10) address.
     pub target: String,
     /// How many pings (one a second).
     #[arg(long, short = 'c', default_value_t = 4)]

@@ -2,9 +2,12 @@
 //! `/etc/meshtun/backbone.toml` for `meshtun backbone`.
 //!
 //! Every key is optional and named after its command-line flag (`--mtu` is
-//! `mtu`, `--heartbeat-secs` is `heartbeat_secs`); the one exception is the
-//! repeatable `--backbone`, which is the list `backbones`. Precedence:
-//! built-in default < config file < environment variable < command-line flag.
+//! `mtu`, `--heartbeat-secs` is `heartbeat_secs`); a repeatable flag is a
+//! list named in the plural (`--backbone` is `backbones`, `--capability` is
+//! `capabilities`, `--firewall` is `firewall_rules`, `--network-owner` is
+//! `network_owners`), and giving the flag replaces the file's whole list.
+//! Precedence: built-in default < config file < environment variable <
+//! command-line flag.
 //!
 //! Unknown keys, wrong types and bad values are errors that name the file,
 //! line and column and say what was expected. Values are checked while they
@@ -36,8 +39,11 @@ pub type HeartbeatSecs = Int<1, 3600>;
 pub type RecordTtl = Int<2, 86400>;
 /// Mesh network number; 65535 is reserved.
 pub type Network = Int<0, 65534>;
-/// A UDP port; 0 picks a free one.
+/// A UDP port; 0 picks a free one (or, for `dns_port`, turns DNS off).
 pub type Port = Int<0, 65535>;
+/// Days between WireGuard key rotations, 0 is never (`--key-rotation-days`,
+/// `key_rotation_days`).
+pub type KeyRotationDays = Int<0, 3650>;
 
 /// The node's config file, read by `meshtun up`.
 #[derive(Debug, Default, Deserialize)]
@@ -57,6 +63,24 @@ pub struct NodeFile {
     pub mtu: Option<Mtu>,
     /// Seconds between heartbeats to the backbones (`--heartbeat-secs`).
     pub heartbeat_secs: Option<HeartbeatSecs>,
+    /// Capabilities this node offers, lowercase DNS labels (`--capability`, repeatable).
+    pub capabilities: Option<Tags>,
+    /// Groups this node belongs to, lowercase DNS labels (`--group`, repeatable).
+    pub groups: Option<Tags>,
+    /// DNS domain the daemon answers on its mesh address (`--dns-domain`).
+    pub dns_domain: Option<DnsDomain>,
+    /// UDP port of the mesh DNS server, 0 is off (`--dns-port`).
+    pub dns_port: Option<Port>,
+    /// Membership certificate for a private network (`--cert`).
+    pub cert: Option<AbsolutePath>,
+    /// Inbound firewall rules, first match wins (`--firewall`, repeatable).
+    pub firewall_rules: Option<FirewallRules>,
+    /// Inbound policy when no rule matches: allow or deny (`--firewall-default`).
+    pub firewall_default: Option<FirewallDefault>,
+    /// Days between WireGuard key rotations, 0 is never (`--key-rotation-days`).
+    pub key_rotation_days: Option<KeyRotationDays>,
+    /// Serve Prometheus metrics on this "IP:PORT" (`--metrics-listen`).
+    pub metrics_listen: Option<MetricsListen>,
     /// Directory of the identity and keys (`--state-dir`).
     pub state_dir: Option<AbsolutePath>,
     /// The daemon's control socket (`--socket`).
@@ -77,6 +101,12 @@ pub struct BackboneFile {
     pub record_ttl: Option<RecordTtl>,
     /// The backbone's control socket (`--socket`).
     pub socket: Option<AbsolutePath>,
+    /// Serve metrics and the mesh picture on this "IP:PORT" (`--metrics-listen`).
+    pub metrics_listen: Option<MetricsListen>,
+    /// Private networks served, each "NETWORK:OWNER-KEY-HEX" (`--network-owner`, repeatable).
+    pub network_owners: Option<NetworkOwners>,
+    /// Owner-signed revocation lists, absolute paths (`--revocations`, repeatable).
+    pub revocations: Option<AbsolutePaths>,
     /// Log level or filter (`--log-level`).
     pub log_level: Option<LogLevel>,
     /// Log format: text or json (`--log-format`).
@@ -475,6 +505,150 @@ impl TryFrom<String> for ListenAddr {
     }
 }
 
+/// Capability or group tags: lowercase DNS labels, at most
+/// [`meshtun_proto::record::MAX_TAGS`] (more would make the node's record
+/// invalid). An empty list means none.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "Vec<Tag>")]
+pub struct Tags(pub Vec<String>);
+
+impl TryFrom<Vec<Tag>> for Tags {
+    type Error = String;
+    fn try_from(list: Vec<Tag>) -> Result<Self, String> {
+        use meshtun_proto::record::MAX_TAGS;
+        if list.len() > MAX_TAGS {
+            return Err(format!("{} tags; at most {MAX_TAGS}", list.len()));
+        }
+        Ok(Tags(list.into_iter().map(|t| t.0).collect()))
+    }
+}
+
+/// One capability or group: a lowercase DNS label, like a hostname.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag(pub String);
+
+impl TryFrom<String> for Tag {
+    type Error = String;
+    fn try_from(tag: String) -> Result<Self, String> {
+        meshtun_proto::record::validate_hostname(&tag).map_err(|e| e.replacen("hostname ", "", 1))?;
+        Ok(Tag(tag))
+    }
+}
+
+/// A DNS domain such as "mesh" or "mesh.example": lowercase labels
+/// separated by dots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DnsDomain(pub String);
+
+impl TryFrom<String> for DnsDomain {
+    type Error = String;
+    fn try_from(domain: String) -> Result<Self, String> {
+        let ok = domain.len() <= 253
+            && domain.split('.').all(|label| meshtun_proto::record::validate_hostname(label).is_ok());
+        if !ok {
+            return Err(format!(
+                "{domain:?} is not a DNS domain (labels of a-z, 0-9 and '-' separated by dots, e.g. \"mesh\")"
+            ));
+        }
+        Ok(DnsDomain(domain))
+    }
+}
+
+/// Firewall rules, each checked by the firewall's own parser. An empty list
+/// means no rules (only the default policy).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "Vec<FirewallRule>")]
+pub struct FirewallRules(pub Vec<String>);
+
+impl From<Vec<FirewallRule>> for FirewallRules {
+    fn from(list: Vec<FirewallRule>) -> Self {
+        FirewallRules(list.into_iter().map(|r| r.0).collect())
+    }
+}
+
+/// One firewall rule such as "allow tcp/22 from group:ops".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallRule(pub String);
+
+impl TryFrom<String> for FirewallRule {
+    type Error = String;
+    fn try_from(rule: String) -> Result<Self, String> {
+        rule.parse::<meshtun_overlay::firewall::Rule>().map_err(|e| e.to_string())?;
+        Ok(FirewallRule(rule))
+    }
+}
+
+/// The inbound policy when no firewall rule matches: "allow" or "deny".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirewallDefault(pub String);
+
+impl TryFrom<String> for FirewallDefault {
+    type Error = String;
+    fn try_from(policy: String) -> Result<Self, String> {
+        if policy != "allow" && policy != "deny" {
+            return Err(format!("{policy:?} is not a firewall policy; expected allow or deny"));
+        }
+        Ok(FirewallDefault(policy))
+    }
+}
+
+/// Where to serve metrics: what `--metrics-listen` takes ("IP:PORT").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricsListen(pub SocketAddr);
+
+impl TryFrom<String> for MetricsListen {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        crate::metrics::parse_listen(&text).map(MetricsListen)
+    }
+}
+
+/// Private networks a backbone serves. An empty list means none.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "Vec<NetworkOwner>")]
+pub struct NetworkOwners(pub Vec<String>);
+
+impl From<Vec<NetworkOwner>> for NetworkOwners {
+    fn from(list: Vec<NetworkOwner>) -> Self {
+        NetworkOwners(list.into_iter().map(|o| o.0).collect())
+    }
+}
+
+/// "NETWORK:OWNER-KEY-HEX": a network number in 0..=65534 and the owner's
+/// public key as 64 hex digits, as `meshtun network create` prints it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetworkOwner(pub String);
+
+impl TryFrom<String> for NetworkOwner {
+    type Error = String;
+    fn try_from(spec: String) -> Result<Self, String> {
+        let ok = spec.split_once(':').is_some_and(|(n, key)| {
+            n.parse::<u16>().is_ok_and(|n| Network::RANGE.contains(&i64::from(n)))
+                && meshtun_proto::identity::unhex32(key).is_some()
+        });
+        if !ok {
+            return Err(format!(
+                "{spec:?} is not NETWORK:OWNER-KEY (a network number in {}..={} and 64 hex digits, \
+                 as printed by `meshtun network create`)",
+                Network::RANGE.start(),
+                Network::RANGE.end()
+            ));
+        }
+        Ok(NetworkOwner(spec))
+    }
+}
+
+/// Absolute paths. An empty list means none.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "Vec<AbsolutePath>")]
+pub struct AbsolutePaths(pub Vec<PathBuf>);
+
+impl From<Vec<AbsolutePath>> for AbsolutePaths {
+    fn from(list: Vec<AbsolutePath>) -> Self {
+        AbsolutePaths(list.into_iter().map(|p| p.0).collect())
+    }
+}
+
 /// Implements `Deserialize` for a string newtype through its
 /// `TryFrom<String>`, failing inside the TOML value so the error points at
 /// that value (also inside an array). `#[serde(try_from)]` would fail after
@@ -499,7 +673,10 @@ macro_rules! from_toml_string {
     )*};
 }
 
-from_toml_string!(HostPort, Hostname, InterfaceName, AbsolutePath, LogLevel, LogFormat, ListenAddr);
+from_toml_string!(
+    HostPort, Hostname, InterfaceName, AbsolutePath, LogLevel, LogFormat, ListenAddr, Tag, DnsDomain, FirewallRule,
+    FirewallDefault, MetricsListen, NetworkOwner
+);
 
 // ---------------------------------------------------------------------------
 // merging into the command line
@@ -540,6 +717,15 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
                 set(&mut args.listen_port, sub, "listen_port", f.listen_port.map(Int::get));
                 set(&mut args.mtu, sub, "mtu", f.mtu.map(Int::get));
                 set(&mut args.heartbeat_secs, sub, "heartbeat_secs", f.heartbeat_secs.map(Int::get));
+                set(&mut args.capabilities, sub, "capabilities", f.capabilities.map(|t| t.0));
+                set(&mut args.groups, sub, "groups", f.groups.map(|t| t.0));
+                set(&mut args.dns_domain, sub, "dns_domain", f.dns_domain.map(|d| d.0));
+                set(&mut args.dns_port, sub, "dns_port", f.dns_port.map(Int::get));
+                set(&mut args.cert, sub, "cert", f.cert.map(|p| Some(p.0)));
+                set(&mut args.firewall_rules, sub, "firewall_rules", f.firewall_rules.map(|r| r.0));
+                set(&mut args.firewall_default, sub, "firewall_default", f.firewall_default.map(|d| Some(d.0)));
+                set(&mut args.key_rotation_days, sub, "key_rotation_days", f.key_rotation_days.map(Int::get));
+                set(&mut args.metrics_listen, sub, "metrics_listen", f.metrics_listen.map(|m| Some(m.0)));
                 set(&mut args.state.state_dir, sub, "state_dir", f.state_dir.map(|p| p.0));
                 set(&mut args.socket.socket, sub, "socket", f.socket.map(|p| p.0));
                 log_level = f.log_level.map(|l| l.0);
@@ -559,6 +745,9 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
                 set(&mut args.listen, sub, "listen", f.listen.map(|l| l.0));
                 set(&mut args.record_ttl, sub, "record_ttl", f.record_ttl.map(Int::get));
                 set(&mut args.socket, sub, "socket", f.socket.map(|p| p.0));
+                set(&mut args.metrics_listen, sub, "metrics_listen", f.metrics_listen.map(|m| Some(m.0)));
+                set(&mut args.network_owners, sub, "network_owners", f.network_owners.map(|o| o.0));
+                set(&mut args.revocations, sub, "revocations", f.revocations.map(|p| p.0));
                 log_level = f.log_level.map(|l| l.0);
                 log_format = f.log_format.map(|l| l.0);
             }
@@ -598,7 +787,9 @@ mod tests {
             (
                 "backbones = [\"198.18.0.1:7400\"]\n\n# typo\nhostnme = \"a\"\n",
                 "/etc/meshtun/meshtun.toml:4:1: unknown key `hostnme`; expected one of backbones, hostname, network, \
-                 interface, listen_port, mtu, heartbeat_secs, state_dir, socket, log_level, log_format",
+                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, cert, \
+                 firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
+                 log_format",
             ),
             ("mtu = 70000\n", "/etc/meshtun/meshtun.toml:1:7: invalid value for `mtu`: 70000 is not in 1280..=9000"),
             ("mtu = 576\n", "/etc/meshtun/meshtun.toml:1:7: invalid value for `mtu`: 576 is not in 1280..=9000"),
@@ -687,9 +878,99 @@ mod tests {
                 "/etc/meshtun/meshtun.toml:1:1: invalid type for `mtu`: expected an integer in 1280..=9000, found a table",
             ),
             (
+                "capabilities = \"citations\"\n",
+                "/etc/meshtun/meshtun.toml:1:16: invalid type for `capabilities`: expected an array, found string \"citations\"",
+            ),
+            (
+                "capabilities = [\"citations\", \"Web_Search\"]\n",
+                "/etc/meshtun/meshtun.toml:1:30: invalid value for `capabilities[1]`: \"Web_Search\" may contain only a-z, 0-9 and '-'",
+            ),
+            (
+                "capabilities = [\"-gpu\"]\n",
+                "/etc/meshtun/meshtun.toml:1:17: invalid value for `capabilities[0]`: \"-gpu\" must not start or end with '-'",
+            ),
+            (
+                "groups = [\"\"]\n",
+                "/etc/meshtun/meshtun.toml:1:11: invalid value for `groups[0]`: \"\" must be 1 to 63 characters",
+            ),
+            (
+                "groups = [1]\n",
+                "/etc/meshtun/meshtun.toml:1:11: invalid type for `groups[0]`: expected a string, found integer `1`",
+            ),
+            (
+                "dns_domain = \"Mesh\"\n",
+                "/etc/meshtun/meshtun.toml:1:14: invalid value for `dns_domain`: \"Mesh\" is not a DNS domain (labels of \
+                 a-z, 0-9 and '-' separated by dots, e.g. \"mesh\")",
+            ),
+            (
+                "dns_domain = \"mesh.\"\n",
+                "/etc/meshtun/meshtun.toml:1:14: invalid value for `dns_domain`: \"mesh.\" is not a DNS domain (labels of \
+                 a-z, 0-9 and '-' separated by dots, e.g. \"mesh\")",
+            ),
+            (
+                "dns_port = 65536\n",
+                "/etc/meshtun/meshtun.toml:1:12: invalid value for `dns_port`: 65536 is not in 0..=65535",
+            ),
+            (
+                "dns_port = false\n",
+                "/etc/meshtun/meshtun.toml:1:12: invalid type for `dns_port`: expected an integer in 0..=65535, found boolean `false`",
+            ),
+            (
+                "cert = \"node.cert\"\n",
+                "/etc/meshtun/meshtun.toml:1:8: invalid value for `cert`: \"node.cert\" is not an absolute path",
+            ),
+            (
+                "firewall_rules = \"allow icmp\"\n",
+                "/etc/meshtun/meshtun.toml:1:18: invalid type for `firewall_rules`: expected an array, found string \"allow icmp\"",
+            ),
+            (
+                "firewall_rules = [\"allow icmp\", \"permit tcp/22\"]\n",
+                "/etc/meshtun/meshtun.toml:1:33: invalid value for `firewall_rules[1]`: firewall rule \"permit tcp/22\": must \
+                 start with `allow` or `deny`",
+            ),
+            (
+                "firewall_rules = [\n  \"allow tcp/22 from group:ops\",\n  \"allow tcp/99999\",\n]\n",
+                "/etc/meshtun/meshtun.toml:3:3: invalid value for `firewall_rules[1]`: firewall rule \"allow tcp/99999\": port \
+                 must be a number 0-65535",
+            ),
+            (
+                "firewall_rules = [\"allow icmp/8\"]\n",
+                "/etc/meshtun/meshtun.toml:1:19: invalid value for `firewall_rules[0]`: firewall rule \"allow icmp/8\": ports \
+                 only go with tcp or udp",
+            ),
+            (
+                "firewall_default = \"block\"\n",
+                "/etc/meshtun/meshtun.toml:1:20: invalid value for `firewall_default`: \"block\" is not a firewall policy; \
+                 expected allow or deny",
+            ),
+            (
+                "firewall_default = \"Deny\"\n",
+                "/etc/meshtun/meshtun.toml:1:20: invalid value for `firewall_default`: \"Deny\" is not a firewall policy; \
+                 expected allow or deny",
+            ),
+            (
+                "key_rotation_days = -1\n",
+                "/etc/meshtun/meshtun.toml:1:21: invalid value for `key_rotation_days`: -1 is not in 0..=3650",
+            ),
+            (
+                "key_rotation_days = 36500\n",
+                "/etc/meshtun/meshtun.toml:1:21: invalid value for `key_rotation_days`: 36500 is not in 0..=3650",
+            ),
+            (
+                "metrics_listen = \"127.0.0.1\"\n",
+                "/etc/meshtun/meshtun.toml:1:18: invalid value for `metrics_listen`: \"127.0.0.1\" is not IP:PORT \
+                 (e.g. 127.0.0.1:9474 or [::1]:9474) or a port",
+            ),
+            (
+                "metrics_listen = true\n",
+                "/etc/meshtun/meshtun.toml:1:18: invalid type for `metrics_listen`: expected a string, found boolean `true`",
+            ),
+            (
                 "[backbone]\nlisten = \"0.0.0.0:7400\"\n",
                 "/etc/meshtun/meshtun.toml:1:2: unknown key `backbone`; expected one of backbones, hostname, network, \
-                 interface, listen_port, mtu, heartbeat_secs, state_dir, socket, log_level, log_format",
+                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, cert, \
+                 firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
+                 log_format",
             ),
         ];
         let mut failures = Vec::new();
@@ -720,8 +1001,42 @@ mod tests {
             ),
             (
                 "hostname = \"b\"\n",
-                "/etc/meshtun/backbone.toml:1:1: unknown key `hostname`; expected one of listen, record_ttl, socket, log_level, \
-                 log_format",
+                "/etc/meshtun/backbone.toml:1:1: unknown key `hostname`; expected one of listen, record_ttl, socket, \
+                 metrics_listen, network_owners, revocations, log_level, log_format",
+            ),
+            (
+                "metrics_listen = \"[::1]\"\n",
+                "/etc/meshtun/backbone.toml:1:18: invalid value for `metrics_listen`: \"[::1]\" is not IP:PORT \
+                 (e.g. 127.0.0.1:9474 or [::1]:9474) or a port",
+            ),
+            (
+                "network_owners = \"7:00\"\n",
+                "/etc/meshtun/backbone.toml:1:18: invalid type for `network_owners`: expected an array, found string \"7:00\"",
+            ),
+            (
+                "network_owners = [\"7\"]\n",
+                "/etc/meshtun/backbone.toml:1:19: invalid value for `network_owners[0]`: \"7\" is not NETWORK:OWNER-KEY \
+                 (a network number in 0..=65534 and 64 hex digits, as printed by `meshtun network create`)",
+            ),
+            (
+                "network_owners = [\"65535:0000000000000000000000000000000000000000000000000000000000000000\"]\n",
+                "/etc/meshtun/backbone.toml:1:19: invalid value for `network_owners[0]`: \
+                 \"65535:0000000000000000000000000000000000000000000000000000000000000000\" is not NETWORK:OWNER-KEY \
+                 (a network number in 0..=65534 and 64 hex digits, as printed by `meshtun network create`)",
+            ),
+            (
+                "network_owners = [\"7:abcd\"]\n",
+                "/etc/meshtun/backbone.toml:1:19: invalid value for `network_owners[0]`: \"7:abcd\" is not NETWORK:OWNER-KEY \
+                 (a network number in 0..=65534 and 64 hex digits, as printed by `meshtun network create`)",
+            ),
+            (
+                "revocations = [\"/etc/meshtun/net7.revocations\", \"net8.revocations\"]\n",
+                "/etc/meshtun/backbone.toml:1:49: invalid value for `revocations[1]`: \"net8.revocations\" is not an absolute path",
+            ),
+            (
+                "revocations = \"/etc/meshtun/net7.revocations\"\n",
+                "/etc/meshtun/backbone.toml:1:15: invalid type for `revocations`: expected an array, found string \
+                 \"/etc/meshtun/net7.revocations\"",
             ),
         ];
         for (text, expected) in table {
@@ -806,6 +1121,76 @@ mod tests {
         assert_eq!(args.mtu, 1300);
         assert_eq!(args.hostname.as_deref(), Some("from-file"));
         assert_eq!(cli.log_level, "warn");
+    }
+
+    #[test]
+    fn tags_dns_firewall_keys_and_metrics_reach_the_command_line() {
+        let text = "backbones = [\"198.18.0.1:7400\"]\n\
+                    capabilities = [\"citations\", \"web-search\"]\n\
+                    groups = [\"ops\"]\n\
+                    dns_domain = \"mesh.example\"\n\
+                    dns_port = 0\n\
+                    cert = \"/etc/meshtun/network.cert\"\n\
+                    firewall_rules = [\"allow tcp/22 from group:ops\", \"deny udp/53\"]\n\
+                    firewall_default = \"deny\"\n\
+                    key_rotation_days = 0\n\
+                    metrics_listen = \"[::1]:9474\"\n";
+        let cli = applied("tags-file", &["up", "--config", "{FILE}"], text).unwrap();
+        let args = up(&cli);
+        assert_eq!(args.capabilities, ["citations", "web-search"]);
+        assert_eq!(args.groups, ["ops"]);
+        assert_eq!(args.dns_domain, "mesh.example");
+        assert_eq!(args.dns_port, 0);
+        assert_eq!(args.cert.as_deref(), Some(Path::new("/etc/meshtun/network.cert")));
+        assert_eq!(args.firewall_rules, ["allow tcp/22 from group:ops", "deny udp/53"]);
+        assert_eq!(args.firewall_default.as_deref(), Some("deny"));
+        assert_eq!(args.key_rotation_days, 0);
+        assert_eq!(args.metrics_listen, Some("[::1]:9474".parse().unwrap()));
+
+        let argv = [
+            "up", "--config", "{FILE}", "--capability", "gpu", "--group", "dev", "--group", "lab", "--dns-domain", "m",
+            "--dns-port", "5353", "--cert", "/tmp/other.cert", "--firewall", "allow icmp", "--firewall-default", "allow",
+            "--key-rotation-days", "7", "--metrics-listen",
+        ];
+        let cli = applied("tags-flags", &argv, text).unwrap();
+        let args = up(&cli);
+        assert_eq!(args.capabilities, ["gpu"], "--capability replaces the file's list");
+        assert_eq!(args.groups, ["dev", "lab"]);
+        assert_eq!(args.dns_domain, "m");
+        assert_eq!(args.dns_port, 5353);
+        assert_eq!(args.cert.as_deref(), Some(Path::new("/tmp/other.cert")));
+        assert_eq!(args.firewall_rules, ["allow icmp"], "--firewall replaces the file's list");
+        assert_eq!(args.firewall_default.as_deref(), Some("allow"));
+        assert_eq!(args.key_rotation_days, 7);
+        assert_eq!(args.metrics_listen, Some(crate::metrics::DEFAULT_NODE_LISTEN.parse().unwrap()), "a bare flag wins too");
+
+        let cli = applied("tags-none", &["up", "--config", "{FILE}"], "backbones = [\"198.18.0.1:7400\"]\n").unwrap();
+        let args = up(&cli);
+        assert!(args.capabilities.is_empty() && args.firewall_rules.is_empty() && args.cert.is_none());
+        assert_eq!((args.dns_domain.as_str(), args.dns_port, args.key_rotation_days), ("mesh", 53, 14));
+        assert_eq!((args.firewall_default.as_deref(), args.metrics_listen), (None, None));
+    }
+
+    #[test]
+    fn the_backbone_reads_network_owners_revocations_and_metrics_from_its_file() {
+        let owner = format!("7:{}", "ab".repeat(32));
+        let text = format!(
+            "network_owners = [\"{owner}\"]\nrevocations = [\"/etc/meshtun/a.revocations\", \"/etc/meshtun/b.revocations\"]\n\
+             metrics_listen = \"0.0.0.0:9475\"\n"
+        );
+        let cli = applied("owners-file", &["backbone", "--config", "{FILE}"], &text).unwrap();
+        let super::super::Command::Backbone(args) = &cli.command else { panic!("not backbone") };
+        assert_eq!(args.network_owners, [owner.clone()]);
+        assert_eq!(args.revocations, [PathBuf::from("/etc/meshtun/a.revocations"), PathBuf::from("/etc/meshtun/b.revocations")]);
+        assert_eq!(args.metrics_listen, Some("0.0.0.0:9475".parse().unwrap()));
+
+        let other = format!("8:{}", "cd".repeat(32));
+        let argv = ["backbone", "--config", "{FILE}", "--network-owner", &other, "--revocations", "/srv/c.revocations"];
+        let cli = applied("owners-flags", &argv, &text).unwrap();
+        let super::super::Command::Backbone(args) = &cli.command else { panic!("not backbone") };
+        assert_eq!(args.network_owners, [other], "--network-owner replaces the file's list");
+        assert_eq!(args.revocations, [PathBuf::from("/srv/c.revocations")], "--revocations replaces the file's list");
+        assert_eq!(args.metrics_listen, Some("0.0.0.0:9475".parse().unwrap()));
     }
 
     #[test]

@@ -74,8 +74,8 @@ enum Command {
     /// rotation, backbone lost/regained): one JSON object per line with
     /// --json, until interrupted or the daemon stops.
     Events(SocketArgs),
-    /// Print this node's mesh address, IPv6 address and public key,
-    /// creating the identity if there is none yet.
+    /// Print this node's mesh address, IPv6 and IPv4 addresses and public
+    /// key, creating the identity if there is none yet.
     Id(IdArgs),
     /// Run a backbone: a directory of signed node records that answers
     /// lookups and STUN and relays for nodes that cannot reach each other
@@ -211,7 +211,7 @@ struct UpArgs {
     #[arg(long = "group", value_name = "GROUP")]
     groups: Vec<String>,
     /// DNS domain the daemon answers on its mesh address.
-    #[arg(long, default_value = "mesh")]
+    #[arg(long, default_value = "mesh", value_parser = parse_dns_domain)]
     dns_domain: String,
     /// UDP port of the mesh DNS server (0: off).
     #[arg(long, default_value_t = 53)]
@@ -228,7 +228,7 @@ struct UpArgs {
     #[arg(long, value_parser = ["allow", "deny"])]
     firewall_default: Option<String>,
     /// Days between automatic WireGuard key rotations (0: never).
-    #[arg(long, default_value_t = 14)]
+    #[arg(long, default_value_t = 14, value_parser = clap::value_parser!(u64).range(config::KeyRotationDays::RANGE_U64))]
     key_rotation_days: u64,
     /// Serve Prometheus metrics on http://IP:PORT/metrics (off unless
     /// given; alone it means 127.0.0.1:9474).
@@ -494,6 +494,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+fn parse_dns_domain(text: &str) -> Result<String, String> {
+    let domain = text.trim_end_matches('.').to_ascii_lowercase();
+    if domain.is_empty() {
+        return Err("the DNS domain must not be empty".into());
+    }
+    for label in domain.split('.') {
+        meshtun_proto::record::validate_hostname(label).map_err(|e| e.replace("hostname ", "label "))?;
+    }
+    Ok(domain)
 }
 
 fn parse_network_owners(specs: &[String]) -> anyhow::Result<Vec<(NetworkId, [u8; 32])>> {

@@ -140,6 +140,7 @@ impl Waiting {
                 let data = serde_json::json!({
                     "address": from.to_string(),
                     "ipv6": from.to_ipv6(),
+                    "ipv4": node.node_ipv4(from),
                     "hostname": hostname,
                     "rtt_ms": rtt.as_secs_f64() * 1000.0,
                     "path": path,

@@ -161,7 +161,7 @@ node=/lib/systemd/system/meshtun.service
 for line in 'ExecStart=/usr/bin/meshtun up --config /etc/meshtun/meshtun.toml' \
     'Restart=on-failure' 'RestartPreventExitStatus=78' \
     'StateDirectory=meshtun' 'StateDirectoryMode=0700' 'RuntimeDirectory=meshtun' \
-    'CapabilityBoundingSet=CAP_NET_ADMIN' 'AmbientCapabilities=CAP_NET_ADMIN' \
+    'CapabilityBoundingSet=CAP_NET_ADMIN CAP_NET_BIND_SERVICE' 'AmbientCapabilities=CAP_NET_ADMIN CAP_NET_BIND_SERVICE' \
     'RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK' 'DeviceAllow=/dev/net/tun rw' \
     'ProtectSystem=strict' 'ProtectHome=yes' 'NoNewPrivileges=yes'; do
     check "meshtun.service has $line" grep -qxF "$line" "$node"

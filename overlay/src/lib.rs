@@ -350,6 +350,11 @@ impl Node {
         self.my_ipv4
     }
 
+    /// The IPv4 address a node has on this host, if one was handed out.
+    pub fn node_ipv4(&self, addr: MeshAddr) -> Option<std::net::Ipv4Addr> {
+        if addr == self.me { Some(self.my_ipv4) } else { self.aliases.get(addr) }
+    }
+
     /// The node an IPv4 address stands for on this host, if known.
     pub fn node_for_ipv4(&self, ip: std::net::Ipv4Addr) -> Option<MeshAddr> {
         self.aliases.node_for(ip)
