@@ -136,7 +136,14 @@ fn load_owner(file: &Path) -> anyhow::Result<NetworkOwner> {
 fn write_new(file: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     use std::io::Write;
     let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(file).map_err(|e| {
-        CliError::new("io_error", format!("cannot create {}: {e}", file.display())).hint("the file may already exist: never overwritten")
+        {
+            let hint = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                "an existing file is never overwritten: choose another name or move it away"
+            } else {
+                "check that the directory exists and is writable"
+            };
+            CliError::new("io_error", format!("cannot create {}: {e}", file.display())).hint(hint)
+        }
     })?;
     f.write_all(contents)?;
     Ok(())

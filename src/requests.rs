@@ -55,6 +55,14 @@ impl Waiting {
             }
             Request::Ping { target } => {
                 let ipv4 = target.parse::<std::net::Ipv4Addr>().ok().filter(|ip| meshtun_addr::is_mesh_ipv4(*ip));
+                if let Some(other) = parse_mesh_target(&target).filter(|a| a.network != network) {
+                    let _ = pending.reply.send(control::error_envelope(
+                        "unreachable",
+                        &format!("{other} is in network {}, this node is in network {}", other.network.0, network.0),
+                        Some("a node only reaches nodes of its own network"),
+                    ));
+                    return None;
+                }
                 if let Some(addr) = parse_mesh_target(&target).or_else(|| ipv4.and_then(|ip| node.node_for_ipv4(ip))) {
                     let token = node.ping(addr, now);
                     self.waiters.insert(token, (Waiter::Control(pending), now));

@@ -410,13 +410,22 @@ impl Node {
         self.handshake_limiter = std::sync::Arc::new(boringtun::noise::rate_limiter::RateLimiter::new(&public, HANDSHAKES_PER_SECOND));
         self.config.wg_key_version = version;
         self.config.wg_key_expires_unix = expires_unix;
+        self.refresh_record();
+        // The new record goes out first, so that when a peer looks up the
+        // unknown key of our next handshake the backbones already have it.
+        self.backbones.register_now(now);
+        self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         for peer in self.peers.iter_mut().flatten() {
             peer.tunn.set_static_private(self.wg_secret.clone(), public, None);
             peer.probe_key = probe::probe_key(&self.wg_secret, &PublicKey::from(peer.record.wg_key));
-            peer.handshake = None;
+            // The old sessions are gone on both sides' account: start the
+            // new one now rather than when we next have data to send (a
+            // node that only receives would otherwise stall).
+            if let boringtun::noise::TunnResult::WriteToNetwork(init) = peer.tunn.format_handshake_initiation(&mut self.buf, true) {
+                send_wg(&mut self.transmits, &mut self.stats, peer, init);
+            }
+            peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
         }
-        self.refresh_record();
-        self.backbones.register_now(now);
         tracing::info!(version, "WireGuard key rotated");
         self.events.push_back(Event::KeyRotated { version });
     }
