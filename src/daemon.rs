@@ -211,11 +211,30 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 }
             }
             read = tun.recv(&mut tun_buf) => match read {
-                Ok(n) => node.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                Ok(n) => {
+                    node.handle_tun_packet(&tun_buf[..n], Instant::now());
+                    // Drain what else is queued before paying for another
+                    // trip round the loop (timers, select!, poll_timeout).
+                    for _ in 1..DRAIN_BATCH {
+                        match tun_try_recv(&tun, &mut tun_buf) {
+                            Ok(n) => node.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                            Err(_) => break,
+                        }
+                    }
+                }
                 Err(e) => return Err(e).context("reading from the TUN interface failed"),
             },
             received = socket.recv_from(&mut udp_buf) => match received {
-                Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], Instant::now()),
+                Ok((n, from)) => {
+                    node.handle_udp(from, &udp_buf[..n], Instant::now());
+                    for _ in 1..DRAIN_BATCH {
+                        match socket.try_recv_from(&mut udp_buf) {
+                            Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], Instant::now()),
+                            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                            Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+                        }
+                    }
+                }
                 // ICMP port unreachable surfaces as ECONNREFUSED on the next
                 // read; it is not fatal for a connectionless socket.
                 Err(e) => tracing::trace!(error = %e, "UDP receive error"),
@@ -319,14 +338,48 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Packets read from the TUN or the UDP socket per wake-up before the loop
+/// goes back to `select!` (and flushes what they produced).
+const DRAIN_BATCH: usize = 64;
+
+/// A non-blocking read of one packet from the TUN (the fd is non-blocking);
+/// `WouldBlock` when it is empty. Tokio's readiness stays set, so the next
+/// `recv().await` finds out for itself.
+fn tun_try_recv(tun: &tun::AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize> {
+    let device: &tun::Device = tun;
+    device.recv(buf)
+}
+
 async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, hub: &mut crate::events::Hub) {
-    while let Some(transmit) = node.poll_transmit() {
-        if let Err(e) = socket.send_to(&transmit.payload, transmit.dst).await {
-            tracing::trace!(dst = %transmit.dst, error = %e, "UDP send failed");
+    // Datagrams go out DRAIN_BATCH at a time in one sendmmsg(2); what the
+    // socket will not take now is sent with the awaiting path.
+    let mut batch: Vec<meshtun_overlay::Transmit> = Vec::new();
+    loop {
+        batch.clear();
+        while batch.len() < DRAIN_BATCH {
+            match node.poll_transmit() {
+                Some(t) => batch.push(t),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            break;
+        }
+        let views: Vec<(SocketAddr, &[u8])> = batch.iter().map(|t| (t.dst, t.payload.as_slice())).collect();
+        let sent = socket.try_send_batch(&views).unwrap_or(0);
+        for transmit in &batch[sent..] {
+            if let Err(e) = socket.send_to(&transmit.payload, transmit.dst).await {
+                tracing::trace!(dst = %transmit.dst, error = %e, "UDP send failed");
+            }
         }
     }
     while let Some(packet) = node.poll_tun() {
-        if let Err(e) = tun.send(&packet).await {
+        let device: &tun::Device = tun;
+        let written = match device.send(&packet) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&packet).await,
+            other => other,
+        };
+        if let Err(e) = written {
             tracing::trace!(error = %e, "TUN write failed");
         }
     }

@@ -52,12 +52,76 @@ impl MeshSocket {
         Ok((n, normalise(from)))
     }
 
+    /// A non-blocking receive: `WouldBlock` when nothing is queued.
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.socket.try_recv_from(buf)?;
+        Ok((n, normalise(from)))
+    }
+
     pub fn try_send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
         let dst = match (self.dual_stack, dst) {
             (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
             _ => dst,
         };
         self.socket.try_send_to(payload, dst)
+    }
+
+    /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
+    /// (without waiting) and returns how many went; `WouldBlock` when none
+    /// did. Datagrams refused for other reasons count as sent (dropped), as
+    /// a failed `send_to` of a connectionless socket would be.
+    pub fn try_send_batch(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let addrs: Vec<socket2::SockAddr> = batch
+            .iter()
+            .map(|(dst, _)| match (self.dual_stack, dst) {
+                (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+                _ => *dst,
+            })
+            .map(socket2::SockAddr::from)
+            .collect();
+        let mut iovs: Vec<libc::iovec> =
+            batch.iter().map(|(_, p)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+        let mut msgs: Vec<libc::mmsghdr> = addrs
+            .iter()
+            .zip(iovs.iter_mut())
+            .map(|(addr, iov)| {
+                // SAFETY: all-zero is a valid msghdr; the pointers below
+                // outlive the sendmmsg call.
+                let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+                hdr.msg_hdr.msg_namelen = addr.len();
+                hdr.msg_hdr.msg_iov = iov as *mut libc::iovec;
+                hdr.msg_hdr.msg_iovlen = 1;
+                hdr
+            })
+            .collect();
+        let mut done = 0;
+        while done < msgs.len() {
+            // SAFETY: msgs[done..] are initialised mmsghdrs pointing at live buffers.
+            let rc = unsafe {
+                libc::sendmmsg(self.socket.as_raw_fd(), msgs[done..].as_mut_ptr(), (msgs.len() - done) as libc::c_uint, libc::MSG_DONTWAIT)
+            };
+            if rc > 0 {
+                done += rc as usize;
+                continue;
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => return if done > 0 { Ok(done) } else { Err(e) },
+                std::io::ErrorKind::Interrupted => continue,
+                _ => {
+                    // The first datagram was refused (unreachable, too big):
+                    // skip it like a failed send_to and go on.
+                    tracing::trace!(dst = %batch[done].0, error = %e, "UDP send failed");
+                    done += 1;
+                }
+            }
+        }
+        Ok(done)
     }
 
     pub async fn send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
@@ -77,11 +141,28 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
         socket.set_only_v6(false)?;
     }
     // Bursts of tunnel traffic overflow the default 208 KiB buffers.
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    let _ = socket.set_send_buffer_size(4 << 20);
+    // As root, go past net.core.{r,w}mem_max (often 208 KiB) with the
+    // *FORCE options; otherwise take what the limits allow.
+    force_buffer(&socket, libc::SO_RCVBUFFORCE, 4 << 20).or_else(|_| socket.set_recv_buffer_size(4 << 20)).ok();
+    force_buffer(&socket, libc::SO_SNDBUFFORCE, 4 << 20).or_else(|_| socket.set_send_buffer_size(4 << 20)).ok();
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     Ok(socket)
+}
+
+fn force_buffer(socket: &Socket, option: libc::c_int, bytes: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd and a c_int option value of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
 }
 
 pub fn normalise(addr: SocketAddr) -> SocketAddr {

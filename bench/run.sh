@@ -1,0 +1,257 @@
+#!/usr/bin/env bash
+# Tunnel throughput benchmark (issue 6): two namespaces on one veth pair;
+# iperf3 TCP (1 and 4 streams, both directions), UDP and ping RTT over
+#   raw  the veth itself (the physical limit)
+#   bt   boringtun-cli -t 1
+#   wg   wireguard-go (Debian)
+#   mt   meshtun (release build; its backbone runs in namespace b)
+# Runs are interleaved (run 1 of every tunnel, then run 2, ...) so machine
+# drift hits all alike. Prints min/median/max, each tunnel's ratio to
+# meshtun, CPU seconds per GB moved and peak RSS of each tunnel process.
+#
+#   sudo bench/run.sh                 3 runs x 10 s, every test (~15 min)
+#   sudo bench/run.sh --quick         1 run x 3 s, TCP single stream + ping (CI)
+#   options: --runs N  --seconds S  --tests tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping
+#            --tunnels raw,bt,wg,mt  --bin PATH (skip the cargo build)
+#            --no-install (skip tunnels whose tools are missing)
+#
+# Not part of `cargo test`. Needs root. Never build while it runs: iperf3
+# and both tunnel ends share the machine's cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""
+TESTS="tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping"
+TUNNELS="raw,bt,wg,mt"
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --runs) RUNS=$2; shift 2 ;;
+        --seconds) SECS=$2; shift 2 ;;
+        --quick) QUICK=1; RUNS=1; SECS=3; TESTS="tcp1,ping"; shift ;;
+        --tests) TESTS=$2; shift 2 ;;
+        --tunnels) TUNNELS=$2; shift 2 ;;
+        --bin) BIN=$2; shift 2 ;;
+        --no-install) INSTALL=0; shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ "$(id -u)" -eq 0 ] || { echo "bench/run.sh: needs root (namespaces, TUN): sudo $0" >&2; exit 1; }
+has() { [[ ",$2," == *",$1,"* ]]; }
+NOTES=()
+
+# ---- tools -----------------------------------------------------------------
+apt_install() {
+    [ "$INSTALL" = 1 ] || return 0
+    command -v apt-get >/dev/null || return 0
+    echo "== installing $* (Debian)"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"; } >/dev/null 2>&1 || true
+}
+need=()
+command -v iperf3 >/dev/null || need+=(iperf3)
+command -v ping >/dev/null || need+=(iputils-ping)
+command -v ip >/dev/null || need+=(iproute2)
+if has wg "$TUNNELS" || has bt "$TUNNELS"; then command -v wg >/dev/null || need+=(wireguard-tools); fi
+if has wg "$TUNNELS"; then command -v wireguard-go >/dev/null || need+=(wireguard-go); fi
+[ ${#need[@]} -eq 0 ] || apt_install "${need[@]}"
+command -v iperf3 >/dev/null || { echo "bench/run.sh: iperf3 is missing" >&2; exit 1; }
+export PATH="$PATH:${CARGO_HOME:-$HOME/.cargo}/bin"
+if has bt "$TUNNELS" && ! command -v boringtun-cli >/dev/null; then
+    if [ "$INSTALL" = 1 ] && [ "$QUICK" = 0 ]; then
+        echo "== cargo install --locked boringtun-cli"
+        cargo install --quiet --locked boringtun-cli || true
+    fi
+fi
+drop_tunnel() { TUNNELS=$(echo ",$TUNNELS," | sed "s/,$1,/,/; s/^,//; s/,$//"); NOTES+=("skipped $1: $2"); }
+if has bt "$TUNNELS"; then
+    command -v boringtun-cli >/dev/null || drop_tunnel bt "boringtun-cli not installed (run without --quick/--no-install to install it)"
+    command -v wg >/dev/null || drop_tunnel bt "wg (wireguard-tools) not installed"
+fi
+if has wg "$TUNNELS"; then
+    command -v wireguard-go >/dev/null && command -v wg >/dev/null || drop_tunnel wg "wireguard-go or wg not installed"
+fi
+if has mt "$TUNNELS" && [ -z "$BIN" ]; then
+    echo "== cargo build --release"
+    cargo build --quiet --release --locked --bin meshtun
+    BIN="$PWD/target/release/meshtun"
+fi
+
+# ---- lab -------------------------------------------------------------------
+ID=$$
+P="mtbench-$ID"
+A="$P-a"; B="$P-b"
+RUN=$(mktemp -d /tmp/mtbench.XXXXXX)
+PIDS=()
+declare -A PROC_A PROC_B         # tunnel -> pid of its process in a / b
+cleanup() {
+    set +e
+    for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+        pid=${PIDS[$i]}
+        kill "$pid" 2>/dev/null || continue
+        for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$pid" 2>/dev/null
+    done
+    ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
+    rm -f /var/run/wireguard/bt"$ID"?.sock /var/run/wireguard/wg"$ID"?.sock
+    rm -rf "$RUN"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$A"; ip netns add "$B"
+ip -n "$A" link set lo up; ip -n "$B" link set lo up
+ip link add eth0 netns "$A" type veth peer name eth0 netns "$B"
+ip -n "$A" addr add 10.99.0.1/24 dev eth0; ip -n "$B" addr add 10.99.0.2/24 dev eth0
+ip -n "$A" link set eth0 up; ip -n "$B" link set eth0 up
+inA() { ip netns exec "$A" "$@"; }
+inB() { ip netns exec "$B" "$@"; }
+declare -A PEER            # tunnel -> address of b through it
+PEER[raw]=10.99.0.2
+
+wait_ping() {  # ns addr: until it answers (tunnel handshakes), max ~15 s
+    for _ in $(seq 30); do ip netns exec "$1" ping -c 1 -W 0.5 "$2" >/dev/null 2>&1 && return 0; done
+    return 1
+}
+
+# WireGuard-compatible userspace daemons, configured with `wg set`.
+# /var/run/wireguard/*.sock is not per namespace: names carry our pid.
+start_wg_pair() {  # tag prefix6 port command...
+    local tag=$1 net=$2 port=$3; shift 3
+    local ka="$RUN/$tag-a.key" kb="$RUN/$tag-b.key"
+    (umask 077; wg genkey >"$ka"; wg genkey >"$kb")
+    local side ns if addr peer_pub peer_ep
+    for side in a b; do
+        if [ $side = a ]; then ns=$A; addr=$net::1; peer_pub=$(wg pubkey <"$kb"); peer_ep=10.99.0.2:$port; peer_ip=$net::2
+        else ns=$B; addr=$net::2; peer_pub=$(wg pubkey <"$ka"); peer_ep=10.99.0.1:$port; peer_ip=$net::1; fi
+        if="$tag$ID$side"
+        ip netns exec "$ns" env WG_PROCESS_FOREGROUND=1 "$@" "$if" >"$RUN/$tag-$side.log" 2>&1 &
+        PIDS+=($!)
+        if [ $side = a ]; then PROC_A[$tag]=$!; else PROC_B[$tag]=$!; fi
+        for _ in $(seq 50); do [ -S /var/run/wireguard/$if.sock ] && break; sleep 0.1; done
+        ip netns exec "$ns" wg set "$if" private-key "$RUN/$tag-$side.key" listen-port "$port" \
+            peer "$peer_pub" allowed-ips "$peer_ip/128" endpoint "$peer_ep"
+        ip -n "$ns" addr add "$addr/64" dev "$if" nodad
+        ip -n "$ns" link set "$if" mtu 1420 up
+    done
+    PEER[$tag]=$net::2
+}
+
+if has bt "$TUNNELS"; then
+    echo "== starting boringtun-cli -t 1 ($(boringtun-cli --version 2>/dev/null | head -1))"
+    start_wg_pair bt fd01 51821 boringtun-cli -f --disable-drop-privileges -t 1
+fi
+if has wg "$TUNNELS"; then
+    echo "== starting wireguard-go ($(dpkg-query -W -f '${Version}' wireguard-go 2>/dev/null || echo '?'))"
+    start_wg_pair wg fd02 51822 wireguard-go -f
+fi
+declare -A IDLE_RSS
+if has mt "$TUNNELS"; then
+    echo "== starting meshtun ($BIN): backbone and node b in $B, node a in $A"
+    ip netns exec "$B" "$BIN" backbone --config /dev/null --listen 10.99.0.2:7400 --socket "$RUN/bb.sock" >"$RUN/bb.log" 2>&1 &
+    PIDS+=($!)
+    for side in a b; do
+        ns=$A; [ $side = b ] && ns=$B
+        ip netns exec "$ns" "$BIN" up --config /dev/null --backbone 10.99.0.2:7400 --dns-port 0 --listen-port 51820 \
+            --interface "mt$ID$side" --state-dir "$RUN/mt-$side" --socket "$RUN/mt-$side.sock" >"$RUN/mt-$side.log" 2>&1 &
+        PIDS+=($!)
+        if [ $side = a ]; then PROC_A[mt]=$!; else PROC_B[mt]=$!; fi
+    done
+    for side in a b; do
+        for _ in $(seq 100); do [ -S "$RUN/mt-$side.sock" ] && break; sleep 0.1; done
+        [ -S "$RUN/mt-$side.sock" ] || { echo "meshtun $side did not start:"; cat "$RUN/mt-$side.log"; exit 1; }
+    done
+    PEER[mt]=$("$BIN" id --state-dir "$RUN/mt-b" --json | sed -E 's/.*"ipv6":"([^"]+)".*/\1/')
+    sleep 1
+    IDLE_RSS[mt]=$(awk '/^VmRSS/ {print $2}' /proc/"${PROC_A[mt]}"/status)
+fi
+for t in ${TUNNELS//,/ }; do
+    wait_ping "$A" "${PEER[$t]}" || { echo "tunnel $t: ${PEER[$t]} does not answer"; tail -5 "$RUN"/$t-*.log 2>/dev/null; exit 1; }
+done
+
+ip netns exec "$B" iperf3 -s >"$RUN/iperf3-server.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 50); do inA bash -c 'exec 3<>/dev/tcp/10.99.0.2/5201' 2>/dev/null && break; sleep 0.1; done
+sleep 0.3
+
+# ---- measure ---------------------------------------------------------------
+HZ=$(getconf CLK_TCK)
+declare -A CPU BYTES
+cpu_ticks() {  # utime+stime of the tunnel's two processes
+    local t=$1 sum=0 pid
+    for pid in "${PROC_A[$t]:-}" "${PROC_B[$t]:-}"; do
+        [ -n "$pid" ] && [ -r /proc/$pid/stat ] || continue
+        sum=$((sum + $(sed 's/.*) //' /proc/$pid/stat | awk '{print $12 + $13}')))
+    done
+    echo $sum
+}
+iperf() {  # tunnel test -> Mbit/s received
+    local t=$1 test=$2 args=(-c "${PEER[$t]}" -t "$SECS" -f m)
+    case $test in
+        tcp1) ;; tcp1r) args+=(-R) ;; tcp4) args+=(-P 4) ;; tcp4r) args+=(-P 4 -R) ;;
+        udp) args+=(-u -b 0 -l 1200) ;; udpr) args+=(-u -b 0 -l 1200 -R) ;;
+    esac
+    inA timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 | tee -a "$RUN/iperf3-client.log" |
+        awk '/receiver/ {for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") v = $(i-1)} END {print (v == "" ? "NA" : v)}'
+}
+pingrtt() {  # tunnel -> average RTT in ms
+    local n=$((SECS * 20)); [ $n -gt 200 ] && n=200
+    inA ping -q -c "$n" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
+}
+
+RESULTS="$RUN/results.tsv"
+: >"$RESULTS"
+echo "== measuring: $RUNS run(s) x ${SECS} s; tests $TESTS; tunnels $TUNNELS; load: $(uptime | sed 's/.*load/load/')"
+for r in $(seq "$RUNS"); do
+    for test in ${TESTS//,/ }; do
+        for t in ${TUNNELS//,/ }; do
+            before=$(cpu_ticks "$t")
+            if [ "$test" = ping ]; then v=$(pingrtt "$t"); else v=$(iperf "$t" "$test"); fi
+            after=$(cpu_ticks "$t")
+            if [ "$test" != ping ] && [ "$v" != NA ]; then
+                CPU[$t]=$(( ${CPU[$t]:-0} + after - before ))
+                BYTES[$t]=$(awk -v a="${BYTES[$t]:-0}" -v m="$v" -v s="$SECS" 'BEGIN {printf "%.0f", a + m * 1e6 / 8 * s}')
+            fi
+            printf '%s\t%s\t%s\n' "$test" "$t" "$v" >>"$RESULTS"
+            printf '   run %d  %-6s %-4s %s\n' "$r" "$test" "$t" "$v"
+        done
+    done
+done
+declare -A PEAK
+for t in ${TUNNELS//,/ }; do
+    [ "$t" = raw ] && continue
+    PEAK[$t]=$(cat /proc/"${PROC_A[$t]}"/status /proc/"${PROC_B[$t]}"/status 2>/dev/null | awk '/^VmHWM/ {if ($2 > m) m = $2} END {print m + 0}')
+done
+
+# ---- report ----------------------------------------------------------------
+name() { case $1 in raw) echo "raw veth" ;; bt) echo "boringtun-cli -t 1" ;; wg) echo "wireguard-go" ;; mt) echo "meshtun" ;; esac; }
+stats() {  # test tunnel -> "min med max" (or NA)
+    awk -F'\t' -v te="$1" -v tu="$2" '$1 == te && $2 == tu && $3 != "NA" {print $3}' "$RESULTS" | sort -g |
+        awk '{v[NR] = $1} END {if (NR == 0) {print "NA NA NA"; exit}
+             m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print v[1], m, v[NR]}'
+}
+echo
+echo "== results: $RUNS run(s) x ${SECS} s, $(nproc) CPUs, $(uname -r); load now: $(uptime | sed 's/.*load average: //')"
+printf '%-6s %-20s %28s %10s\n' test tunnel "min / median / max" "vs meshtun"
+for test in ${TESTS//,/ }; do
+    unit="Mbit/s"; [ "$test" = ping ] && unit="ms RTT"
+    read -r _ mtmed _ <<<"$(has mt "$TUNNELS" && stats "$test" mt || echo NA NA NA)"
+    for t in ${TUNNELS//,/ }; do
+        read -r lo med hi <<<"$(stats "$test" "$t")"
+        ratio=$(awk -v a="$med" -v b="$mtmed" 'BEGIN {print (a == "NA" || b == "NA" || b == 0) ? "-" : sprintf("%.2f", a / b)}')
+        if [ "$test" = ping ]; then fmt='%.3f'; else fmt='%.0f'; fi
+        printf "%-6s %-20s %28s %10s\n" "$test" "$(name "$t")" \
+            "$(awk -v f="$fmt" -v a="$lo" -v b="$med" -v c="$hi" 'BEGIN {if (a == "NA") print "NA"; else printf f " / " f " / " f " '"$unit"'", a, b, c}')" "$ratio"
+    done
+done
+echo
+echo "(vs meshtun: the tunnel's median over meshtun's; for throughput above 1 means faster than meshtun, for RTT above 1 means slower)"
+echo
+printf '%-20s %14s %14s %14s\n' tunnel "CPU s per GB" "peak RSS MiB" "idle RSS MiB"
+for t in ${TUNNELS//,/ }; do
+    [ "$t" = raw ] && continue
+    cpu=$(awk -v c="${CPU[$t]:-0}" -v b="${BYTES[$t]:-0}" -v hz="$HZ" 'BEGIN {print (b > 0) ? sprintf("%.2f", c / hz / (b / 1e9)) : "-"}')
+    printf '%-20s %14s %14s %14s\n' "$(name "$t")" "$cpu" "$(awk -v k="${PEAK[$t]:-0}" 'BEGIN {printf "%.1f", k / 1024}')" \
+        "$( [ -n "${IDLE_RSS[$t]:-}" ] && awk -v k="${IDLE_RSS[$t]}" 'BEGIN {printf "%.1f", k / 1024}' || echo -)"
+done
+echo "(CPU: both ends' processes, over the throughput tests; RSS: the larger of the two ends' processes)"
+for n in "${NOTES[@]}"; do echo "note: $n"; done
