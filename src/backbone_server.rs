@@ -24,7 +24,14 @@ pub struct BackboneOptions {
     pub network_owners: Vec<(meshtun_addr::NetworkId, [u8; 32])>,
     /// Revocation list files, re-read when they change.
     pub revocations: Vec<PathBuf>,
+    /// Where records that must survive a restart (hostname holders) are
+    /// kept; None keeps nothing.
+    pub state_dir: Option<PathBuf>,
 }
+
+/// Datagrams handled per wake-up (each reply is sent as soon as it is
+/// made; this only bounds how long other events wait).
+const BATCH: usize = 256;
 
 /// A pair that relayed within this long is drawn (and counted) as relayed.
 const RELAY_ACTIVE: Duration = Duration::from_secs(60);
@@ -39,20 +46,29 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let (datagram_tx, mut datagram_rx) = mpsc::channel::<(usize, SocketAddr, Vec<u8>)>(4096);
+    // Readers hand over batches: whatever is queued on the socket after a
+    // wake-up, up to BATCH datagrams, in one message.
+    let (datagram_tx, mut datagram_rx) = mpsc::channel::<Vec<(usize, SocketAddr, Vec<u8>)>>(64);
     let mut readers = Vec::new();
     for (local, socket) in sockets.iter().enumerate() {
         let (socket, tx) = (socket.clone(), datagram_tx.clone());
         readers.push(tokio::spawn(async move {
             let mut buf = vec![0u8; 65535];
             loop {
+                let mut batch = Vec::new();
                 match socket.recv_from(&mut buf).await {
-                    Ok((n, from)) => {
-                        if tx.send((local, from, buf[..n].to_vec())).await.is_err() {
-                            return;
-                        }
-                    }
+                    Ok((n, from)) => batch.push((local, from, buf[..n].to_vec())),
                     Err(e) => tracing::trace!(error = %e, "receive error"),
+                }
+                while batch.len() < BATCH {
+                    match socket.try_recv_from(&mut buf) {
+                        Ok((n, from)) => batch.push((local, from, buf[..n].to_vec())),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(e) => tracing::trace!(error = %e, "receive error"),
+                    }
+                }
+                if !batch.is_empty() && tx.send(batch).await.is_err() {
+                    return;
                 }
             }
         }));
@@ -64,6 +80,13 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     let mut revocation_files = RevocationFiles::new(options.revocations.clone());
     revocation_files.reload(&mut directory, &options.network_owners)?;
     let mut revocation_check = tokio::time::interval(Duration::from_secs(5));
+    let store_writer = match &options.state_dir {
+        Some(dir) => Some(open_store(dir, &mut directory)?),
+        None => {
+            tracing::info!("no state directory: hostname bindings will not survive a restart");
+            None
+        }
+    };
     let listen_text: Vec<String> = options.listen.iter().map(|a| a.to_string()).collect();
     tracing::info!(listen = %listen_text.join(","), ttl_secs = options.record_ttl.as_secs(), "backbone is up");
     if json {
@@ -79,20 +102,32 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
         tracing::info!(listen = %options.metrics_listen.map(|a| a.to_string()).unwrap_or_default(), "serving metrics and the mesh picture");
         tokio::spawn(crate::metrics::serve(l, metrics_tx))
     });
+    let mut backlog = std::collections::VecDeque::new();
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut sigint = signal(SignalKind::interrupt())?;
     loop {
         directory.set_unix_time(unix_now());
-        while let Some(t) = directory.poll_transmit() {
+        // Replies a full socket buffer held back, then anything new.
+        while let Some(t) = backlog.pop_front().or_else(|| directory.poll_transmit()) {
             let Some(socket) = sockets.get(t.local) else { continue };
             if let Err(e) = socket.send_to(&t.payload, t.dst).await {
                 tracing::trace!(dst = %t.dst, error = %e, "send failed");
             }
         }
+        if let Some((tx, _)) = &store_writer {
+            let ops: Vec<_> = std::iter::from_fn(|| directory.poll_persist()).collect();
+            if !ops.is_empty() && tx.send(ops).is_err() {
+                tracing::error!("the state writer stopped; records are no longer persisted");
+            }
+        }
         let deadline = directory.poll_timeout().unwrap_or_else(|| Instant::now() + Duration::from_secs(60));
         tokio::select! {
-            Some((local, from, datagram)) = datagram_rx.recv() => {
-                directory.handle_datagram_on(local, from, &datagram, Instant::now());
+            Some(batch) = datagram_rx.recv() => {
+                // Each answered at once (a reply does not wait for the batch).
+                for (local, from, datagram) in batch {
+                    directory.handle_datagram_on(local, from, &datagram, Instant::now());
+                    send_now(&mut directory, &sockets, &mut backlog);
+                }
             }
             _ = tokio::time::sleep_until(deadline.into()) => directory.handle_timeout(Instant::now()),
             Some(pending) = control_rx.recv() => match pending.request {
@@ -132,9 +167,64 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     for reader in readers {
         reader.abort();
     }
+    if let Some((tx, writer)) = store_writer {
+        let ops: Vec<_> = std::iter::from_fn(|| directory.poll_persist()).collect();
+        let _ = tx.send(ops);
+        drop(tx);
+        let _ = writer.join();
+    }
     let _ = std::fs::remove_file(&options.socket);
     tracing::info!("backbone stopped");
     Ok(())
+}
+
+/// Sends what the directory has to send without waiting; what a full
+/// socket buffer refuses waits in `backlog` (in order) for the main loop.
+fn send_now(
+    directory: &mut Directory,
+    sockets: &[Arc<MeshSocket>],
+    backlog: &mut std::collections::VecDeque<meshtun_backbone::Transmit>,
+) {
+    while let Some(t) = directory.poll_transmit() {
+        if !backlog.is_empty() {
+            backlog.push_back(t);
+            continue;
+        }
+        let Some(socket) = sockets.get(t.local) else { continue };
+        match socket.try_send_to(&t.payload, t.dst) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => backlog.push_back(t),
+            Err(e) => tracing::trace!(dst = %t.dst, error = %e, "send failed"),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Opens the state directory, restores what it holds into `directory` and
+/// starts the thread that writes changes (batched: one fdatasync per batch,
+/// off the packet loop).
+fn open_store(
+    dir: &std::path::Path,
+    directory: &mut Directory,
+) -> anyhow::Result<(std::sync::mpsc::Sender<Vec<meshtun_backbone::PersistOp>>, std::thread::JoinHandle<()>)> {
+    let (mut store, records, report) = meshtun_backbone::store::Store::open(dir).map_err(|e| {
+        crate::cli_error::CliError::new("state_dir", format!("cannot open the state directory {}: {e}", dir.display()))
+            .hint("pass --state-dir with a directory this user may write, or leave it out to keep nothing across restarts")
+    })?;
+    let restored = directory.restore(records, Instant::now());
+    tracing::info!(dir = %dir.display(), restored, kept = report.records, torn_bytes = report.torn_bytes, "state loaded");
+    directory.enable_persistence();
+    let (tx, rx) = std::sync::mpsc::channel::<Vec<meshtun_backbone::PersistOp>>();
+    let writer = std::thread::Builder::new().name("backbone-state".into()).spawn(move || {
+        while let Ok(mut ops) = rx.recv() {
+            while let Ok(more) = rx.try_recv() {
+                ops.extend(more);
+            }
+            if let Err(e) = store.apply(&ops) {
+                tracing::error!(error = %e, "cannot write the state directory");
+            }
+        }
+    })?;
+    Ok((tx, writer))
 }
 
 fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {

@@ -107,6 +107,8 @@ pub struct BackboneFile {
     pub network_owners: Option<NetworkOwners>,
     /// Owner-signed revocation lists, absolute paths (`--revocations`, repeatable).
     pub revocations: Option<AbsolutePaths>,
+    /// Where hostname bindings are kept across restarts (`--state-dir`).
+    pub state_dir: Option<AbsolutePath>,
     /// Log level or filter (`--log-level`).
     pub log_level: Option<LogLevel>,
     /// Log format: text or json (`--log-format`).
@@ -748,6 +750,7 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
                 set(&mut args.metrics_listen, sub, "metrics_listen", f.metrics_listen.map(|m| Some(m.0)));
                 set(&mut args.network_owners, sub, "network_owners", f.network_owners.map(|o| o.0));
                 set(&mut args.revocations, sub, "revocations", f.revocations.map(|p| p.0));
+                set(&mut args.state_dir, sub, "state_dir", f.state_dir.map(|p| Some(p.0)));
                 log_level = f.log_level.map(|l| l.0);
                 log_format = f.log_format.map(|l| l.0);
             }
@@ -1002,7 +1005,7 @@ mod tests {
             (
                 "hostname = \"b\"\n",
                 "/etc/meshtun/backbone.toml:1:1: unknown key `hostname`; expected one of listen, record_ttl, socket, \
-                 metrics_listen, network_owners, revocations, log_level, log_format",
+                 metrics_listen, network_owners, revocations, state_dir, log_level, log_format",
             ),
             (
                 "metrics_listen = \"[::1]\"\n",

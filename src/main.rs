@@ -277,6 +277,11 @@ struct BackboneArgs {
     /// (repeatable; re-read when the file changes).
     #[arg(long = "revocations", value_name = "FILE")]
     revocations: Vec<PathBuf>,
+    /// Keep hostname bindings here across restarts (crash-safe log; the
+    /// packaged service uses /var/lib/meshtun-backbone). Without it a
+    /// restart forgets every record until nodes re-register.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -407,6 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     metrics_listen: args.metrics_listen,
                     network_owners: parse_network_owners(&args.network_owners)?,
                     revocations: args.revocations,
+                    state_dir: args.state_dir,
                 },
                 json,
             )

@@ -26,14 +26,18 @@
 //! ([`Message::PeerIntent`]) over the path B registers on, so both start
 //! probing each other at the same moment.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use meshtun_addr::{MeshAddr, NetworkId};
 use meshtun_nat::{classify, DatagramKind};
 use meshtun_proto::message::Deregistration;
-use meshtun_proto::{relay, Message, Query, RecordError, RejectCode, SignedRecord, VerifiedRecord};
+use hashbrown::HashTable;
+use meshtun_proto::{relay, Message, NodeRecord, Query, RecordError, RejectCode, SignedRecord, VerifiedRecord};
+
+pub mod store;
 
 /// Tunables of a directory.
 #[derive(Clone, Debug)]
@@ -82,7 +86,9 @@ pub struct Transmit {
     pub payload: Vec<u8>,
 }
 
-/// One stored record.
+/// One stored record, as [`Directory::get`] and [`Directory::records`]
+/// show it. The directory keeps records compact (the signed bytes plus a few
+/// fields) and decodes an `Entry` on demand.
 #[derive(Clone, Debug)]
 pub struct Entry {
     pub record: VerifiedRecord,
@@ -92,6 +98,116 @@ pub struct Entry {
     pub local: usize,
     pub registered_at: Instant,
     pub expires_at: Instant,
+}
+
+/// A record kept across restarts (see [`Directory::enable_persistence`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PersistedRecord {
+    pub signed: SignedRecord,
+    /// Where the node registered from, so it may look up (and be told of
+    /// peers) before its next heartbeat.
+    pub observed: SocketAddr,
+    pub local: usize,
+}
+
+/// A change the driver must write to stable storage.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PersistOp {
+    /// Keep (or replace) this node's record.
+    Store { addr: MeshAddr, record: PersistedRecord },
+    /// The node's record is gone (expired, deregistered, or no longer
+    /// holds a hostname).
+    Forget { addr: MeshAddr },
+}
+
+/// Expiry timer granularity: records expire at most this late.
+const WHEEL_TICK_MS: u64 = 100;
+
+fn wheel_tick(epoch: Instant, at: Instant) -> u64 {
+    at.saturating_duration_since(epoch).as_millis() as u64 / WHEEL_TICK_MS
+}
+
+/// A record as the directory keeps it: the bytes as received (verified
+/// once, on arrival) plus what the indexes and hot paths need.
+struct Slot {
+    /// Body, then signature.
+    bytes: Box<[u8]>,
+    expires_at: Instant,
+    observed: SocketAddr,
+    addr: MeshAddr,
+    seq: u64,
+    body_len: u16,
+    /// Where the hostname and the WireGuard key bytes sit in `bytes` (any
+    /// occurrence will do: only the bytes matter); `host_len` 0: none.
+    host_off: u16,
+    host_len: u8,
+    wg_off: u16,
+    local: u16,
+    v4: [u8; 4],
+}
+
+impl Slot {
+    fn new(signed: &SignedRecord, record: &NodeRecord, observed: SocketAddr, local: usize, expires_at: Instant) -> Slot {
+        let mut bytes = Vec::with_capacity(signed.body.len() + signed.signature.len());
+        bytes.extend_from_slice(&signed.body);
+        bytes.extend_from_slice(&signed.signature);
+        // Locate a field's bytes in the body (postcard stores strings and
+        // byte arrays verbatim); append them if, unexpectedly, absent.
+        let mut locate = |needle: &[u8]| -> u16 {
+            match signed.body.windows(needle.len().max(1)).position(|w| w == needle) {
+                Some(at) => at as u16,
+                None => {
+                    bytes.extend_from_slice(needle);
+                    (bytes.len() - needle.len()) as u16
+                }
+            }
+        };
+        let (host_off, host_len) = match &record.hostname {
+            Some(name) if !name.is_empty() => (locate(name.as_bytes()), name.len() as u8),
+            _ => (0, 0),
+        };
+        let wg_off = locate(&record.wg_key);
+        let addr = record.mesh_addr();
+        Slot {
+            bytes: bytes.into_boxed_slice(),
+            expires_at,
+            observed,
+            addr,
+            seq: record.seq,
+            body_len: signed.body.len() as u16,
+            host_off,
+            host_len,
+            wg_off,
+            local: local as u16,
+            v4: meshtun_addr::canonical_ipv4(addr).octets(),
+        }
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.bytes[..self.body_len as usize]
+    }
+
+    fn signature(&self) -> &[u8] {
+        let end = self.bytes.len().min(self.body_len as usize + 64);
+        &self.bytes[self.body_len as usize..end]
+    }
+
+    fn hostname(&self) -> Option<&[u8]> {
+        (self.host_len > 0).then(|| &self.bytes[self.host_off as usize..self.host_off as usize + self.host_len as usize])
+    }
+
+    fn wg_key(&self) -> &[u8] {
+        &self.bytes[self.wg_off as usize..self.wg_off as usize + 32]
+    }
+
+    fn signed(&self) -> SignedRecord {
+        SignedRecord { body: self.body().to_vec(), signature: self.signature().to_vec() }
+    }
+
+    /// The record (checked when it arrived; decoding cannot fail then).
+    fn decode(&self) -> Option<NodeRecord> {
+        postcard::from_bytes(self.body()).ok()
+    }
 }
 
 /// Counters, for status and metrics.
@@ -154,18 +270,43 @@ pub struct RelayPair {
 /// The directory of live records.
 pub struct Directory {
     config: DirectoryConfig,
-    records: HashMap<MeshAddr, Entry>,
-    hostnames: HashMap<(NetworkId, String), MeshAddr>,
-    wg_keys: HashMap<(NetworkId, [u8; 32]), MeshAddr>,
+    /// Record storage: one compact slot per record, reused when freed.
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    live: usize,
+    hasher: RandomState,
+    /// Indexes over the slots, holding only slot numbers (the keys live in
+    /// the slots): by address, by (network, hostname), by (network,
+    /// WireGuard key), by (network, canonical IPv4; several per key), and
+    /// which registered node sends from which source address.
+    records: HashTable<u32>,
+    hostnames: HashTable<u32>,
+    wg_keys: HashTable<u32>,
     capabilities: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
     groups: HashMap<(NetworkId, String), HashSet<MeshAddr>>,
-    ipv4s: HashMap<(NetworkId, [u8; 4]), HashSet<MeshAddr>>,
-    /// Expiry order; entries may be stale (checked against `records`).
-    expiry: BTreeSet<(Instant, MeshAddr)>,
-    /// Which registered node sends from which source address.
-    by_observed: HashMap<SocketAddr, MeshAddr>,
+    ipv4s: HashTable<u32>,
+    /// Expiry timer wheel: bucket `i` holds the slots due at tick
+    /// `wheel_base + i` (ticks of `WHEEL_TICK_MS` since `wheel_epoch`).
+    /// Entries go stale when a record is refreshed; they are checked, not
+    /// removed, so a heartbeat costs one push.
+    wheel: VecDeque<Vec<u32>>,
+    wheel_base: u64,
+    wheel_epoch: Option<Instant>,
+    by_observed: HashTable<u32>,
+    persist_enabled: bool,
+    persist: VecDeque<PersistOp>,
     /// Pairs allowed to relay to each other, until when (both directions).
-    relay_permissions: HashMap<(MeshAddr, MeshAddr), Instant>,
+    ///
+    /// Two generations of packed pairs (see [`pack`]): a pair is permitted
+    /// while it is in either; every `relay_permission_ttl / 2` the older
+    /// is dropped. So a permission lasts between half and all of the TTL
+    /// after the last lookup or relayed packet, and costs about 27 bytes
+    /// (10,000 lookups/s with a 600 s TTL: about 160 MiB at most).
+    relay_permissions: HashSet<(u64, u64)>,
+    relay_permissions_old: HashSet<(u64, u64)>,
+    relay_generation_started: Option<Instant>,
+    /// When relay traffic counters were last pruned.
+    relay_traffic_pruned: Option<Instant>,
     /// Token bucket per relaying node: (tokens, last refill).
     relay_buckets: HashMap<MeshAddr, (f64, Instant)>,
     /// Relay traffic per pair (for the mesh picture).
@@ -185,15 +326,26 @@ impl Directory {
     pub fn new(config: DirectoryConfig) -> Directory {
         Directory {
             config,
-            records: HashMap::new(),
-            hostnames: HashMap::new(),
-            wg_keys: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            live: 0,
+            hasher: RandomState::new(),
+            records: HashTable::new(),
+            hostnames: HashTable::new(),
+            wg_keys: HashTable::new(),
             capabilities: HashMap::new(),
             groups: HashMap::new(),
-            ipv4s: HashMap::new(),
-            expiry: BTreeSet::new(),
-            by_observed: HashMap::new(),
-            relay_permissions: HashMap::new(),
+            ipv4s: HashTable::new(),
+            wheel: VecDeque::new(),
+            wheel_base: 0,
+            wheel_epoch: None,
+            by_observed: HashTable::new(),
+            persist_enabled: false,
+            persist: VecDeque::new(),
+            relay_permissions: HashSet::new(),
+            relay_permissions_old: HashSet::new(),
+            relay_generation_started: None,
+            relay_traffic_pruned: None,
             relay_buckets: HashMap::new(),
             relay_traffic: HashMap::new(),
             local: 0,
@@ -247,23 +399,26 @@ impl Directory {
 
     /// When the next record expires.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.expiry.iter().next().map(|(at, _)| *at)
+        let epoch = self.wheel_epoch?;
+        let i = self.wheel.iter().position(|bucket| !bucket.is_empty())?;
+        Some(epoch + Duration::from_millis((self.wheel_base + i as u64) * WHEEL_TICK_MS))
     }
 
-    pub fn records(&self) -> impl Iterator<Item = &Entry> {
-        self.records.values()
+    /// Every live record (decoded on demand, in no particular order).
+    pub fn records(&self) -> impl Iterator<Item = Entry> + '_ {
+        self.slots.iter().flatten().filter_map(|slot| self.entry_of(slot))
     }
 
-    pub fn get(&self, addr: &MeshAddr) -> Option<&Entry> {
-        self.records.get(addr)
+    pub fn get(&self, addr: &MeshAddr) -> Option<Entry> {
+        self.find(addr).and_then(|id| self.entry_of(self.slot(id)))
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.live
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.live == 0
     }
 
     pub fn stats(&self) -> &DirectoryStats {
@@ -273,7 +428,16 @@ impl Directory {
     /// Pairs this backbone introduced (one looked the other up) whose
     /// relay permission is still valid at `now`.
     pub fn introduced_pairs(&self, now: Instant) -> impl Iterator<Item = (MeshAddr, MeshAddr)> + '_ {
-        self.relay_permissions.iter().filter(move |(_, until)| **until > now).map(|(pair, _)| *pair)
+        // Generations a rotation at `now` would keep.
+        let age = self.relay_generation_started.map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        let ttl = self.config.relay_permission_ttl;
+        let current = (age < ttl).then_some(&self.relay_permissions);
+        let old = (age < ttl / 2).then_some(&self.relay_permissions_old);
+        current
+            .into_iter()
+            .flatten()
+            .chain(old.into_iter().flatten().filter(|p| !self.relay_permissions.contains(p)))
+            .map(|&(a, b)| (unpack(a), unpack(b)))
     }
 
     /// Pairs that have relayed traffic through this backbone.
@@ -288,8 +452,9 @@ impl Directory {
     fn handle_message(&mut self, from: SocketAddr, message: Message, now: Instant) {
         match message {
             Message::Register { request_id, record } => {
-                let reply = match self.register(from, &record, now) {
-                    Ok(()) => Message::RegisterAck {
+                let result = self.register(from, &record, now);
+                let reply = match result.clone() {
+                    Ok(_) => Message::RegisterAck {
                         request_id,
                         observed: from,
                         ttl_secs: self.config.record_ttl.as_secs().min(u32::MAX as u64) as u32,
@@ -300,14 +465,11 @@ impl Directory {
                         Message::Reject { request_id, code, detail }
                     }
                 };
-                let accepted = matches!(reply, Message::RegisterAck { .. });
                 self.send(from, &reply);
-                if accepted {
-                    if let Some(network) = record.verify().ok().map(|v| v.record.network) {
-                        if let Some((_, list)) = self.revocations.get(&network) {
-                            let list = list.clone();
-                            self.send(from, &Message::Revocations { list });
-                        }
+                if let Ok(network) = result {
+                    if let Some((_, list)) = self.revocations.get(&network) {
+                        let list = list.clone();
+                        self.send(from, &Message::Revocations { list });
                     }
                 }
             }
@@ -322,18 +484,23 @@ impl Directory {
                 // A node may only ask about its own network: members of a
                 // private network are invisible to everyone else.
                 let same_network = query_network(&query) == asker.network;
-                let reply = match self.records.get(&asker) {
-                    Some(entry) if entry.observed == from && same_network => {
+                let asker_slot = self.find(&asker).filter(|&id| self.slot(id).observed == from);
+                let reply = match asker_slot {
+                    Some(asker_id) if same_network => {
                         self.stats.lookups += 1;
                         self.stats.lookups_by_kind.count(&query);
-                        let asker_record = entry.record.signed.clone();
-                let found: Vec<SignedRecord> = self
+                        let asker_record = self.slot(asker_id).signed();
+                        // Stored records were verified when they came in;
+                        // only the rules that depend on time (key and
+                        // certificate expiry, revocations) are checked again.
+                        let found: Vec<u32> = self
                             .lookup(&query)
                             .into_iter()
-                            .filter(|r| r.verify().is_ok_and(|v| self.authorize(&v.record).is_ok()))
+                            .filter(|&id| self.slot(id).decode().is_some_and(|r| self.authorize(&r).is_ok()))
                             .collect();
+                        let records = found.iter().map(|&id| self.slot(id).signed()).collect();
                         self.after_lookup(asker, asker_record, &query, &found, now);
-                        Message::LookupReply { request_id, records: found }
+                        Message::LookupReply { request_id, records: fit_in_one_datagram(request_id, records) }
                     }
                     _ => {
                         self.stats.lookups_rejected += 1;
@@ -374,11 +541,12 @@ impl Directory {
         }
         self.revocations.insert(network, (revocations, list));
         let unauthorized: Vec<MeshAddr> = self
-            .records
-            .values()
-            .filter(|e| e.record.record.network == network)
-            .filter(|e| self.authorize(&e.record.record).is_err())
-            .map(|e| e.record.record.mesh_addr())
+            .slots
+            .iter()
+            .flatten()
+            .filter(|slot| slot.addr.network == network)
+            .filter(|slot| slot.decode().is_none_or(|r| self.authorize(&r).is_err()))
+            .map(|slot| slot.addr)
             .collect();
         for addr in &unauthorized {
             self.remove(addr);
@@ -426,7 +594,7 @@ impl Directory {
         from: SocketAddr,
         signed: &SignedRecord,
         now: Instant,
-    ) -> Result<(), (RejectCode, String)> {
+    ) -> Result<NetworkId, (RejectCode, String)> {
         if !self.rate_limit_registration(from, now) {
             return Err((RejectCode::RateLimited, "too many registrations from this address".into()));
         }
@@ -442,69 +610,57 @@ impl Directory {
         })?;
         let record = &verified.record;
         let addr = record.mesh_addr();
+        let existing = self.find(&addr);
         if let Err(refusal) = self.authorize(record) {
             // Signed by the node itself: it is no longer allowed in, so its
             // current record goes too.
-            if self.records.get(&addr).is_some_and(|e| e.record.record.identity_key == record.identity_key) {
+            let same_identity = existing
+                .and_then(|id| self.slot(id).decode())
+                .is_some_and(|stored| stored.identity_key == record.identity_key);
+            if same_identity {
                 self.remove(&addr);
             }
             return Err(refusal);
         }
-        if let Some(existing) = self.records.get(&addr) {
-            if existing.record.signed == *signed {
-                return Ok(()); // a retransmission: acknowledge, refresh nothing
+        if let Some(id) = existing {
+            let slot = self.slot(id);
+            if slot.body() == signed.body.as_slice() && slot.signature() == signed.signature.as_slice() {
+                return Ok(record.network); // a retransmission: acknowledge, refresh nothing
             }
-            if record.seq <= existing.record.record.seq {
+            if record.seq <= slot.seq {
                 return Err((
                     RejectCode::StaleSequence,
-                    format!(
-                        "sequence {} is not newer than the stored {}",
-                        record.seq, existing.record.record.seq
-                    ),
+                    format!("sequence {} is not newer than the stored {}", record.seq, slot.seq),
                 ));
             }
         }
         if let Some(name) = &record.hostname {
-            if let Some(holder) = self.hostnames.get(&(record.network, name.clone())) {
-                if *holder != addr {
-                    return Err((
-                        RejectCode::HostnameTaken,
-                        format!("hostname {name:?} is held by {holder}"),
-                    ));
+            if let Some(holder) = self.find_hostname(record.network, name.as_bytes()) {
+                let holder = self.slot(holder).addr;
+                if holder != addr {
+                    return Err((RejectCode::HostnameTaken, format!("hostname {name:?} is held by {holder}")));
                 }
             }
         }
-        self.remove(&addr);
-        if let Some(name) = &record.hostname {
-            self.hostnames.insert((record.network, name.clone()), addr);
+        let slot = Slot::new(signed, record, from, self.local, now + self.config.record_ttl);
+        match existing {
+            Some(id) => self.update(id, slot, record),
+            None => {
+                self.insert(slot, record);
+            }
         }
-        self.by_observed.insert(from, addr);
-        self.wg_keys.insert((record.network, record.wg_key), addr);
-        for cap in &record.capabilities {
-            self.capabilities.entry((record.network, cap.clone())).or_default().insert(addr);
-        }
-        for group in &record.groups {
-            self.groups.entry((record.network, group.clone())).or_default().insert(addr);
-        }
-        self.ipv4s.entry((record.network, meshtun_addr::canonical_ipv4(addr).octets())).or_default().insert(addr);
-        let expires_at = now + self.config.record_ttl;
-        self.expiry.insert((expires_at, addr));
-        self.records.insert(
-            addr,
-            Entry { record: verified, observed: from, local: self.local, registered_at: now, expires_at },
-        );
         self.stats.registrations += 1;
-        Ok(())
+        Ok(record.network)
     }
 
     fn deregister(&mut self, d: &Deregistration) -> Result<(), (RejectCode, String)> {
-        let Some(entry) = self.records.get(&d.addr) else {
+        let Some(stored) = self.find(&d.addr).and_then(|id| self.slot(id).decode()) else {
             return Err((RejectCode::UnknownNode, format!("{} is not registered", d.addr)));
         };
-        if !d.verify(&entry.record.record.identity_key) {
+        if !d.verify(&stored.identity_key) {
             return Err((RejectCode::BadSignature, "deregistration signature invalid".into()));
         }
-        if d.seq <= entry.record.record.seq {
+        if d.seq <= stored.seq {
             return Err((RejectCode::StaleSequence, "deregistration is older than the record".into()));
         }
         self.remove(&d.addr);
@@ -512,100 +668,73 @@ impl Directory {
         Ok(())
     }
 
-    fn lookup(&self, query: &Query) -> Vec<SignedRecord> {
-        let set = match query {
-            Query::Capability { network, name } => self.capabilities.get(&(*network, name.clone())),
-            Query::Group { network, name } => self.groups.get(&(*network, name.clone())),
-            Query::Ipv4 { network, addr } => self.ipv4s.get(&(*network, *addr)),
-            _ => None,
-        };
+    /// The records answering `query` (slot ids), at most `max_lookup_results`.
+    fn lookup(&self, query: &Query) -> Vec<u32> {
+        let max = self.config.max_lookup_results;
         if query.is_set() {
-            let mut addrs: Vec<&MeshAddr> = set.map(|s| s.iter().collect()).unwrap_or_default();
-            addrs.sort();
-            return addrs
-                .into_iter()
-                .filter_map(|a| self.records.get(a))
-                .map(|e| e.record.signed.clone())
-                .take(self.config.max_lookup_results)
-                .collect();
+            let mut addrs: Vec<MeshAddr> = match query {
+                Query::Capability { network, name } => {
+                    self.capabilities.get(&(*network, name.clone())).map(|s| s.iter().copied().collect()).unwrap_or_default()
+                }
+                Query::Group { network, name } => {
+                    self.groups.get(&(*network, name.clone())).map(|s| s.iter().copied().collect()).unwrap_or_default()
+                }
+                Query::Ipv4 { network, addr } => {
+                    let h = self.hasher.hash_one((network.0, *addr));
+                    self.ipv4s
+                        .iter_hash(h)
+                        .map(|&id| self.slot(id))
+                        .filter(|s| s.addr.network == *network && s.v4 == *addr)
+                        .map(|s| s.addr)
+                        .collect()
+                }
+                _ => Vec::new(),
+            };
+            // The first `max` by address (a partial selection, not a full sort).
+            if addrs.len() > max && max > 0 {
+                addrs.select_nth_unstable(max - 1);
+                addrs.truncate(max);
+            }
+            addrs.sort_unstable();
+            return addrs.iter().filter_map(|a| self.find(a)).take(max).collect();
         }
         let found = match query {
-            Query::Address(addr) => Some(*addr),
-            Query::Hostname { network, name } => {
-                self.hostnames.get(&(*network, name.clone())).copied()
-            }
-            Query::WgKey { network, key } => self.wg_keys.get(&(*network, *key)).copied(),
+            Query::Address(addr) => self.find(addr),
+            Query::Hostname { network, name } => self.find_hostname(*network, name.as_bytes()),
+            Query::WgKey { network, key } => self.find_wg_key(*network, key),
             Query::Capability { .. } | Query::Group { .. } | Query::Ipv4 { .. } => None,
         };
-        found
-            .and_then(|addr| self.records.get(&addr))
-            .map(|entry| entry.record.signed.clone())
-            .into_iter()
-            .take(self.config.max_lookup_results)
-            .collect()
+        found.into_iter().take(max).collect()
     }
 
     fn remove(&mut self, addr: &MeshAddr) {
-        let Some(entry) = self.records.remove(addr) else { return };
-        let record = &entry.record.record;
-        self.expiry.remove(&(entry.expires_at, *addr));
-        if let Some(name) = &record.hostname {
-            let key = (record.network, name.clone());
-            if self.hostnames.get(&key) == Some(addr) {
-                self.hostnames.remove(&key);
-            }
+        if let Some(id) = self.find(addr) {
+            self.remove_slot(id);
         }
-        let key = (record.network, record.wg_key);
-        if self.wg_keys.get(&key) == Some(addr) {
-            self.wg_keys.remove(&key);
-        }
-        for (index, tags) in [(&mut self.capabilities, &record.capabilities), (&mut self.groups, &record.groups)] {
-            for tag in tags {
-                let key = (record.network, tag.clone());
-                if let Some(set) = index.get_mut(&key) {
-                    set.remove(addr);
-                    if set.is_empty() {
-                        index.remove(&key);
-                    }
-                }
-            }
-        }
-        let v4 = (record.network, meshtun_addr::canonical_ipv4(*addr).octets());
-        if let Some(set) = self.ipv4s.get_mut(&v4) {
-            set.remove(addr);
-            if set.is_empty() {
-                self.ipv4s.remove(&v4);
-            }
-        }
-        if self.by_observed.get(&entry.observed) == Some(addr) {
-            self.by_observed.remove(&entry.observed);
-        }
-        self.relay_buckets.remove(addr);
     }
 
     /// A successful lookup permits relaying between the two nodes and
     /// tells the node that was found who is coming.
-    fn after_lookup(&mut self, asker: MeshAddr, asker_record: SignedRecord, query: &Query, found: &[SignedRecord], now: Instant) {
+    fn after_lookup(&mut self, asker: MeshAddr, asker_record: SignedRecord, query: &Query, found: &[u32], now: Instant) {
         if query.is_set() {
             return; // discovery, not an intent to connect
         }
-        let Some(target) = found.first().and_then(|r| r.verify().ok()) else { return };
-        let target_addr = target.record.mesh_addr();
+        let Some(&target) = found.first() else { return };
+        let (target_addr, dst, local) = {
+            let s = self.slot(target);
+            (s.addr, s.observed, s.local as usize)
+        };
         if target_addr == asker {
             return;
         }
-        let until = now + self.config.relay_permission_ttl;
-        self.relay_permissions.insert(ordered(asker, target_addr), until);
+        self.permit(asker, target_addr, now);
         // Key lookups come from the side that was already contacted; no push.
         if matches!(query, Query::WgKey { .. }) {
             return;
         }
-        if let Some(entry) = self.records.get(&target_addr) {
-            let (dst, local) = (entry.observed, entry.local);
-            self.stats.intents_pushed += 1;
-            let payload = Message::PeerIntent { record: asker_record }.encode();
-            self.transmits.push_back(Transmit { local, dst, payload });
-        }
+        self.stats.intents_pushed += 1;
+        let payload = Message::PeerIntent { record: asker_record }.encode();
+        self.transmits.push_back(Transmit { local, dst, payload });
     }
 
     fn handle_relay(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
@@ -613,13 +742,19 @@ impl Directory {
             self.stats.dropped_malformed += 1;
             return;
         };
-        let Some(&src) = self.by_observed.get(&from) else {
+        let src = {
+            let slots = &self.slots;
+            self.by_observed
+                .find(self.hasher.hash_one(from), |&id| slots[id as usize].as_ref().is_some_and(|s| s.observed == from))
+                .map(|&id| self.slot(id).addr)
+        };
+        let Some(src) = src else {
             tracing::trace!(%from, "relay from an unregistered source");
             self.stats.relay_refused += 1;
             return;
         };
-        let permitted = self.relay_permissions.get(&ordered(src, dst)).is_some_and(|until| *until > now);
-        let Some(dst_entry) = self.records.get(&dst) else {
+        let permitted = self.is_permitted(src, dst);
+        let Some(dst_id) = self.find(&dst) else {
             self.stats.relay_refused += 1;
             return;
         };
@@ -628,7 +763,7 @@ impl Directory {
             self.stats.relay_refused += 1;
             return;
         }
-        let (dst_endpoint, dst_local) = (dst_entry.observed, dst_entry.local);
+        let (dst_endpoint, dst_local) = (self.slot(dst_id).observed, self.slot(dst_id).local as usize);
         let (rate, burst) = (self.config.relay_rate_bytes as f64, self.config.relay_burst_bytes as f64);
         let bucket = self.relay_buckets.entry(src).or_insert((burst, now));
         bucket.0 = (bucket.0 + now.saturating_duration_since(bucket.1).as_secs_f64() * rate).min(burst);
@@ -639,7 +774,7 @@ impl Directory {
             return;
         }
         bucket.0 -= cost;
-        self.relay_permissions.insert(ordered(src, dst), now + self.config.relay_permission_ttl);
+        self.permit(src, dst, now);
         self.stats.relayed_packets += 1;
         self.stats.relayed_bytes += payload.len() as u64;
         let pair = self.relay_traffic.entry(ordered(src, dst)).or_insert(RelayPair { packets: 0, bytes: 0, last: now });
@@ -650,23 +785,329 @@ impl Directory {
     }
 
     fn expire(&mut self, now: Instant) {
-        if self.relay_permissions.len() > 4 * self.records.len() + 1024 {
-            self.relay_permissions.retain(|_, until| *until > now);
+        let epoch = *self.wheel_epoch.get_or_insert(now);
+        self.rotate_permissions(now);
+        // At most every 10 s (a full pass), only when the map is large.
+        let prune_due = self.relay_traffic_pruned.is_none_or(|t| now.saturating_duration_since(t) >= Duration::from_secs(10));
+        if prune_due && self.relay_traffic.len() > 4 * self.live + 1024 {
+            self.relay_traffic_pruned = Some(now);
+            let mut traffic = std::mem::take(&mut self.relay_traffic);
+            traffic.retain(|(a, b), _| self.find(a).is_some() && self.find(b).is_some());
+            self.relay_traffic = traffic;
         }
-        if self.relay_traffic.len() > 4 * self.records.len() + 1024 {
-            let records = &self.records;
-            self.relay_traffic.retain(|(a, b), _| records.contains_key(a) && records.contains_key(b));
-        }
-        while let Some(&(at, addr)) = self.expiry.iter().next() {
-            if at > now {
+        // Buckets entirely in the past; an entry is stale if the record was
+        // refreshed (its expiry moved) or its slot reused.
+        let current = wheel_tick(epoch, now);
+        while self.wheel_base <= current {
+            let Some(bucket) = self.wheel.pop_front() else {
+                self.wheel_base = current + 1;
                 break;
+            };
+            self.wheel_base += 1;
+            for id in bucket {
+                let expired = self.slots.get(id as usize).and_then(Option::as_ref).is_some_and(|s| s.expires_at <= now);
+                if expired {
+                    tracing::debug!(addr = %self.slot(id).addr, "record expired");
+                    self.remove_slot(id);
+                    self.stats.expirations += 1;
+                }
             }
-            self.expiry.remove(&(at, addr));
-            if self.records.get(&addr).is_some_and(|e| e.expires_at == at) {
-                tracing::debug!(%addr, "record expired");
-                self.remove(&addr);
-                self.stats.expirations += 1;
+        }
+    }
+
+    // --- Storage: compact slots and the indexes over them ---------------
+
+    fn slot(&self, id: u32) -> &Slot {
+        self.slots[id as usize].as_ref().expect("indexed slots are live")
+    }
+
+    fn find(&self, addr: &MeshAddr) -> Option<u32> {
+        let slots = &self.slots;
+        self.records.find(self.hasher.hash_one(addr), |&id| slots[id as usize].as_ref().is_some_and(|s| s.addr == *addr)).copied()
+    }
+
+    fn find_hostname(&self, network: NetworkId, name: &[u8]) -> Option<u32> {
+        let slots = &self.slots;
+        self.hostnames
+            .find(self.hasher.hash_one((network.0, name)), |&id| {
+                slots[id as usize].as_ref().is_some_and(|s| s.addr.network == network && s.hostname() == Some(name))
+            })
+            .copied()
+    }
+
+    fn find_wg_key(&self, network: NetworkId, key: &[u8; 32]) -> Option<u32> {
+        let slots = &self.slots;
+        self.wg_keys
+            .find(self.hasher.hash_one((network.0, &key[..])), |&id| {
+                slots[id as usize].as_ref().is_some_and(|s| s.addr.network == network && s.wg_key() == key)
+            })
+            .copied()
+    }
+
+    /// Stores a new record under a fresh slot and indexes it.
+    fn insert(&mut self, slot: Slot, record: &NodeRecord) -> u32 {
+        let id = match self.free.pop() {
+            Some(id) => id,
+            None => {
+                self.slots.push(None);
+                (self.slots.len() - 1) as u32
             }
+        };
+        let (addr, expires_at) = (slot.addr, slot.expires_at);
+        let has_name = slot.host_len > 0;
+        self.slots[id as usize] = Some(slot);
+        self.live += 1;
+        let Directory { slots, hasher, records, hostnames, wg_keys, ipv4s, by_observed, .. } = self;
+        index_replace(records, slots, hasher, id, Key::Addr);
+        if has_name {
+            index_hostname(hostnames, slots, hasher, id);
+        }
+        index_replace(wg_keys, slots, hasher, id, Key::WgKey);
+        index_v4(ipv4s, slots, hasher, id);
+        index_replace(by_observed, slots, hasher, id, Key::Observed);
+        for cap in &record.capabilities {
+            self.capabilities.entry((addr.network, cap.clone())).or_default().insert(addr);
+        }
+        for group in &record.groups {
+            self.groups.entry((addr.network, group.clone())).or_default().insert(addr);
+        }
+        self.schedule(id, expires_at);
+        if has_name {
+            self.persist_store(id);
+        }
+        id
+    }
+
+    /// Replaces slot `id` (same address) with a newer record, touching only
+    /// the indexes whose keys changed: a heartbeat that changes nothing but
+    /// the sequence costs no index work.
+    fn update(&mut self, id: u32, slot: Slot, record: &NodeRecord) {
+        let old = self.slots[id as usize].take().expect("updated slot is live");
+        let addr = old.addr;
+        let name_changed = old.hostname() != slot.hostname();
+        let wg_changed = old.wg_key() != slot.wg_key();
+        let observed_changed = old.observed != slot.observed || old.local != slot.local;
+        if name_changed && old.host_len > 0 {
+            let h = self.hasher.hash_one((addr.network.0, old.hostname().unwrap_or_default()));
+            if let Ok(e) = self.hostnames.find_entry(h, |&i| i == id) {
+                e.remove();
+            }
+        }
+        if wg_changed {
+            let h = self.hasher.hash_one((addr.network.0, old.wg_key()));
+            if let Ok(e) = self.wg_keys.find_entry(h, |&i| i == id) {
+                e.remove();
+            }
+        }
+        if observed_changed {
+            if let Ok(e) = self.by_observed.find_entry(self.hasher.hash_one(old.observed), |&i| i == id) {
+                e.remove();
+            }
+        }
+        // Tags: only a diff, and only when the tags may differ at all.
+        let old_record = old.decode();
+        if let Some(old_record) = &old_record {
+            for (index, before, after) in [
+                (&mut self.capabilities, &old_record.capabilities, &record.capabilities),
+                (&mut self.groups, &old_record.groups, &record.groups),
+            ] {
+                if before == after {
+                    continue;
+                }
+                for tag in before.iter().filter(|t| !after.contains(t)) {
+                    let key = (addr.network, tag.clone());
+                    if let Some(set) = index.get_mut(&key) {
+                        set.remove(&addr);
+                        if set.is_empty() {
+                            index.remove(&key);
+                        }
+                    }
+                }
+                for tag in after.iter().filter(|t| !before.contains(t)) {
+                    index.entry((addr.network, tag.clone())).or_default().insert(addr);
+                }
+            }
+        }
+        let expires_at = slot.expires_at;
+        let has_name = slot.host_len > 0;
+        self.slots[id as usize] = Some(slot);
+        let Directory { slots, hasher, hostnames, wg_keys, by_observed, .. } = self;
+        if name_changed && has_name {
+            index_hostname(hostnames, slots, hasher, id);
+        }
+        if wg_changed {
+            index_replace(wg_keys, slots, hasher, id, Key::WgKey);
+        }
+        if observed_changed {
+            index_replace(by_observed, slots, hasher, id, Key::Observed);
+        }
+        self.schedule(id, expires_at);
+        if has_name && (name_changed || observed_changed) {
+            self.persist_store(id);
+        } else if !has_name && old.host_len > 0 {
+            self.persist_forget(addr);
+        }
+    }
+
+    fn remove_slot(&mut self, id: u32) {
+        let Some(old) = self.slots.get_mut(id as usize).and_then(Option::take) else { return };
+        self.live -= 1;
+        self.free.push(id);
+        let addr = old.addr;
+        if let Ok(e) = self.records.find_entry(self.hasher.hash_one(addr), |&i| i == id) {
+            e.remove();
+        }
+        if let Some(name) = old.hostname() {
+            if let Ok(e) = self.hostnames.find_entry(self.hasher.hash_one((addr.network.0, name)), |&i| i == id) {
+                e.remove();
+            }
+            self.persist_forget(addr);
+        }
+        if let Ok(e) = self.wg_keys.find_entry(self.hasher.hash_one((addr.network.0, old.wg_key())), |&i| i == id) {
+            e.remove();
+        }
+        if let Ok(e) = self.ipv4s.find_entry(self.hasher.hash_one((addr.network.0, old.v4)), |&i| i == id) {
+            e.remove();
+        }
+        if let Ok(e) = self.by_observed.find_entry(self.hasher.hash_one(old.observed), |&i| i == id) {
+            e.remove();
+        }
+        if let Some(record) = old.decode() {
+            for (index, tags) in [(&mut self.capabilities, &record.capabilities), (&mut self.groups, &record.groups)] {
+                for tag in tags {
+                    let key = (addr.network, tag.clone());
+                    if let Some(set) = index.get_mut(&key) {
+                        set.remove(&addr);
+                        if set.is_empty() {
+                            index.remove(&key);
+                        }
+                    }
+                }
+            }
+        }
+        self.relay_buckets.remove(&addr);
+    }
+
+    fn permit(&mut self, a: MeshAddr, b: MeshAddr, now: Instant) {
+        self.rotate_permissions(now);
+        let (a, b) = ordered(a, b);
+        self.relay_permissions.insert((pack(a), pack(b)));
+    }
+
+    fn is_permitted(&self, a: MeshAddr, b: MeshAddr) -> bool {
+        let (a, b) = ordered(a, b);
+        let key = (pack(a), pack(b));
+        self.relay_permissions.contains(&key) || self.relay_permissions_old.contains(&key)
+    }
+
+    fn rotate_permissions(&mut self, now: Instant) {
+        let started = *self.relay_generation_started.get_or_insert(now);
+        let age = now.saturating_duration_since(started);
+        let ttl = self.config.relay_permission_ttl;
+        if age >= ttl {
+            self.relay_permissions.clear();
+            self.relay_permissions_old.clear();
+            self.relay_generation_started = Some(now);
+        } else if age >= ttl / 2 {
+            self.relay_permissions_old = std::mem::take(&mut self.relay_permissions);
+            self.relay_generation_started = Some(now);
+        }
+    }
+
+    /// Files slot `id` for expiry at `at` in the timer wheel.
+    fn schedule(&mut self, id: u32, at: Instant) {
+        let epoch = *self.wheel_epoch.get_or_insert(at);
+        let tick = (wheel_tick(epoch, at) + 1).max(self.wheel_base);
+        let index = (tick - self.wheel_base) as usize;
+        if self.wheel.len() <= index {
+            self.wheel.resize_with(index + 1, Vec::new);
+        }
+        self.wheel[index].push(id);
+    }
+
+    fn entry_of(&self, slot: &Slot) -> Option<Entry> {
+        let record = slot.decode()?;
+        Some(Entry {
+            record: VerifiedRecord { record, signed: slot.signed() },
+            observed: slot.observed,
+            local: slot.local as usize,
+            registered_at: slot.expires_at.checked_sub(self.config.record_ttl).unwrap_or(slot.expires_at),
+            expires_at: slot.expires_at,
+        })
+    }
+
+    // --- Persistence (the driver writes; the core only says what) -------
+
+    /// Asks the directory to report, through [`Directory::poll_persist`],
+    /// every change to the records that must survive a restart: records
+    /// holding a hostname (so a restart cannot free a name for someone
+    /// else). Written when the binding or the node's observed address
+    /// changes, not on every heartbeat.
+    pub fn enable_persistence(&mut self) {
+        self.persist_enabled = true;
+    }
+
+    /// The next change to write to stable storage, oldest first.
+    pub fn poll_persist(&mut self) -> Option<PersistOp> {
+        self.persist.pop_front()
+    }
+
+    /// Loads records kept across a restart. Each is verified again (the
+    /// store is only as trusted as the disk) and lives for a fresh
+    /// `record_ttl` from `now`: a node that is still up re-registers within
+    /// one heartbeat; one that is gone expires as if the backbone had never
+    /// stopped, which is when its hostname frees. Returns how many were
+    /// restored; older duplicates and refused records are skipped.
+    pub fn restore(&mut self, records: impl IntoIterator<Item = PersistedRecord>, now: Instant) -> usize {
+        self.expire(now);
+        let mut restored = 0;
+        for p in records {
+            let Ok(verified) = p.signed.verify() else { continue };
+            let record = &verified.record;
+            if self.authorize(record).is_err() {
+                continue;
+            }
+            let addr = record.mesh_addr();
+            let existing = self.find(&addr);
+            if existing.is_some_and(|id| self.slot(id).seq >= record.seq) {
+                continue;
+            }
+            if let Some(name) = &record.hostname {
+                if self.find_hostname(record.network, name.as_bytes()).is_some_and(|h| self.slot(h).addr != addr) {
+                    continue;
+                }
+            }
+            let local = p.local.min(u16::MAX as usize);
+            let slot = Slot::new(&p.signed, record, p.observed, local, now + self.config.record_ttl);
+            let was = self.persist_enabled;
+            self.persist_enabled = false; // already on disk
+            match existing {
+                Some(id) => self.update(id, slot, record),
+                None => {
+                    self.insert(slot, record);
+                }
+            }
+            self.persist_enabled = was;
+            restored += 1;
+        }
+        restored
+    }
+
+    fn persist_store(&mut self, id: u32) {
+        if !self.persist_enabled {
+            return;
+        }
+        let s = self.slot(id);
+        let op = PersistOp::Store {
+            addr: s.addr,
+            record: PersistedRecord { signed: s.signed(), observed: s.observed, local: s.local as usize },
+        };
+        self.persist.push_back(op);
+    }
+
+    fn persist_forget(&mut self, addr: MeshAddr) {
+        if self.persist_enabled {
+            self.persist.push_back(PersistOp::Forget { addr });
         }
     }
 
@@ -687,8 +1128,90 @@ fn query_network(query: &Query) -> NetworkId {
     }
 }
 
+/// The first of `records` that fit in one LookupReply of at most
+/// `MAX_MESSAGE_LEN` bytes (nodes refuse anything longer). One record
+/// always fits; a set answer may come back partial.
+fn fit_in_one_datagram(request_id: u64, mut records: Vec<SignedRecord>) -> Vec<SignedRecord> {
+    // The reply header: magic, variant, request id and record count.
+    let mut len = Message::LookupReply { request_id, records: Vec::new() }.encode().len() + 4;
+    let fit = records
+        .iter()
+        .take_while(|r| {
+            // Each record: two length-prefixed byte strings.
+            len += r.body.len() + r.signature.len() + 2 * 3;
+            len <= meshtun_proto::MAX_MESSAGE_LEN
+        })
+        .count();
+    records.truncate(fit.max(1));
+    records
+}
+
 fn ordered(a: MeshAddr, b: MeshAddr) -> (MeshAddr, MeshAddr) {
     if a <= b { (a, b) } else { (b, a) }
+}
+
+/// A mesh address in 64 bits: network (16) then node (48).
+fn pack(a: MeshAddr) -> u64 {
+    (u64::from(a.network.0) << 48) | a.node.to_u64()
+}
+
+fn unpack(v: u64) -> MeshAddr {
+    MeshAddr::new(NetworkId((v >> 48) as u16), meshtun_addr::NodeAddr::from_bytes((v & 0xFFFF_FFFF_FFFF).to_be_bytes()[2..].try_into().unwrap()))
+}
+
+/// Which key of a slot an index is by.
+#[derive(Clone, Copy)]
+enum Key {
+    Addr,
+    Hostname,
+    WgKey,
+    Observed,
+}
+
+fn key_hash(hasher: &RandomState, s: &Slot, key: Key) -> u64 {
+    match key {
+        Key::Addr => hasher.hash_one(s.addr),
+        Key::Hostname => hasher.hash_one((s.addr.network.0, s.hostname().unwrap_or_default())),
+        Key::WgKey => hasher.hash_one((s.addr.network.0, s.wg_key())),
+        Key::Observed => hasher.hash_one(s.observed),
+    }
+}
+
+fn same_key(a: &Slot, b: &Slot, key: Key) -> bool {
+    match key {
+        Key::Addr => a.addr == b.addr,
+        Key::Hostname => a.addr.network == b.addr.network && a.hostname() == b.hostname(),
+        Key::WgKey => a.addr.network == b.addr.network && a.wg_key() == b.wg_key(),
+        Key::Observed => a.observed == b.observed,
+    }
+}
+
+fn live(slots: &[Option<Slot>], id: u32) -> &Slot {
+    slots[id as usize].as_ref().expect("indexed slots are live")
+}
+
+/// Points `table`'s entry for slot `id`'s `key` at `id` (replacing the
+/// slot that held that key before, if any).
+fn index_replace(table: &mut HashTable<u32>, slots: &[Option<Slot>], hasher: &RandomState, id: u32, key: Key) {
+    let s = live(slots, id);
+    let h = key_hash(hasher, s, key);
+    let eq = |&i: &u32| i == id || slots[i as usize].as_ref().is_some_and(|o| same_key(o, s, key));
+    if let Some(entry) = table.find_mut(h, eq) {
+        *entry = id;
+    } else {
+        table.insert_unique(h, id, |&i| key_hash(hasher, live(slots, i), key));
+    }
+}
+
+fn index_hostname(table: &mut HashTable<u32>, slots: &[Option<Slot>], hasher: &RandomState, id: u32) {
+    index_replace(table, slots, hasher, id, Key::Hostname)
+}
+
+/// The IPv4 index holds every slot (several may share a canonical IPv4).
+fn index_v4(table: &mut HashTable<u32>, slots: &[Option<Slot>], hasher: &RandomState, id: u32) {
+    let v4_hash = |s: &Slot| hasher.hash_one((s.addr.network.0, s.v4));
+    let h = v4_hash(live(slots, id));
+    table.insert_unique(h, id, |&i| v4_hash(live(slots, i)));
 }
 
 #[cfg(test)]
@@ -1096,6 +1619,49 @@ mod tests {
             .filter(|seq| matches!(register(&mut dir, NODE_A, record(&a, *seq, None), now), Message::Reject { code: RejectCode::RateLimited, .. }))
             .count();
         assert_eq!(refused, 20, "burst of 10 allowed");
+    }
+
+    #[test]
+    fn set_lookup_replies_fit_in_one_datagram() {
+        // Ten nodes whose records are near the body limit, all with one
+        // capability: answering every match made a LookupReply of ~10 KB,
+        // past MAX_MESSAGE_LEN, which the asking node refuses whole.
+        let parts: [([u8; 32], u64); 10] = [
+            ([0x11; 32], 40015),
+            ([0x12; 32], 1315079),
+            ([0x13; 32], 68053),
+            ([0x14; 32], 742261),
+            ([0x15; 32], 3781837),
+            ([0x16; 32], 1960299),
+            ([0x17; 32], 1744633),
+            ([0x18; 32], 596783),
+            ([0x19; 32], 4143330),
+            ([0x1a; 32], 2464633),
+        ];
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        let mut capabilities = vec!["gpu".to_string()];
+        capabilities.extend((b'a'..=b'm').map(|c| char::from(c).to_string().repeat(63)));
+        let mut sources = Vec::new();
+        for (i, (secret, nonce)) in parts.iter().enumerate() {
+            let id = Identity::from_parts(*secret, *nonce).unwrap();
+            let record = NodeRecord { capabilities: capabilities.clone(), ..postcard_body(&record(&id, 1, None)) };
+            let signed = SignedRecord::sign(&id, &record).unwrap();
+            assert!(signed.body.len() > 900, "records near the limit");
+            let from = format!("198.18.1.{}:51820", i + 1);
+            assert!(matches!(register(&mut dir, &from, signed, now), Message::RegisterAck { .. }));
+            sources.push((id, from));
+        }
+        let (asker, from) = &sources[0];
+        let query = Query::Capability { network: NetworkId::PUBLIC, name: "gpu".into() };
+        let lookup = Message::Lookup { request_id: u64::MAX, from: asker.mesh_addr(NetworkId::PUBLIC), query };
+        dir.handle_datagram(sock(from), &lookup.encode(), now);
+        let reply = dir.poll_transmit().expect("a reply");
+        assert!(reply.payload.len() <= meshtun_proto::MAX_MESSAGE_LEN, "{}-byte reply", reply.payload.len());
+        match Message::decode(&reply.payload) {
+            Ok(Message::LookupReply { records, .. }) => assert!(records.len() >= 5, "{} records", records.len()),
+            other => panic!("{other:?}"),
+        }
     }
 
     fn postcard_body(signed: &SignedRecord) -> NodeRecord {

@@ -3,8 +3,9 @@
 //! byte where it has one. `cargo run --example make_seeds` from fuzz/
 //! rewrites fuzz/corpus/<target>/seed-*; the fuzzers' own finds live
 //! beside them and are not touched. (The two state-machine targets take
-//! `arbitrary`-structured input; their committed seeds are a minimised
-//! corpus from a fuzzing run.)
+//! `arbitrary`-structured input; their committed seeds, `min-*`, are a
+//! minimised corpus from a fuzzing run. overlay_firewall's two seeds are
+//! hand-written rule text.)
 
 use std::net::SocketAddr;
 use std::path::Path;

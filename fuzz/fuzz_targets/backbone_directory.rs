@@ -14,7 +14,7 @@ use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
 use meshtun_addr::{MeshAddr, NetworkId, NodeAddr};
 use meshtun_backbone::{Directory, DirectoryConfig};
-use meshtun_fuzz::{identity, owner, wg_public, Addr, Label, RecordSpec, OWNER_NETWORK};
+use meshtun_fuzz::{identity, owner, wg_public, Addr, Label, RecordSpec, IDENTITY_PARTS, OWNER_NETWORK};
 use meshtun_nat::{classify, DatagramKind};
 use meshtun_proto::message::Deregistration;
 use meshtun_proto::{relay, Message, Query, MAX_MESSAGE_LEN};
@@ -23,7 +23,12 @@ use meshtun_proto::{relay, Message, Query, MAX_MESSAGE_LEN};
 enum Op {
     Raw { local: u8, from: Addr, datagram: Vec<u8> },
     Register { local: u8, from: Addr, request_id: u64, record: RecordSpec },
-    Lookup { local: u8, from: Addr, request_id: u64, asker: u8, network: u8, query: QuerySpec },
+    /// The same record fields registered for every fixed identity, each
+    /// from its own pool address (fills the directory from little input).
+    RegisterAll { record: RecordSpec },
+    /// `from: None`: the asker's own pool address (where `RegisterAll`
+    /// registered it).
+    Lookup { local: u8, from: Option<Addr>, request_id: u64, asker: u8, network: u8, query: QuerySpec },
     Deregister { from: Addr, identity: u8, network: u8, seq: u64, signer: u8 },
     Relay { from: Addr, to: Peer, payload: Vec<u8> },
     Stun { local: u8, from: Addr, tid: [u8; 12] },
@@ -96,10 +101,18 @@ fuzz_target!(|ops: Vec<Op>| {
                 let wire = Message::Register { request_id, record: record.signed() }.encode();
                 dir.handle_datagram_on(usize::from(local % 3), from.get(), &wire, now);
             }
+            Op::RegisterAll { mut record } => {
+                for i in 0..IDENTITY_PARTS.len() as u8 {
+                    record.identity = i;
+                    let wire = Message::Register { request_id: 1, record: record.signed() }.encode();
+                    dir.handle_datagram(Addr::Pool(i).get(), &wire, now);
+                }
+            }
             Op::Lookup { local, from, request_id, asker, network, query } => {
                 let network = meshtun_fuzz::network(network);
                 let from_addr = identity(asker).mesh_addr(network);
                 let wire = Message::Lookup { request_id, from: from_addr, query: query.query(network) }.encode();
+                let from = from.unwrap_or(Addr::Pool(asker % IDENTITY_PARTS.len() as u8));
                 dir.handle_datagram_on(usize::from(local % 3), from.get(), &wire, now);
             }
             Op::Deregister { from, identity: i, network, seq, signer } => {

@@ -114,10 +114,10 @@ impl Addr {
     }
 }
 
-/// Address `i` of the pool: 198.18.0.{1..4}:51820 and one IPv6.
+/// Address `i` of the pool: 198.18.0.{1..11}:51820 and one IPv6.
 pub fn pool_addr(i: u8) -> SocketAddr {
-    match i % 5 {
-        4 => "[2001:db8::4]:51820".parse().expect("literal"),
+    match i % 12 {
+        11 => "[2001:db8::4]:51820".parse().expect("literal"),
         n => SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 18, 0, n + 1)), 51820),
     }
 }
@@ -176,11 +176,14 @@ impl CertSpec {
     }
 }
 
-/// A label: mostly from a small valid set, sometimes arbitrary text.
+/// A label: mostly from a small valid set, sometimes arbitrary text, or
+/// one of the longest valid labels (so records reach their size limits
+/// from little input).
 #[derive(Arbitrary, Debug, Clone)]
 pub enum Label {
     Known(u8),
     Text(String),
+    Long(u8),
 }
 
 impl Label {
@@ -189,6 +192,7 @@ impl Label {
         match self {
             Label::Known(i) => KNOWN[usize::from(*i) % KNOWN.len()].to_string(),
             Label::Text(s) => s.clone(),
+            Label::Long(i) => char::from(b'a' + i % 26).to_string().repeat(meshtun_proto::record::MAX_TAG_LEN),
         }
     }
 }

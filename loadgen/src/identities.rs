@@ -117,10 +117,14 @@ pub fn load_or_generate(n: usize, seed: u64, cache: Option<&Path>, threads: usiz
             "generating {} identities (proof of work) on {threads} threads; {cached} cached",
             n - parts.len()
         );
-        let more = compute(seed, parts.len() as u64, n as u64, threads, true);
-        parts.extend(more);
-        if let Some(path) = cache {
-            write_cache(path, seed, &parts)?;
+        // In chunks, saving after each, so an interrupted run keeps its work.
+        while parts.len() < n {
+            let to = (parts.len() + 10_000).min(n);
+            let more = compute(seed, parts.len() as u64, to as u64, threads, true);
+            parts.extend(more);
+            if let Some(path) = cache {
+                write_cache(path, seed, &parts)?;
+            }
         }
     }
     let generated = started.elapsed();

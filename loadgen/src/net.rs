@@ -68,7 +68,7 @@ pub fn send(s: &UdpSocket, payload: &[u8], dst: SocketAddr) -> bool {
 pub struct Receiver {
     epfd: i32,
     fds: Vec<i32>,
-    bufs: Vec<[u8; 2048]>,
+    bufs: Vec<[u8; 9000]>,
     events: Vec<libc::epoll_event>,
 }
 
@@ -91,7 +91,7 @@ impl Receiver {
         Ok(Receiver {
             epfd,
             fds,
-            bufs: vec![[0u8; 2048]; BATCH],
+            bufs: vec![[0u8; 9000]; BATCH],
             events: vec![libc::epoll_event { events: 0, u64: 0 }; 256],
         })
     }

@@ -202,7 +202,9 @@ impl BackboneClient {
                 request_timeout.min(heartbeat)
             } else {
                 let wait = b.backoff;
-                b.backoff = (b.backoff * 2).min(max_backoff);
+                // Never slower than the heartbeat: a backbone that comes
+                // back has every node re-registered within one interval.
+                b.backoff = (b.backoff * 2).min(max_backoff).min(heartbeat.max(request_timeout));
                 wait
             };
             b.next_attempt = now + wait;
