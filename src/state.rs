@@ -13,6 +13,7 @@ use meshtun_proto::Identity;
 use rand::RngCore;
 
 use crate::cli_error::CliError;
+use meshtun_proto::identity::unhex32;
 
 pub const IDENTITY_FILE: &str = "identity";
 pub const WIREGUARD_KEY_FILE: &str = "wireguard.key";
@@ -191,17 +192,6 @@ fn io_error(e: std::io::Error, what: &str) -> CliError {
     } else {
         CliError::new("io_error", format!("{what}: {e}"))
     }
-}
-
-fn unhex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = u8::from_str_radix(text.get(2 * i..2 * i + 2)?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

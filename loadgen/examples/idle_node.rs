@@ -52,6 +52,9 @@ struct Sim {
     hub: Node,
     dir: Directory,
     peers: Vec<Tunn>,
+    /// Each peer's (static public key, probe key with the hub).
+    keys: Vec<([u8; 32], [u8; 32])>,
+    addrs: Vec<meshtun_addr::MeshAddr>,
     by_endpoint: HashMap<SocketAddr, usize>,
     buf: Vec<u8>,
     hub_cpu: f64,
@@ -67,6 +70,36 @@ impl Sim {
         out
     }
 
+    /// Peer `i` answers `datagram` (a probe or WireGuard); returns its replies.
+    fn peer_answers(&mut self, i: usize, datagram: &[u8]) -> Vec<Vec<u8>> {
+        use meshtun_overlay::probe;
+        if datagram.starts_with(&probe::PROBE_MAGIC) {
+            let (public, key) = self.keys[i];
+            return match probe::decode(datagram, &key) {
+                Some(p) if p.kind == probe::ProbeKind::Ping => {
+                    vec![probe::encode(&probe::Probe { kind: probe::ProbeKind::Pong(HUB), sender: public, txid: p.txid }, &key)]
+                }
+                _ => vec![],
+            };
+        }
+        let mut out = Vec::new();
+        let mut res = self.peers[i].decapsulate(None, datagram, &mut self.buf);
+        loop {
+            match res {
+                TunnResult::WriteToNetwork(b) => {
+                    out.push(b.to_vec());
+                    res = self.peers[i].decapsulate(None, &[], &mut self.buf);
+                }
+                TunnResult::WriteToTunnelV6(..) | TunnResult::WriteToTunnelV4(..) => {
+                    self.delivered += 1;
+                    break;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
     /// Moves datagrams until nothing is in flight.
     fn pump(&mut self, now: Instant) {
         loop {
@@ -76,24 +109,16 @@ impl Sim {
                 while let Some(r) = self.dir.poll_transmit() {
                     if r.dst == HUB {
                         self.hub(|h| h.handle_udp(BB, &r.payload, now));
+                    } else if let (Some(&i), Some((_, inner))) = (self.by_endpoint.get(&r.dst), meshtun_proto::relay::unwrap(&r.payload)) {
+                        // Relayed to a peer: its answers go back through the relay.
+                        let hub_addr = self.hub.mesh_addr();
+                        for b in self.peer_answers(i, &inner.to_vec()) {
+                            self.dir.handle_datagram(r.dst, &meshtun_proto::relay::wrap(hub_addr, &b), now);
+                        }
                     }
                 }
             } else if let Some(&i) = self.by_endpoint.get(&t.dst) {
-                let mut out = Vec::new();
-                let mut res = self.peers[i].decapsulate(None, &t.payload, &mut self.buf);
-                loop {
-                    match res {
-                        TunnResult::WriteToNetwork(b) => {
-                            out.push(b.to_vec());
-                            res = self.peers[i].decapsulate(None, &[], &mut self.buf);
-                        }
-                        TunnResult::WriteToTunnelV6(..) | TunnResult::WriteToTunnelV4(..) => {
-                            self.delivered += 1;
-                            break;
-                        }
-                        _ => break,
-                    }
-                }
+                let out = self.peer_answers(i, &t.payload);
                 for b in out {
                     self.hub(|h| h.handle_udp(t.dst, &b, now));
                 }
@@ -114,7 +139,7 @@ fn main() {
     let hub_public = PublicKey::from(&hub_secret);
     let hub = Node::new(config, ids[0].clone(), hub_secret, t0);
     let dir_config = DirectoryConfig { registrations_per_source: 1e9, record_ttl: Duration::from_secs(86400), ..DirectoryConfig::default() };
-    let mut sim = Sim { hub, dir: Directory::new(dir_config), peers: Vec::new(), by_endpoint: HashMap::new(), buf: vec![0; 65536], hub_cpu: 0.0, delivered: 0 };
+    let mut sim = Sim { hub, dir: Directory::new(dir_config), peers: Vec::new(), keys: Vec::new(), addrs: Vec::new(), by_endpoint: HashMap::new(), buf: vec![0; 65536], hub_cpu: 0.0, delivered: 0 };
     let now = Instant::now();
     sim.hub(|h| h.handle_timeout(now));
     sim.pump(now);
@@ -142,6 +167,7 @@ fn main() {
         let signed = SignedRecord::sign(id, &record).unwrap();
         sim.dir.handle_datagram(endpoint(i), &Message::Register { request_id: 1, record: signed }.encode(), now);
         while sim.dir.poll_transmit().is_some() {}
+        sim.keys.push((public.to_bytes(), meshtun_overlay::probe::probe_key(&secret, &hub_public)));
         sim.peers.push(Tunn::new(secret, hub_public, None, None, i as u32 + 1, None));
         sim.by_endpoint.insert(endpoint(i), i);
         addrs.push(id.mesh_addr(NetworkId::PUBLIC));
@@ -200,7 +226,9 @@ fn main() {
         while let Some(t) = sim.hub(|h| h.poll_transmit()) {
             sent += 1;
             if let Some(&i) = sim.by_endpoint.get(&t.dst) {
-                let _ = sim.peers[i].decapsulate(None, &t.payload, &mut sim.buf);
+                for b in sim.peer_answers(i, &t.payload) {
+                    sim.hub(|h| h.handle_udp(t.dst, &b, now));
+                }
             }
         }
         let _ = before;
