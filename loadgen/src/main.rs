@@ -191,6 +191,12 @@ fn print_report(r: &Report) {
     }
     if let Some(lost) = r.lookups_lost_after_kill {
         println!("after the kill: {lost} lookups sent to the dead backbone before failover; {} answered after failover", r.lookups_answered_after_failover.unwrap_or(0));
+        println!(
+            "re-homing: {} of {} registrations at new homes done, the last {:.1} s after failover",
+            r.rehomed.unwrap_or(0),
+            r.rehome_needed.unwrap_or(0),
+            r.rehome_secs.unwrap_or(0.0)
+        );
     }
     println!("loadgen cpu {:.2} cores; reject codes {:?}", r.loadgen_cpu_cores, r.reject_codes);
 }

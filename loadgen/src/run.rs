@@ -164,6 +164,11 @@ pub struct Report {
     /// With --kill-at: lookups lost after the kill, and after failover.
     pub lookups_lost_after_kill: Option<u64>,
     pub lookups_answered_after_failover: Option<u64>,
+    /// Registrations a new home needed after the failover, how many
+    /// happened, and the last one's delay after the failover (seconds).
+    pub rehome_needed: Option<u64>,
+    pub rehomed: Option<u64>,
+    pub rehome_secs: Option<f64>,
 }
 
 impl Report {
@@ -198,6 +203,10 @@ pub struct Mesh {
     pub caps: usize,
     /// Backbones each node registers with.
     pub homes: Vec<Vec<u8>>,
+    /// Where each node registers once backbone 0 is known dead: the same
+    /// rendezvous placement over the survivors (only keys that were on
+    /// backbone 0 move).
+    pub homes_without_0: Vec<Vec<u8>>,
     /// Nodes registered at each backbone (askers for lookups sent there).
     pub residents: Vec<Vec<u32>>,
     pub backbones: Vec<SocketAddr>,
@@ -261,14 +270,23 @@ impl Mesh {
         let addrs: Vec<MeshAddr> = (0..n).map(|k| ids[k % i].mesh_addr(NetworkId((k / i) as u16))).collect();
         let k = backbones.len();
         let mut homes = Vec::with_capacity(n);
+        let mut homes_without_0 = Vec::with_capacity(n);
         let mut residents = vec![Vec::new(); k];
         for (i, addr) in addrs.iter().enumerate() {
             let mut h = Vec::new();
+            let mut h0 = Vec::new();
             if k > 1 {
                 for key in [addr.to_string(), hostname(i), capability(i % caps)] {
                     for b in placement(key.as_bytes(), k, replicas) {
                         if !h.contains(&b) {
                             h.push(b);
+                        }
+                    }
+                    // HRW over the survivors: drop 0 and take the next.
+                    let survivors: Vec<u8> = placement(key.as_bytes(), k, replicas + 1).into_iter().filter(|&b| b != 0).take(replicas).collect();
+                    for b in survivors {
+                        if !h0.contains(&b) {
+                            h0.push(b);
                         }
                     }
                 }
@@ -279,9 +297,10 @@ impl Mesh {
                 residents[b as usize].push(i as u32);
             }
             homes.push(h);
+            homes_without_0.push(h0);
         }
         let certs = (0..n).map(|_| std::sync::OnceLock::new()).collect();
-        Mesh { ids, nodes: n, owners, certs, addrs, caps, homes, residents, backbones, replicas, seed }
+        Mesh { ids, nodes: n, owners, certs, addrs, caps, homes, homes_without_0, residents, backbones, replicas, seed }
     }
 
     pub fn len(&self) -> usize {
@@ -391,6 +410,11 @@ struct Shared {
     lost_after_kill: AtomicU64,
     answered_after_failover: AtomicU64,
     failed_over: AtomicBool,
+    /// When failover happened (ns since start), and the last first-time
+    /// registration at a node's new home after it (ns since start).
+    failover_ns: AtomicU64,
+    last_rehome_ns: AtomicU64,
+    rehomed: AtomicU64,
     wrong_samples: Mutex<Vec<String>>,
 }
 
@@ -591,6 +615,9 @@ fn drive(
         lost_after_kill: AtomicU64::new(0),
         answered_after_failover: AtomicU64::new(0),
         failed_over: AtomicBool::new(false),
+        failover_ns: AtomicU64::new(0),
+        last_rehome_ns: AtomicU64::new(0),
+        rehomed: AtomicU64::new(0),
         wrong_samples: Mutex::new(Vec::new()),
     });
     let receiver = {
@@ -740,6 +767,7 @@ fn drive(
         }
         if let Some(at) = killed_at {
             if shared.alive[0].load(Relaxed) && now.duration_since(at) >= opts.failover_after {
+                shared.failover_ns.store(shared.started.elapsed().as_nanos() as u64, Relaxed);
                 shared.alive[0].store(false, Relaxed);
                 shared.failed_over.store(true, Relaxed);
             }
@@ -751,7 +779,9 @@ fn drive(
             seqs[i] += 1;
             let sock = i % sockets.len();
             let signed = SignedRecord::sign(mesh.identity(i), &mesh.record(i, socket_addrs[sock], seqs[i]))?;
-            for &b in &mesh.homes[i] {
+            let failed_over = !shared.alive[0].load(Relaxed);
+            let homes = if failed_over { &mesh.homes_without_0[i] } else { &mesh.homes[i] };
+            for &b in homes {
                 if !shared.alive[b as usize].load(Relaxed) {
                     continue;
                 }
@@ -928,6 +958,12 @@ fn drive(
         loadgen_cpu_cores: loadgen_cpu / (registration_secs + steady_secs),
         lookups_lost_after_kill: opts.kill_at.map(|_| shared.lost_after_kill.load(Relaxed)),
         lookups_answered_after_failover: opts.kill_at.map(|_| shared.answered_after_failover.load(Relaxed)),
+        rehome_needed: opts.kill_at.map(|_| (0..n).map(|i| mesh.homes_without_0[i].iter().filter(|b| !mesh.homes[i].contains(b)).count() as u64).sum()),
+        rehomed: opts.kill_at.map(|_| shared.rehomed.load(Relaxed)),
+        rehome_secs: opts.kill_at.map(|_| {
+            let (f, l) = (shared.failover_ns.load(Relaxed), shared.last_rehome_ns.load(Relaxed));
+            l.saturating_sub(f) as f64 / 1e9
+        }),
     })
 }
 
@@ -950,7 +986,12 @@ fn handle_reply(shared: &Shared, mesh: &Mesh, data: &[u8], answered: &mut u64, v
             }
             if let Some(flag) = shared.registered.get(index) {
                 if !flag.swap(true, Relaxed) {
-                    shared.records[index % mesh.backbones.len()].fetch_add(1, Relaxed);
+                    let k = mesh.backbones.len();
+                    shared.records[index % k].fetch_add(1, Relaxed);
+                    if shared.failed_over.load(Relaxed) && !mesh.homes[index / k].contains(&((index % k) as u8)) {
+                        shared.rehomed.fetch_add(1, Relaxed);
+                        shared.last_rehome_ns.store(shared.started.elapsed().as_nanos() as u64, Relaxed);
+                    }
                 }
             }
             shared.reg_acked.fetch_add(1, Relaxed);
