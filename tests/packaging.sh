@@ -168,8 +168,9 @@ for line in 'ExecStart=/usr/bin/meshtun up --config /etc/meshtun/meshtun.toml' \
 done
 check "meshtun.service does not make /proc/sys read-only (the daemon writes IPv6 sysctls)" \
     sh -c "! grep -Eq '^(ProtectKernelTunables=yes|ProcSubset=pid|PrivateDevices=yes)' '$node'"
-check "meshtun-backbone.service runs meshtun backbone --config /etc/meshtun/backbone.toml" \
-    grep -qxF 'ExecStart=/usr/bin/meshtun backbone --config /etc/meshtun/backbone.toml' /lib/systemd/system/meshtun-backbone.service
+check "meshtun-backbone.service runs meshtun backbone with /etc/meshtun/backbone.toml and keeps hostname bindings in its StateDirectory" \
+    sh -c "grep -qxF 'ExecStart=/usr/bin/meshtun backbone --config /etc/meshtun/backbone.toml --state-dir /var/lib/meshtun-backbone' /lib/systemd/system/meshtun-backbone.service \
+        && grep -qxF 'StateDirectory=meshtun-backbone' /lib/systemd/system/meshtun-backbone.service"
 # Restart budget: at RestartSec the most starts in one StartLimitIntervalSec
 # window is interval/RestartSec + 1; it must stay below StartLimitBurst.
 for unit in "${units[@]}"; do
