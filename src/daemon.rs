@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use meshtun_addr::{NetworkId, NETWORK_PREFIX_LEN};
-use meshtun_overlay::{Node, NodeConfig};
+use meshtun_overlay::{offload, Node, NodeConfig};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::mpsc;
 
@@ -26,6 +26,8 @@ pub struct UpOptions {
     pub interface: String,
     pub listen_port: u16,
     pub mtu: u16,
+    /// TUN segmentation offload and coalescing, UDP GSO/GRO.
+    pub offload: bool,
     pub heartbeat: Duration,
     pub capabilities: Vec<String>,
     pub groups: Vec<String>,
@@ -110,7 +112,11 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let tun = crate::tun_device::create(&options.interface, options.mtu, me.to_ipv6(), NETWORK_PREFIX_LEN, meshtun_addr::canonical_ipv4(me))?;
+    let crate::tun_device::MeshTun { device: tun, offload } =
+        crate::tun_device::create(&options.interface, options.mtu, me.to_ipv6(), NETWORK_PREFIX_LEN, meshtun_addr::canonical_ipv4(me), options.offload)?;
+    let udp_gro = offload && socket.enable_offloads();
+    tracing::debug!(tun_offload = offload, udp_gro, "offloads");
+    let mut tun_io = TunIo::new(offload);
 
     let now = Instant::now();
     let config = NodeConfig {
@@ -177,11 +183,11 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let mut tun_buf = vec![0u8; meshtun_overlay::MAX_PACKET];
-    let mut udp_buf = vec![0u8; meshtun_overlay::MAX_PACKET];
+    let mut tun_buf = vec![0u8; offload::MAX_READ];
+    let mut udp_buf = vec![0u8; 1 << 16];
     let mut down_requested: Option<control::Pending> = None;
     loop {
-        flush(&mut node, &socket, &tun, &mut hub).await;
+        flush(&mut node, &socket, &tun, &mut tun_io, &mut hub).await;
         while let Some(answer) = node.poll_answer() {
             if let Some(reply) = waiting.answer(&mut node, answer, Instant::now()) {
                 send_dns(&dns_socket, reply).await;
@@ -198,7 +204,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
             next_rotation = Some(Instant::now() + if wg_key.issued_unix + 60 >= unix_now() { rotation } else { Duration::from_secs(3600) });
         }
         // Answers may have queued packets (pings): send them before sleeping.
-        flush(&mut node, &socket, &tun, &mut hub).await;
+        flush(&mut node, &socket, &tun, &mut tun_io, &mut hub).await;
         let deadline = [node.poll_timeout(), waiting.next_expiry()]
             .into_iter()
             .flatten()
@@ -212,24 +218,25 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
             }
             read = tun.recv(&mut tun_buf) => match read {
                 Ok(n) => {
-                    node.handle_tun_packet(&tun_buf[..n], Instant::now());
+                    tun_io.handle_read(&mut node, &mut tun_buf[..n], Instant::now());
                     // Drain what else is queued before paying for another
                     // trip round the loop (timers, select!, poll_timeout).
                     for _ in 1..DRAIN_BATCH {
                         match tun_try_recv(&tun, &mut tun_buf) {
-                            Ok(n) => node.handle_tun_packet(&tun_buf[..n], Instant::now()),
+                            Ok(n) => tun_io.handle_read(&mut node, &mut tun_buf[..n], Instant::now()),
                             Err(_) => break,
                         }
                     }
                 }
                 Err(e) => return Err(e).context("reading from the TUN interface failed"),
             },
-            received = socket.recv_from(&mut udp_buf) => match received {
-                Ok((n, from)) => {
-                    node.handle_udp(from, &udp_buf[..n], Instant::now());
+            received = socket.recv_segments(&mut udp_buf) => match received {
+                Ok(r) => {
+                    let now = Instant::now();
+                    r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, now));
                     for _ in 1..DRAIN_BATCH {
-                        match socket.try_recv_from(&mut udp_buf) {
-                            Ok((n, from)) => node.handle_udp(from, &udp_buf[..n], Instant::now()),
+                        match socket.try_recv_segments(&mut udp_buf) {
+                            Ok(r) => r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, now)),
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                             Err(e) => tracing::trace!(error = %e, "UDP receive error"),
                         }
@@ -310,9 +317,9 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     node.shutdown(Instant::now());
     let give_up = Instant::now() + DEREGISTER_GRACE;
     while !node.is_deregistered() && Instant::now() < give_up {
-        flush(&mut node, &socket, &tun, &mut hub).await;
-        if let Ok(Ok((n, from))) = tokio::time::timeout_at(give_up.into(), socket.recv_from(&mut udp_buf)).await {
-            node.handle_udp(from, &udp_buf[..n], Instant::now());
+        flush(&mut node, &socket, &tun, &mut tun_io, &mut hub).await;
+        if let Ok(Ok(r)) = tokio::time::timeout_at(give_up.into(), socket.recv_segments(&mut udp_buf)).await {
+            r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, Instant::now()));
         }
     }
     if !node.is_deregistered() {
@@ -350,7 +357,65 @@ fn tun_try_recv(tun: &tun::AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize
     device.recv(buf)
 }
 
-async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, hub: &mut crate::events::Hub) {
+/// The TUN side of the driver: every read and write carries a virtio-net
+/// header; with offload on, reads may be TCP super-packets to split and
+/// writes coalesce segments of one flow. Buffers are reused.
+struct TunIo {
+    offload: bool,
+    coalescer: offload::Coalescer,
+    split_scratch: Vec<u8>,
+    single: Vec<u8>,
+    blocked: Vec<Vec<u8>>,
+}
+
+impl TunIo {
+    fn new(offload: bool) -> TunIo {
+        TunIo {
+            offload,
+            coalescer: offload::Coalescer::new(),
+            split_scratch: Vec::with_capacity(meshtun_overlay::MAX_PACKET),
+            single: Vec::with_capacity(offload::MAX_READ),
+            blocked: Vec::new(),
+        }
+    }
+
+    fn handle_read(&mut self, node: &mut Node, read: &mut [u8], now: Instant) {
+        if let Err(e) = offload::split(read, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
+            tracing::trace!(error = %e, len = read.len(), "dropping a TUN read");
+            node.handle_malformed_tun_read();
+        }
+    }
+
+    /// Writes what the node has for the TUN; what the device will not take
+    /// now is written with the awaiting path.
+    async fn write_all(&mut self, node: &mut Node, tun: &tun::AsyncDevice) {
+        let device: &tun::Device = tun;
+        let blocked = &mut self.blocked;
+        let mut write = |buf: &[u8]| match device.send(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
+            Err(e) => tracing::trace!(error = %e, "TUN write failed"),
+            Ok(_) => {}
+        };
+        while let Some(packet) = node.poll_tun() {
+            if self.offload {
+                self.coalescer.push(&packet, &mut write);
+            } else {
+                self.single.clear();
+                self.single.extend_from_slice(&[0; offload::VNET_HDR_LEN]);
+                self.single.extend_from_slice(&packet);
+                write(&self.single);
+            }
+        }
+        self.coalescer.finish(&mut write);
+        for buf in self.blocked.drain(..) {
+            if let Err(e) = tun.send(&buf).await {
+                tracing::trace!(error = %e, "TUN write failed");
+            }
+        }
+    }
+}
+
+async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, tun_io: &mut TunIo, hub: &mut crate::events::Hub) {
     // Datagrams go out DRAIN_BATCH at a time in one sendmmsg(2); what the
     // socket will not take now is sent with the awaiting path.
     let mut batch: Vec<meshtun_overlay::Transmit> = Vec::new();
@@ -373,16 +438,7 @@ async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, hub
             }
         }
     }
-    while let Some(packet) = node.poll_tun() {
-        let device: &tun::Device = tun;
-        let written = match device.send(&packet) {
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => tun.send(&packet).await,
-            other => other,
-        };
-        if let Err(e) = written {
-            tracing::trace!(error = %e, "TUN write failed");
-        }
-    }
+    tun_io.write_all(node, tun).await;
     while let Some(event) = node.poll_event() {
         crate::events::log(&event);
         hub.core_event(&event, Instant::now());

@@ -201,6 +201,11 @@ struct UpArgs {
     /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay.
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(config::Mtu::RANGE))]
     mtu: u16,
+    /// Turn off segmentation offloads (TUN TSO and coalescing, UDP GSO/GRO)
+    /// and move one packet per system call: for debugging, or to measure
+    /// what they buy.
+    #[arg(long)]
+    no_offload: bool,
     /// Seconds between heartbeats to the backbone.
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(config::HeartbeatSecs::RANGE_U64))]
     heartbeat_secs: u64,
@@ -388,6 +393,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     interface: args.interface,
                     listen_port: args.listen_port,
                     mtu: args.mtu,
+                    offload: !args.no_offload,
                     heartbeat: Duration::from_secs(args.heartbeat_secs),
                     capabilities: args.capabilities,
                     groups: args.groups,

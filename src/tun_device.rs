@@ -40,8 +40,22 @@ struct In6Rtmsg {
 
 nix::ioctl_write_ptr_bad!(add_ipv6_route, libc::SIOCADDRT, In6Rtmsg);
 
-/// Creates the TUN interface `name`, up, with `address/prefix_len`.
-pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std::net::Ipv4Addr) -> anyhow::Result<tun::AsyncDevice> {
+nix::ioctl_write_int!(tun_set_offload, b'T', 208);
+const TUN_F_CSUM: libc::c_ulong = 0x01;
+const TUN_F_TSO4: libc::c_ulong = 0x02;
+const TUN_F_TSO6: libc::c_ulong = 0x04;
+
+/// The mesh TUN. Every read and write carries a virtio-net header
+/// (`IFF_VNET_HDR`, see [`meshtun_overlay::offload`]); with `offload` the
+/// kernel may also hand over TCP super-packets to split.
+pub struct MeshTun {
+    pub device: tun::AsyncDevice,
+    pub offload: bool,
+}
+
+/// Creates the TUN interface `name`, up, with `address/prefix_len`; with
+/// `offload`, asks the kernel for checksum and TCP segmentation offload.
+pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std::net::Ipv4Addr, offload: bool) -> anyhow::Result<MeshTun> {
     if !Path::new("/dev/net/tun").exists() {
         return Err(CliError::new("no_tun", "/dev/net/tun does not exist: this kernel or container has no TUN device")
             .hint("load the module (modprobe tun) or, in a container, pass the device through (docker run --device /dev/net/tun --cap-add NET_ADMIN)")
@@ -58,7 +72,22 @@ pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std
     // The IPv4 address goes on the same way: 100.64.0.0/10 routes to the mesh.
     let netmask = std::net::Ipv4Addr::from(u32::MAX << (32 - u32::from(meshtun_addr::IPV4_PREFIX_LEN)));
     config.tun_name(name).mtu(mtu).address(ipv4).netmask(netmask).up();
+    config.platform_config(|c| {
+        c.vnet_hdr(true);
+    });
     let device = tun::create_as_async(&config).map_err(|e| tun_error(e, name))?;
+    let offload = offload && {
+        use std::os::fd::AsRawFd;
+        let raw: &tun::Device = &device;
+        // SAFETY: a TUN fd and a flags argument passed by value.
+        match unsafe { tun_set_offload(raw.as_raw_fd(), TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6) } {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "this kernel refused TUN segmentation offload; moving one packet per system call");
+                false
+            }
+        }
+    };
 
     let sysctl = |key: &str, value: &str| {
         let path = format!("/proc/sys/net/ipv6/conf/{name}/{key}");
@@ -105,7 +134,7 @@ pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std
     // SAFETY: a valid in6_rtmsg that outlives the call.
     unsafe { add_ipv6_route(socket.as_raw_fd(), &route) }
         .with_context(|| format!("cannot route group multicast {}/{} to {name}", meshtun_addr::GROUP_PREFIX, meshtun_addr::GROUP_PREFIX_LEN))?;
-    Ok(device)
+    Ok(MeshTun { device, offload })
 }
 
 fn tun_error(e: tun::Error, name: &str) -> anyhow::Error {

@@ -2,8 +2,11 @@
 //! addresses normalised so the cores only ever see plain IPv4 or IPv6.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::cli_error::CliError;
@@ -11,7 +14,33 @@ use crate::cli_error::CliError;
 pub struct MeshSocket {
     socket: UdpSocket,
     dual_stack: bool,
+    /// Send runs of equal-sized datagrams to one destination as one
+    /// `UDP_SEGMENT` message (switched off for good if the kernel refuses).
+    gso: AtomicBool,
 }
+
+/// One receive: with GRO on, several datagrams from one sender, each
+/// `segment` bytes except perhaps the last.
+#[derive(Clone, Copy, Debug)]
+pub struct Received {
+    pub len: usize,
+    pub from: SocketAddr,
+    pub segment: usize,
+}
+
+impl Received {
+    /// The datagrams of this receive in `buf`.
+    pub fn datagrams<'a>(&self, buf: &'a [u8]) -> std::slice::Chunks<'a, u8> {
+        buf[..self.len].chunks(self.segment.max(1))
+    }
+}
+
+/// Most segments the kernel takes in one `UDP_SEGMENT` send (UDP_MAX_SEGMENTS).
+const GSO_MAX_SEGMENTS: usize = 64;
+/// Most bytes in one `UDP_SEGMENT` send: one IP datagram's worth.
+const GSO_MAX_BYTES: usize = 65000;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
 
 impl MeshSocket {
     /// Binds `ip:port`; for the unspecified address, `[::]` dual-stack first,
@@ -29,7 +58,7 @@ impl MeshSocket {
             match bind_one(addr) {
                 Ok(socket) => {
                     let dual_stack = addr.is_ipv6() && ip.is_none();
-                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack });
+                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack, gso: AtomicBool::new(false) });
                 }
                 Err(e) => last_error = Some((addr, e)),
             }
@@ -41,6 +70,59 @@ impl MeshSocket {
             "check the address belongs to this host"
         };
         Err(CliError::new("port_busy", format!("cannot bind UDP {addr}: {e}")).hint(hint).into())
+    }
+
+    /// Turns on UDP GRO for receiving and GSO for sending. Returns whether
+    /// the kernel took GRO; receivers then read with [`MeshSocket::recv_segments`].
+    pub fn enable_offloads(&self) -> bool {
+        self.gso.store(true, Ordering::Relaxed);
+        setsockopt_int(&self.socket, libc::SOL_UDP, UDP_GRO, 1).is_ok()
+    }
+
+    /// Receives one datagram, or with GRO several from one sender.
+    pub async fn recv_segments(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+        self.socket.async_io(Interest::READABLE, || self.recvmsg(buf)).await
+    }
+
+    /// [`MeshSocket::recv_segments`] without waiting: `WouldBlock` when nothing is queued.
+    pub fn try_recv_segments(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+        self.socket.try_io(Interest::READABLE, || self.recvmsg(buf))
+    }
+
+    fn recvmsg(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+        // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut control = [0u64; 8];
+        let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: msg points at live buffers for the duration of the call.
+        let rc = unsafe { libc::recvmsg(self.socket.as_raw_fd(), &mut msg, 0) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let len = rc as usize;
+        let mut segment = len;
+        // SAFETY: the kernel filled msg_control; CMSG_* walk it within msg_controllen.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+            while !cmsg.is_null() {
+                if (*cmsg).cmsg_level == libc::SOL_UDP && (*cmsg).cmsg_type == UDP_GRO {
+                    let size = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>());
+                    if size > 0 {
+                        segment = size as usize;
+                    }
+                }
+                cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+            }
+        }
+        let from = socket_addr(&storage).ok_or_else(|| std::io::Error::other("datagram from a non-IP address"))?;
+        Ok(Received { len, from: normalise(from), segment })
     }
 
     pub fn local_port(&self) -> u16 {
@@ -71,57 +153,105 @@ impl MeshSocket {
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
     pub fn try_send_batch(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
-        use std::os::fd::AsRawFd;
         if batch.is_empty() {
             return Ok(0);
         }
-        let addrs: Vec<socket2::SockAddr> = batch
+        let gso = self.gso.load(Ordering::Relaxed);
+        // Runs of datagrams to one destination, all of the first one's size
+        // except perhaps a shorter last: each run goes as one message.
+        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        let mut i = 0;
+        while i < batch.len() {
+            let (dst, first) = batch[i];
+            let mut end = i + 1;
+            let mut bytes = first.len();
+            while gso
+                && end < batch.len()
+                && end - i < GSO_MAX_SEGMENTS
+                && batch[end].0 == dst
+                && batch[end].1.len() <= first.len()
+                && batch[end - 1].1.len() == first.len()
+                && bytes + batch[end].1.len() <= GSO_MAX_BYTES
+            {
+                bytes += batch[end].1.len();
+                end += 1;
+            }
+            runs.push(i..end);
+            i = end;
+        }
+        let addrs: Vec<socket2::SockAddr> = runs
             .iter()
-            .map(|(dst, _)| match (self.dual_stack, dst) {
+            .map(|run| match (self.dual_stack, batch[run.start].0) {
                 (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-                _ => *dst,
+                (_, dst) => dst,
             })
             .map(socket2::SockAddr::from)
             .collect();
         let mut iovs: Vec<libc::iovec> =
             batch.iter().map(|(_, p)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
-        let mut msgs: Vec<libc::mmsghdr> = addrs
-            .iter()
-            .zip(iovs.iter_mut())
-            .map(|(addr, iov)| {
-                // SAFETY: all-zero is a valid msghdr; the pointers below
-                // outlive the sendmmsg call.
-                let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
-                hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
-                hdr.msg_hdr.msg_namelen = addr.len();
-                hdr.msg_hdr.msg_iov = iov as *mut libc::iovec;
-                hdr.msg_hdr.msg_iovlen = 1;
-                hdr
-            })
-            .collect();
+        // One cmsg (UDP_SEGMENT, u16) per run; u64s keep it aligned.
+        let mut controls: Vec<[u64; 4]> = vec![[0; 4]; runs.len()];
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
+        for ((run, addr), control) in runs.iter().zip(&addrs).zip(controls.iter_mut()) {
+            // SAFETY: all-zero is a valid mmsghdr; the pointers below
+            // outlive the sendmmsg call.
+            let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+            hdr.msg_hdr.msg_namelen = addr.len();
+            hdr.msg_hdr.msg_iov = iovs[run.start..].as_mut_ptr();
+            hdr.msg_hdr.msg_iovlen = run.len();
+            if run.len() > 1 {
+                let segment = batch[run.start].1.len() as u16;
+                // SAFETY: control has room for CMSG_SPACE(2) bytes (24 <= 32).
+                unsafe {
+                    hdr.msg_hdr.msg_control = control.as_mut_ptr().cast();
+                    hdr.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as usize;
+                    let cmsg = libc::CMSG_FIRSTHDR(&hdr.msg_hdr);
+                    (*cmsg).cmsg_level = libc::SOL_UDP;
+                    (*cmsg).cmsg_type = UDP_SEGMENT;
+                    (*cmsg).cmsg_len = libc::CMSG_LEN(2) as usize;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<u16>(), segment);
+                }
+            }
+            msgs.push(hdr);
+        }
         let mut done = 0;
+        let mut sent_datagrams = 0;
         while done < msgs.len() {
             // SAFETY: msgs[done..] are initialised mmsghdrs pointing at live buffers.
             let rc = unsafe {
                 libc::sendmmsg(self.socket.as_raw_fd(), msgs[done..].as_mut_ptr(), (msgs.len() - done) as libc::c_uint, libc::MSG_DONTWAIT)
             };
             if rc > 0 {
+                for run in &runs[done..done + rc as usize] {
+                    sent_datagrams += run.len();
+                }
                 done += rc as usize;
                 continue;
             }
             let e = std::io::Error::last_os_error();
             match e.kind() {
-                std::io::ErrorKind::WouldBlock => return if done > 0 { Ok(done) } else { Err(e) },
+                std::io::ErrorKind::WouldBlock => return if sent_datagrams > 0 { Ok(sent_datagrams) } else { Err(e) },
                 std::io::ErrorKind::Interrupted => continue,
+                _ if runs[done].len() > 1
+                    && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)) =>
+                {
+                    // The kernel or device will not segment for us: send
+                    // one by one from now on (the caller sends the rest).
+                    tracing::debug!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                    return Ok(sent_datagrams);
+                }
                 _ => {
                     // The first datagram was refused (unreachable, too big):
                     // skip it like a failed send_to and go on.
-                    tracing::trace!(dst = %batch[done].0, error = %e, "UDP send failed");
+                    tracing::trace!(dst = %batch[runs[done].start].0, error = %e, "UDP send failed");
+                    sent_datagrams += runs[done].len();
                     done += 1;
                 }
             }
         }
-        Ok(done)
+        Ok(sent_datagrams)
     }
 
     pub async fn send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
@@ -132,6 +262,27 @@ impl MeshSocket {
                 other => return other,
             }
         }
+    }
+}
+
+fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::new(Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr)).into(), u16::from_be(a.sin_port)))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let a = unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(std::net::SocketAddrV6::new(
+                Ipv6Addr::from(a.sin6_addr.s6_addr),
+                u16::from_be(a.sin6_port),
+                a.sin6_flowinfo,
+                a.sin6_scope_id,
+            )))
+        }
+        _ => None,
     }
 }
 
@@ -151,12 +302,15 @@ fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
 }
 
 fn force_buffer(socket: &Socket, option: libc::c_int, bytes: libc::c_int) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
+    setsockopt_int(socket, libc::SOL_SOCKET, option, bytes)
+}
+
+fn setsockopt_int(socket: &impl AsRawFd, level: libc::c_int, option: libc::c_int, bytes: libc::c_int) -> std::io::Result<()> {
     // SAFETY: a valid socket fd and a c_int option value of the right size.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
-            libc::SOL_SOCKET,
+            level,
             option,
             (&bytes as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as libc::socklen_t,
@@ -214,6 +368,29 @@ pub fn local_endpoints(port: u16, mesh_interface: &str) -> Vec<SocketAddr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn batches_sent_with_segmentation_arrive_as_the_same_datagrams_in_order() {
+        let localhost = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let sender = MeshSocket::bind(localhost, 0).unwrap();
+        let receiver = MeshSocket::bind(localhost, 0).unwrap();
+        sender.enable_offloads();
+        receiver.enable_offloads();
+        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), receiver.local_port());
+        let elsewhere = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sender.local_port());
+        let datagrams: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; if i == 39 { 300 } else { 1452 }]).collect();
+        let mut batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
+        batch.insert(10, (elsewhere, b"to someone else"));
+        assert_eq!(sender.try_send_batch(&batch).unwrap(), batch.len());
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < datagrams.len() {
+            let r = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv_segments(&mut buf)).await.unwrap().unwrap();
+            assert_eq!(r.from.port(), sender.local_port());
+            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
+        }
+        assert_eq!(got, datagrams);
+    }
 
     #[test]
     fn ipv4_mapped_addresses_are_normalised_to_ipv4() {

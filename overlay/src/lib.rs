@@ -20,6 +20,7 @@
 mod backbone_client;
 pub mod firewall;
 pub mod ipv4;
+pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod peer;
@@ -632,6 +633,12 @@ impl Node {
             self.unreachable_until.remove(&dest);
         }
         self.queue_for_lookup(Query::Address(dest), packet, now);
+    }
+
+    /// A read from the TUN the driver could not make packets of (see
+    /// [`offload::split`]): dropped and counted as malformed.
+    pub fn handle_malformed_tun_read(&mut self) {
+        self.drop_packet(DropReason::Malformed);
     }
 
     /// A UDP datagram received on the node's socket.

@@ -1,0 +1,605 @@
+//! TUN offloads, sans IO. A TUN opened with `IFF_VNET_HDR` and
+//! `TUNSETOFFLOAD(TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6)` prefixes every
+//! packet with a virtio-net header and lets the kernel hand over TCP
+//! super-packets of up to 64 KB with the checksum left to us; in the other
+//! direction it accepts such super-packets. One read or write then carries
+//! dozens of segments, and the kernel's TCP stack handles one packet where
+//! it would handle forty.
+//!
+//! [`split`] turns one read into ordinary IP packets with complete
+//! checksums (what goes into WireGuard). [`Coalescer`] merges consecutive
+//! in-order segments of one TCP flow, as they come out of WireGuard, into
+//! one super-packet to write (the receive half of GRO).
+
+use thiserror::Error;
+
+/// Size of `struct virtio_net_hdr` (the legacy header, without `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+/// The largest read a vnet-header TUN can return.
+pub const MAX_READ: usize = VNET_HDR_LEN + 65535;
+
+const F_NEEDS_CSUM: u8 = 1;
+const GSO_NONE: u8 = 0;
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_ECN: u8 = 0x80;
+
+const TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_SYN: u8 = 0x02;
+const TCP_RST: u8 = 0x04;
+const TCP_PSH: u8 = 0x08;
+const TCP_ACK: u8 = 0x10;
+const TCP_URG: u8 = 0x20;
+const TCP_CWR: u8 = 0x80;
+/// Offset of the checksum in a TCP header (and in a UDP header: 6).
+const TCP_CSUM_OFFSET: usize = 16;
+const UDP_CSUM_OFFSET: usize = 6;
+
+/// `struct virtio_net_hdr`, in the host's byte order (a TUN without
+/// `TUNSETVNETLE`/`BE` uses native endianness).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VnetHdr {
+    pub flags: u8,
+    pub gso_type: u8,
+    pub hdr_len: u16,
+    pub gso_size: u16,
+    pub csum_start: u16,
+    pub csum_offset: u16,
+}
+
+impl VnetHdr {
+    pub fn parse(bytes: &[u8]) -> Option<VnetHdr> {
+        let b = bytes.get(..VNET_HDR_LEN)?;
+        let u16_at = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Some(VnetHdr {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16_at(2),
+            gso_size: u16_at(4),
+            csum_start: u16_at(6),
+            csum_offset: u16_at(8),
+        })
+    }
+
+    pub fn emit(&self, out: &mut [u8; VNET_HDR_LEN]) {
+        out[0] = self.flags;
+        out[1] = self.gso_type;
+        out[2..4].copy_from_slice(&self.hdr_len.to_ne_bytes());
+        out[4..6].copy_from_slice(&self.gso_size.to_ne_bytes());
+        out[6..8].copy_from_slice(&self.csum_start.to_ne_bytes());
+        out[8..10].copy_from_slice(&self.csum_offset.to_ne_bytes());
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum OffloadError {
+    #[error("read shorter than the virtio-net header")]
+    Truncated,
+    #[error("checksum start/offset outside the packet")]
+    BadChecksumOffsets,
+    #[error("unsupported GSO type {0:#x}")]
+    UnsupportedGso(u8),
+    #[error("malformed TCP super-packet")]
+    MalformedSuperPacket,
+}
+
+/// Splits one read from a vnet-header TUN into IP packets with complete
+/// checksums and calls `each` with every one, in order; returns how many.
+/// `scratch` is reused between calls (no allocation once it has grown).
+pub fn split(read: &mut [u8], scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+    let hdr = VnetHdr::parse(read).ok_or(OffloadError::Truncated)?;
+    let packet = &mut read[VNET_HDR_LEN..];
+    match hdr.gso_type & !GSO_ECN {
+        GSO_NONE => {
+            if hdr.flags & F_NEEDS_CSUM != 0 {
+                complete_checksum(packet, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))?;
+            }
+            each(packet);
+            Ok(1)
+        }
+        kind @ (GSO_TCPV4 | GSO_TCPV6) => split_tcp(packet, kind, usize::from(hdr.gso_size), scratch, each),
+        other => Err(OffloadError::UnsupportedGso(other)),
+    }
+}
+
+/// Finishes a partial checksum: the field holds the folded pseudo-header
+/// sum, and the checksum covers everything from `start` to the end.
+fn complete_checksum(packet: &mut [u8], start: usize, offset: usize) -> Result<(), OffloadError> {
+    let field = start.checked_add(offset).filter(|f| f + 2 <= packet.len()).ok_or(OffloadError::BadChecksumOffsets)?;
+    let mut sum = !fold(sum_words(&packet[start..], 0));
+    // UDP sends "no checksum" as zero, so a computed zero goes out as all ones.
+    if sum == 0 && offset == UDP_CSUM_OFFSET {
+        sum = 0xffff;
+    }
+    packet[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+    Ok(())
+}
+
+/// Where the headers of a TCP packet end: (IP header length, TCP header length).
+fn tcp_headers(packet: &[u8]) -> Option<(usize, usize)> {
+    let ip_len = match packet.first()? >> 4 {
+        4 => {
+            let ihl = usize::from(packet[0] & 0x0f) * 4;
+            (ihl >= 20 && *packet.get(9)? == TCP).then_some(ihl)?
+        }
+        6 => (*packet.get(6)? == TCP).then_some(40)?,
+        _ => return None,
+    };
+    let tcp_len = usize::from(packet.get(ip_len + 12)? >> 4) * 4;
+    (tcp_len >= 20 && ip_len + tcp_len <= packet.len()).then_some((ip_len, tcp_len))
+}
+
+fn split_tcp(packet: &[u8], kind: u8, mss: usize, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+    let (ip_len, tcp_len) = tcp_headers(packet).ok_or(OffloadError::MalformedSuperPacket)?;
+    let version_matches = (packet[0] >> 4 == 4) == (kind == GSO_TCPV4);
+    if !version_matches || mss == 0 {
+        return Err(OffloadError::MalformedSuperPacket);
+    }
+    let headers = ip_len + tcp_len;
+    let payload = &packet[headers..];
+    let seq = u32::from_be_bytes([packet[ip_len + 4], packet[ip_len + 5], packet[ip_len + 6], packet[ip_len + 7]]);
+    let id = u16::from_be_bytes([packet[4], packet[5]]);
+    let flags = packet[ip_len + 13];
+    let count = payload.len().div_ceil(mss).max(1);
+    for i in 0..count {
+        let chunk = payload.get(i * mss..((i + 1) * mss).min(payload.len())).unwrap_or(&[]);
+        scratch.clear();
+        scratch.extend_from_slice(&packet[..headers]);
+        scratch.extend_from_slice(chunk);
+        let total = scratch.len();
+        if kind == GSO_TCPV4 {
+            scratch[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+            scratch[4..6].copy_from_slice(&id.wrapping_add(i as u16).to_be_bytes());
+            ipv4_header_checksum(&mut scratch[..ip_len]);
+        } else {
+            scratch[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+        }
+        scratch[ip_len + 4..ip_len + 8].copy_from_slice(&seq.wrapping_add((i * mss) as u32).to_be_bytes());
+        let mut f = flags;
+        if i + 1 < count {
+            f &= !(TCP_FIN | TCP_PSH);
+        }
+        if i > 0 {
+            f &= !TCP_CWR;
+        }
+        scratch[ip_len + 13] = f;
+        tcp_checksum(scratch, ip_len);
+        each(scratch);
+    }
+    Ok(count)
+}
+
+/// Ones' complement sum of `bytes` as big-endian 16-bit words (an odd last
+/// byte padded with zero), added to `initial`; not folded.
+fn sum_words(bytes: &[u8], initial: u64) -> u64 {
+    let mut sum = initial;
+    let mut words = bytes.chunks_exact(4);
+    for w in &mut words {
+        sum += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    let rest = words.remainder();
+    let mut tail = [0u8; 4];
+    tail[..rest.len()].copy_from_slice(rest);
+    sum + u64::from(u32::from_be_bytes(tail))
+}
+
+fn fold(mut sum: u64) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+fn ipv4_header_checksum(header: &mut [u8]) {
+    header[10] = 0;
+    header[11] = 0;
+    let sum = !fold(sum_words(header, 0));
+    header[10..12].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// The pseudo-header sum of a TCP segment of `tcp_length` bytes.
+fn pseudo_header_sum(packet: &[u8], tcp_length: usize) -> u64 {
+    let addresses = if packet[0] >> 4 == 4 { &packet[12..20] } else { &packet[8..40] };
+    sum_words(addresses, u64::from(TCP) + tcp_length as u64)
+}
+
+/// Writes the complete TCP checksum of the segment after `ip_len`.
+fn tcp_checksum(packet: &mut [u8], ip_len: usize) {
+    let field = ip_len + TCP_CSUM_OFFSET;
+    packet[field] = 0;
+    packet[field + 1] = 0;
+    let sum = pseudo_header_sum(packet, packet.len() - ip_len);
+    let sum = !fold(sum_words(&packet[ip_len..], sum));
+    packet[field..field + 2].copy_from_slice(&sum.to_be_bytes());
+}
+
+/// Merges consecutive in-order segments of one TCP flow into super-packets
+/// for a vnet-header TUN; everything else passes through alone. Feed it
+/// packets in arrival order with [`Coalescer::push`], then
+/// [`Coalescer::finish`]; `write` gets each buffer (virtio-net header and
+/// packet) ready for one write(2).
+///
+/// A segment joins the flow being built only if its headers equal the
+/// first segment's except for lengths, IPv4 id, checksums, sequence number
+/// and PSH, its sequence number follows on, and every earlier segment was
+/// full-sized; PSH or a short segment ends the super-packet. The segments'
+/// own checksums are not checked: WireGuard has authenticated the bytes,
+/// and the kernel is told the checksum still has to be completed.
+pub struct Coalescer {
+    buf: Vec<u8>,
+    flow: Option<Flow>,
+}
+
+struct Flow {
+    ip_len: usize,
+    tcp_len: usize,
+    mss: usize,
+    next_seq: u32,
+    segments: usize,
+    closed: bool,
+}
+
+impl Default for Coalescer {
+    fn default() -> Self {
+        Coalescer::new()
+    }
+}
+
+impl Coalescer {
+    pub fn new() -> Coalescer {
+        Coalescer { buf: Vec::with_capacity(MAX_READ), flow: None }
+    }
+
+    pub fn push(&mut self, packet: &[u8], write: &mut impl FnMut(&[u8])) {
+        if self.try_append(packet) {
+            return;
+        }
+        self.finish(write);
+        self.buf.clear();
+        self.buf.extend_from_slice(&[0; VNET_HDR_LEN]);
+        self.buf.extend_from_slice(packet);
+        match coalescable(packet) {
+            Some((ip_len, tcp_len, seq, flags)) => {
+                let mss = packet.len() - ip_len - tcp_len;
+                self.flow = Some(Flow {
+                    ip_len,
+                    tcp_len,
+                    mss,
+                    next_seq: seq.wrapping_add(mss as u32),
+                    segments: 1,
+                    closed: flags & TCP_PSH != 0,
+                });
+            }
+            None => {
+                write(&self.buf);
+                self.buf.clear();
+            }
+        }
+    }
+
+    /// Writes the super-packet being built, if any.
+    pub fn finish(&mut self, write: &mut impl FnMut(&[u8])) {
+        let Some(flow) = self.flow.take() else { return };
+        if flow.segments > 1 {
+            let packet = &mut self.buf[VNET_HDR_LEN..];
+            let total = packet.len();
+            if packet[0] >> 4 == 4 {
+                packet[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+                ipv4_header_checksum(&mut packet[..flow.ip_len]);
+            } else {
+                packet[4..6].copy_from_slice(&((total - 40) as u16).to_be_bytes());
+            }
+            let partial = fold(pseudo_header_sum(packet, total - flow.ip_len));
+            let field = flow.ip_len + TCP_CSUM_OFFSET;
+            packet[field..field + 2].copy_from_slice(&partial.to_be_bytes());
+            let hdr = VnetHdr {
+                flags: F_NEEDS_CSUM,
+                gso_type: if packet[0] >> 4 == 4 { GSO_TCPV4 } else { GSO_TCPV6 },
+                hdr_len: (flow.ip_len + flow.tcp_len) as u16,
+                gso_size: flow.mss as u16,
+                csum_start: flow.ip_len as u16,
+                csum_offset: TCP_CSUM_OFFSET as u16,
+            };
+            let mut bytes = [0u8; VNET_HDR_LEN];
+            hdr.emit(&mut bytes);
+            self.buf[..VNET_HDR_LEN].copy_from_slice(&bytes);
+        }
+        write(&self.buf);
+        self.buf.clear();
+    }
+
+    fn try_append(&mut self, packet: &[u8]) -> bool {
+        let Some(flow) = self.flow.as_mut() else { return false };
+        if flow.closed {
+            return false;
+        }
+        let head = &self.buf[VNET_HDR_LEN..];
+        let headers = flow.ip_len + flow.tcp_len;
+        let Some((ip_len, tcp_len, seq, flags)) = coalescable(packet) else { return false };
+        let payload = packet.len() - headers;
+        if ip_len != flow.ip_len
+            || tcp_len != flow.tcp_len
+            || seq != flow.next_seq
+            || payload > flow.mss
+            || head.len() + payload > 65535 + if ip_len == 40 { 40 } else { 0 }
+            || !same_flow_headers(head, packet, ip_len, tcp_len)
+        {
+            return false;
+        }
+        self.buf.extend_from_slice(&packet[headers..]);
+        flow.next_seq = seq.wrapping_add(payload as u32);
+        flow.segments += 1;
+        if flags & TCP_PSH != 0 {
+            self.buf[VNET_HDR_LEN + ip_len + 13] |= TCP_PSH;
+            flow.closed = true;
+        }
+        if payload < flow.mss {
+            flow.closed = true;
+        }
+        true
+    }
+}
+
+/// A TCP segment that may start or join a super-packet: data-carrying,
+/// only ACK (and PSH) set, not an IPv4 fragment, lengths consistent.
+/// Returns (IP header length, TCP header length, sequence number, flags).
+fn coalescable(packet: &[u8]) -> Option<(usize, usize, u32, u8)> {
+    let (ip_len, tcp_len) = tcp_headers(packet)?;
+    let declared = if ip_len == 40 {
+        40 + usize::from(u16::from_be_bytes([packet[4], packet[5]]))
+    } else {
+        let fragment = u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff;
+        if fragment != 0 {
+            return None;
+        }
+        usize::from(u16::from_be_bytes([packet[2], packet[3]]))
+    };
+    let flags = packet[ip_len + 13];
+    let data = packet.len() > ip_len + tcp_len;
+    let plain = flags & (TCP_SYN | TCP_FIN | TCP_RST | TCP_URG | TCP_CWR) == 0 && flags & TCP_ACK != 0;
+    if declared != packet.len() || !data || !plain {
+        return None;
+    }
+    let seq = u32::from_be_bytes([packet[ip_len + 4], packet[ip_len + 5], packet[ip_len + 6], packet[ip_len + 7]]);
+    Some((ip_len, tcp_len, seq, flags))
+}
+
+/// Headers equal apart from what differs between segments of one stream.
+fn same_flow_headers(head: &[u8], packet: &[u8], ip_len: usize, tcp_len: usize) -> bool {
+    let ip_same = if ip_len == 40 {
+        head[..4] == packet[..4] && head[6..40] == packet[6..40]
+    } else {
+        head[..2] == packet[..2] && head[6..10] == packet[6..10] && head[12..ip_len] == packet[12..ip_len]
+    };
+    let (h, p) = (&head[ip_len..ip_len + tcp_len], &packet[ip_len..ip_len + tcp_len]);
+    ip_same && h[..4] == p[..4] && h[8..13] == p[8..13] && h[13] & !TCP_PSH == p[13] & !TCP_PSH && h[14..16] == p[14..16] && h[18..] == p[18..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etherparse::{PacketBuilder, SlicedPacket, TransportSlice};
+
+    const A4: [u8; 4] = [100, 64, 0, 1];
+    const B4: [u8; 4] = [100, 64, 0, 2];
+    const A6: [u8; 16] = [0xfd, 0x4d, 0x65, 0x73, 0x68, 0x74, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+    const B6: [u8; 16] = [0xfd, 0x4d, 0x65, 0x73, 0x68, 0x74, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+
+    fn tcp(v6: bool, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let builder = if v6 { PacketBuilder::ipv6(A6, B6, 64) } else { PacketBuilder::ipv4(A4, B4, 64) };
+        let mut b = builder.tcp(40000, 5201, seq, 512).ack(777);
+        if flags & TCP_PSH != 0 {
+            b = b.psh();
+        }
+        if flags & TCP_FIN != 0 {
+            b = b.fin();
+        }
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        if !v6 {
+            out[6] |= 0x40; // DF, as TCP sends it
+            out[4..6].copy_from_slice(&((seq / 1000) as u16).to_be_bytes());
+            ipv4_header_checksum(&mut out[..20]);
+        }
+        out
+    }
+
+    /// Checksums verified independently, by etherparse.
+    fn checksums_valid(packet: &[u8]) -> bool {
+        let sliced = SlicedPacket::from_ip(packet).unwrap();
+        let TransportSlice::Tcp(t) = sliced.transport.unwrap() else { panic!("not tcp") };
+        let expected = match sliced.net.unwrap() {
+            etherparse::NetSlice::Ipv4(ip) => {
+                let h = ip.header();
+                if h.to_header().calc_header_checksum() != h.header_checksum() {
+                    return false;
+                }
+                t.calc_checksum_ipv4(h.source(), h.destination()).unwrap()
+            }
+            etherparse::NetSlice::Ipv6(ip) => t.calc_checksum_ipv6(ip.header().source(), ip.header().destination()).unwrap(),
+            _ => unreachable!(),
+        };
+        expected == t.checksum()
+    }
+
+    /// A super-packet as the kernel hands it over: one header set, all the
+    /// payload, the TCP checksum field holding the pseudo-header sum.
+    fn kernel_super_packet(v6: bool, seq: u32, payload: &[u8], mss: u16, flags: u8) -> Vec<u8> {
+        let mut p = tcp(v6, seq, flags, payload);
+        let ip_len = if v6 { 40 } else { 20 };
+        let partial = fold(pseudo_header_sum(&p, p.len() - ip_len));
+        p[ip_len + 16..ip_len + 18].copy_from_slice(&partial.to_be_bytes());
+        let hdr = VnetHdr {
+            flags: F_NEEDS_CSUM,
+            gso_type: if v6 { GSO_TCPV6 } else { GSO_TCPV4 },
+            hdr_len: (ip_len + 20) as u16,
+            gso_size: mss,
+            csum_start: ip_len as u16,
+            csum_offset: 16,
+        };
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        hdr.emit((&mut read[..VNET_HDR_LEN]).try_into().unwrap());
+        read.extend_from_slice(&p);
+        read
+    }
+
+    fn payload(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + 3) as u8).collect()
+    }
+
+    #[test]
+    fn tso_super_packets_split_into_mss_segments_with_valid_checksums() {
+        for v6 in [false, true] {
+            let data = payload(10_000);
+            let mut read = kernel_super_packet(v6, 1000, &data, 1388, TCP_PSH | TCP_FIN);
+            let mut segments = Vec::new();
+            let n = split(&mut read, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+            assert_eq!(n, 8);
+            let mut joined = Vec::new();
+            for (i, s) in segments.iter().enumerate() {
+                assert!(checksums_valid(s), "segment {i} (v6: {v6}) has a bad checksum");
+                let sliced = SlicedPacket::from_ip(s).unwrap();
+                let TransportSlice::Tcp(t) = sliced.transport.unwrap() else { panic!() };
+                assert_eq!(t.sequence_number(), 1000 + (i * 1388) as u32);
+                let last = i == segments.len() - 1;
+                assert_eq!(t.psh(), last, "PSH only on the last segment");
+                assert_eq!(t.fin(), last, "FIN only on the last segment");
+                assert!(t.payload().len() == 1388 || last);
+                joined.extend_from_slice(t.payload());
+            }
+            assert_eq!(joined, data);
+        }
+    }
+
+    #[test]
+    fn ipv4_segments_get_consecutive_ids_and_exact_lengths() {
+        let mut read = kernel_super_packet(false, 5, &payload(3000), 1400, 0);
+        let mut segments = Vec::new();
+        split(&mut read, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+        let first_id = u16::from_be_bytes([segments[0][4], segments[0][5]]);
+        for (i, s) in segments.iter().enumerate() {
+            assert_eq!(u16::from_be_bytes([s[4], s[5]]), first_id.wrapping_add(i as u16));
+            assert_eq!(usize::from(u16::from_be_bytes([s[2], s[3]])), s.len());
+        }
+        assert_eq!(segments.iter().map(Vec::len).collect::<Vec<_>>(), vec![1440, 1440, 240]);
+    }
+
+    #[test]
+    fn partial_checksums_of_single_packets_are_completed() {
+        let mut read = kernel_super_packet(true, 9, &payload(333), 1400, TCP_PSH);
+        read[1] = GSO_NONE;
+        let mut out = Vec::new();
+        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(checksums_valid(&out[0]));
+    }
+
+    #[test]
+    fn packets_without_offload_flags_pass_through_untouched() {
+        let packet = tcp(false, 1, TCP_PSH, b"hello");
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        read.extend_from_slice(&packet);
+        let mut out = Vec::new();
+        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(out, vec![packet]);
+    }
+
+    #[test]
+    fn malformed_reads_are_errors_not_panics() {
+        assert_eq!(split(&mut [0u8; 4], &mut Vec::new(), |_| {}), Err(OffloadError::Truncated));
+        let mut bad_offsets = kernel_super_packet(false, 1, b"x", 1400, 0);
+        bad_offsets[1] = GSO_NONE;
+        bad_offsets[8] = 0xff;
+        assert_eq!(split(&mut bad_offsets, &mut Vec::new(), |_| {}), Err(OffloadError::BadChecksumOffsets));
+        let mut udp_gso = kernel_super_packet(false, 1, b"x", 1400, 0);
+        udp_gso[1] = 5;
+        assert_eq!(split(&mut udp_gso, &mut Vec::new(), |_| {}), Err(OffloadError::UnsupportedGso(5)));
+        let mut zero_mss = kernel_super_packet(false, 1, &payload(3000), 0, 0);
+        assert_eq!(split(&mut zero_mss, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
+        let mut wrong_version = kernel_super_packet(false, 1, &payload(3000), 1000, 0);
+        wrong_version[1] = GSO_TCPV6;
+        assert_eq!(split(&mut wrong_version, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
+        for len in 0..60 {
+            let mut truncated = kernel_super_packet(true, 1, &payload(3000), 1000, 0);
+            truncated.truncate(VNET_HDR_LEN + len);
+            let _ = split(&mut truncated, &mut Vec::new(), |_| {});
+        }
+    }
+
+    fn coalesce(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        let mut c = Coalescer::new();
+        let mut out = Vec::new();
+        let mut write = |b: &[u8]| out.push(b.to_vec());
+        for p in packets {
+            c.push(p, &mut write);
+        }
+        c.finish(&mut write);
+        out
+    }
+
+    /// What the kernel does with a super-packet we write: split it again.
+    fn resegment(write: &[u8]) -> Vec<Vec<u8>> {
+        let mut read = write.to_vec();
+        let mut out = Vec::new();
+        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        out
+    }
+
+    #[test]
+    fn in_order_full_segments_of_one_flow_become_one_super_packet() {
+        for v6 in [false, true] {
+            let segments: Vec<Vec<u8>> = (0..5u32).map(|i| tcp(v6, 100 + i * 1000, if i == 4 { TCP_PSH } else { 0 }, &payload(1000))).collect();
+            let writes = coalesce(&segments);
+            assert_eq!(writes.len(), 1);
+            let hdr = VnetHdr::parse(&writes[0]).unwrap();
+            assert_eq!((hdr.gso_size, hdr.flags), (1000, F_NEEDS_CSUM));
+            assert_eq!(resegment(&writes[0]), segments, "the kernel's view equals the original segments");
+        }
+    }
+
+    #[test]
+    fn gaps_other_flows_and_control_segments_are_not_merged() {
+        let a = tcp(false, 0, 0, &payload(1000));
+        let gap = tcp(false, 5000, 0, &payload(1000));
+        let mut other_flow = tcp(false, 6000, 0, &payload(1000));
+        other_flow[20] ^= 1; // another source port
+        let fin = tcp(false, 7000, TCP_FIN, &payload(10));
+        let writes = coalesce(&[a.clone(), gap, other_flow, fin]);
+        assert_eq!(writes.len(), 4);
+        for w in &writes {
+            assert_eq!(VnetHdr::parse(w).unwrap(), VnetHdr::default(), "single packets go out with an empty header");
+        }
+        assert_eq!(&writes[0][VNET_HDR_LEN..], &a[..]);
+    }
+
+    #[test]
+    fn a_short_or_pushed_segment_ends_the_super_packet() {
+        let s = |seq: u32, len: usize, flags: u8| tcp(true, seq, flags, &payload(len));
+        let writes = coalesce(&[s(0, 1000, 0), s(1000, 500, 0), s(1500, 1000, 0), s(2500, 1000, TCP_PSH), s(3500, 1000, 0)]);
+        assert_eq!(writes.len(), 3);
+        assert_eq!(resegment(&writes[0]).len(), 2);
+        assert_eq!(resegment(&writes[1]).len(), 2);
+        assert_eq!(resegment(&writes[2]).len(), 1);
+    }
+
+    #[test]
+    fn super_packets_stay_within_64_kib() {
+        let segments: Vec<Vec<u8>> = (0..60u32).map(|i| tcp(false, i * 1400, 0, &payload(1400))).collect();
+        let writes = coalesce(&segments);
+        assert!(writes.iter().all(|w| w.len() - VNET_HDR_LEN <= 65535));
+        assert_eq!(writes.iter().map(|w| resegment(w).len()).sum::<usize>(), 60);
+    }
+
+    #[test]
+    fn non_tcp_and_malformed_packets_pass_through_alone() {
+        let mut udp = Vec::new();
+        PacketBuilder::ipv6(A6, B6, 64).udp(1, 2).write(&mut udp, b"dns").unwrap();
+        let mut lying_length = tcp(false, 0, 0, &payload(100));
+        lying_length[3] = 0xff;
+        let writes = coalesce(&[udp.clone(), lying_length.clone(), vec![0x45], vec![]]);
+        assert_eq!(writes.len(), 4);
+        assert_eq!(&writes[0][VNET_HDR_LEN..], &udp[..]);
+        assert_eq!(&writes[1][VNET_HDR_LEN..], &lying_length[..]);
+    }
+}
