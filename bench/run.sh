@@ -14,13 +14,15 @@
 #   options: --runs N  --seconds S  --tests tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping
 #            --tunnels raw,bt,wg,mt  --bin PATH (skip the cargo build)
 #            --no-install (skip tunnels whose tools are missing)
+#            --mt-args "ARGS" (extra `meshtun up` arguments, e.g. --no-offload
+#            to measure what the offloads buy)
 #
 # Not part of `cargo test`. Needs root. Never build while it runs: iperf3
 # and both tunnel ends share the machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""
+RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""; MT_ARGS=""
 TESTS="tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping"
 TUNNELS="raw,bt,wg,mt"
 while [ $# -gt 0 ]; do
@@ -32,7 +34,8 @@ while [ $# -gt 0 ]; do
         --tunnels) TUNNELS=$2; shift 2 ;;
         --bin) BIN=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
-        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+        --mt-args) MT_ARGS=$2; shift 2 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -152,7 +155,7 @@ if has mt "$TUNNELS"; then
     for side in a b; do
         ns=$A; [ $side = b ] && ns=$B
         ip netns exec "$ns" "$BIN" up --config /dev/null --backbone 10.99.0.2:7400 --dns-port 0 --listen-port 51820 \
-            --interface "mt$ID$side" --state-dir "$RUN/mt-$side" --socket "$RUN/mt-$side.sock" >"$RUN/mt-$side.log" 2>&1 &
+            --interface "mt$ID$side" --state-dir "$RUN/mt-$side" --socket "$RUN/mt-$side.sock" $MT_ARGS >"$RUN/mt-$side.log" 2>&1 &
         PIDS+=($!)
         if [ $side = a ]; then PROC_A[mt]=$!; else PROC_B[mt]=$!; fi
     done
@@ -223,7 +226,7 @@ for t in ${TUNNELS//,/ }; do
 done
 
 # ---- report ----------------------------------------------------------------
-name() { case $1 in raw) echo "raw veth" ;; bt) echo "boringtun-cli -t 1" ;; wg) echo "wireguard-go" ;; mt) echo "meshtun" ;; esac; }
+name() { case $1 in raw) echo "raw veth" ;; bt) echo "boringtun-cli -t 1" ;; wg) echo "wireguard-go" ;; mt) echo "meshtun${MT_ARGS:+ $MT_ARGS}" ;; esac; }
 stats() {  # test tunnel -> "min med max" (or NA)
     awk -F'\t' -v te="$1" -v tu="$2" '$1 == te && $2 == tu && $3 != "NA" {print $3}' "$RESULTS" | sort -g |
         awk '{v[NR] = $1} END {if (NR == 0) {print "NA NA NA"; exit}

@@ -112,7 +112,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
-    let crate::tun_device::MeshTun { device: tun, offload } =
+    let crate::tun_device::MeshTun { device: mut tun, offload } =
         crate::tun_device::create(&options.interface, options.mtu, me.to_ipv6(), NETWORK_PREFIX_LEN, meshtun_addr::canonical_ipv4(me), options.offload)?;
     let udp_gro = offload && socket.enable_offloads();
     tracing::debug!(tun_offload = offload, udp_gro, "offloads");
@@ -222,7 +222,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                     // Drain what else is queued before paying for another
                     // trip round the loop (timers, select!, poll_timeout).
                     for _ in 1..DRAIN_BATCH {
-                        match tun_try_recv(&tun, &mut tun_buf) {
+                        match tun_try_recv(&mut tun, &mut tun_buf) {
                             Ok(n) => tun_io.handle_read(&mut node, &mut tun_buf[..n], Instant::now()),
                             Err(_) => break,
                         }
@@ -233,10 +233,14 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
             received = socket.recv_segments(&mut udp_buf) => match received {
                 Ok(r) => {
                     let now = Instant::now();
+                    tun_io.stats.count_udp(&r);
                     r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, now));
                     for _ in 1..DRAIN_BATCH {
                         match socket.try_recv_segments(&mut udp_buf) {
-                            Ok(r) => r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, now)),
+                            Ok(r) => {
+                                tun_io.stats.count_udp(&r);
+                                r.datagrams(&udp_buf).for_each(|d| node.handle_udp(r.from, d, now))
+                            }
                             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                             Err(e) => tracing::trace!(error = %e, "UDP receive error"),
                         }
@@ -253,6 +257,11 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                     data["role"] = "node".into();
                     data["interface"] = options.interface.clone().into();
                     data["listen_port"] = port.into();
+                    data["offload"] = serde_json::json!({
+                        "tun": offload,
+                        "udp_gro": udp_gro,
+                        "counters": tun_io.stats,
+                    });
                     let _ = pending.reply.send(control::ok_envelope(data));
                 }
                 Request::Down => {
@@ -349,12 +358,38 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
 /// goes back to `select!` (and flushes what they produced).
 const DRAIN_BATCH: usize = 64;
 
-/// A non-blocking read of one packet from the TUN (the fd is non-blocking);
-/// `WouldBlock` when it is empty. Tokio's readiness stays set, so the next
-/// `recv().await` finds out for itself.
-fn tun_try_recv(tun: &tun::AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize> {
-    let device: &tun::Device = tun;
-    device.recv(buf)
+/// A non-blocking read of one packet from the TUN: `WouldBlock` when it is
+/// empty. It goes through tokio's readiness so an empty read clears it, and
+/// the next `recv().await` sleeps instead of trying (and failing) again.
+fn tun_try_recv(tun: &mut tun::AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize> {
+    use tokio::io::AsyncRead;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut read = tokio::io::ReadBuf::new(buf);
+    match std::pin::Pin::new(tun).poll_read(&mut cx, &mut read) {
+        std::task::Poll::Ready(Ok(())) => Ok(read.filled().len()),
+        std::task::Poll::Ready(Err(e)) => Err(e),
+        std::task::Poll::Pending => Err(std::io::ErrorKind::WouldBlock.into()),
+    }
+}
+
+/// What the offloads did, for `meshtun status` (and the tests that check
+/// they are in use).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+struct OffloadStats {
+    tun_super_packets_read: u64,
+    tun_segments_split: u64,
+    tun_super_packets_written: u64,
+    udp_gro_receives: u64,
+    udp_gro_datagrams: u64,
+}
+
+impl OffloadStats {
+    fn count_udp(&mut self, r: &udp::Received) {
+        if r.len > r.segment {
+            self.udp_gro_receives += 1;
+            self.udp_gro_datagrams += r.len.div_ceil(r.segment.max(1)) as u64;
+        }
+    }
 }
 
 /// The TUN side of the driver: every read and write carries a virtio-net
@@ -362,6 +397,7 @@ fn tun_try_recv(tun: &tun::AsyncDevice, buf: &mut [u8]) -> std::io::Result<usize
 /// writes coalesce segments of one flow. Buffers are reused.
 struct TunIo {
     offload: bool,
+    stats: OffloadStats,
     coalescer: offload::Coalescer,
     split_scratch: Vec<u8>,
     single: Vec<u8>,
@@ -372,6 +408,7 @@ impl TunIo {
     fn new(offload: bool) -> TunIo {
         TunIo {
             offload,
+            stats: OffloadStats::default(),
             coalescer: offload::Coalescer::new(),
             split_scratch: Vec::with_capacity(meshtun_overlay::MAX_PACKET),
             single: Vec::with_capacity(offload::MAX_READ),
@@ -380,9 +417,16 @@ impl TunIo {
     }
 
     fn handle_read(&mut self, node: &mut Node, read: &mut [u8], now: Instant) {
-        if let Err(e) = offload::split(read, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
-            tracing::trace!(error = %e, len = read.len(), "dropping a TUN read");
-            node.handle_malformed_tun_read();
+        match offload::split(read, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
+            Ok(1) => {}
+            Ok(segments) => {
+                self.stats.tun_super_packets_read += 1;
+                self.stats.tun_segments_split += segments as u64;
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, len = read.len(), "dropping a TUN read");
+                node.handle_malformed_tun_read();
+            }
         }
     }
 
@@ -391,10 +435,15 @@ impl TunIo {
     async fn write_all(&mut self, node: &mut Node, tun: &tun::AsyncDevice) {
         let device: &tun::Device = tun;
         let blocked = &mut self.blocked;
+        let stats = &mut self.stats;
         let mut write = |buf: &[u8]| match device.send(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
             Err(e) => tracing::trace!(error = %e, "TUN write failed"),
-            Ok(_) => {}
+            Ok(_) => {
+                if offload::VnetHdr::parse(buf).is_some_and(|h| h.gso_size != 0) {
+                    stats.tun_super_packets_written += 1;
+                }
+            }
         };
         while let Some(packet) = node.poll_tun() {
             if self.offload {

@@ -281,6 +281,12 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
     assert_eq!(server_res, Ok(data.len()), "(b) server did not echo every byte");
     assert_eq!(echoed.len(), data.len(), "(b) echoed length differs");
     assert!(echoed_hash == sent_hash, "(b) echoed bytes differ from the sent bytes (blake3 mismatch)");
+    // Bulk TCP went through the TUN offloads: the kernel handed the engines
+    // TCP super-packets to split (and they arrived intact, checked above).
+    let offload: Vec<Value> = [&a, &b].iter().map(|n| n.status().map(|st| st["offload"].clone()).unwrap_or_default()).collect();
+    println!("(b) offloads: alpha {} / bravo {}", offload[0], offload[1]);
+    let split: u64 = offload.iter().map(|o| o["counters"]["tun_super_packets_read"].as_u64().unwrap_or(0)).sum();
+    assert!(split > 0, "(b) 1.5 MiB of TCP crossed the mesh without one TCP super-packet from the TUN: offload is off? {offload:?}");
 
     // From here on the checks are independent: collect every failure.
     let mut checks = Checks::new();

@@ -315,8 +315,8 @@ impl Coalescer {
             return false;
         }
         let head = &self.buf[VNET_HDR_LEN..];
-        let headers = flow.ip_len + flow.tcp_len;
         let Some((ip_len, tcp_len, seq, flags)) = coalescable(packet) else { return false };
+        let headers = ip_len + tcp_len;
         let payload = packet.len() - headers;
         if ip_len != flow.ip_len
             || tcp_len != flow.tcp_len
@@ -589,6 +589,15 @@ mod tests {
         let writes = coalesce(&segments);
         assert!(writes.iter().all(|w| w.len() - VNET_HDR_LEN <= 65535));
         assert_eq!(writes.iter().map(|w| resegment(w).len()).sum::<usize>(), 60);
+    }
+
+    #[test]
+    fn a_segment_with_longer_headers_does_not_join_a_flow() {
+        let head = tcp(true, 0, 0, &payload(1000));
+        let v4 = tcp(false, 1000, 0, &payload(10));
+        let writes = coalesce(&[head, v4.clone()]);
+        assert_eq!(writes.len(), 2);
+        assert_eq!(&writes[1][VNET_HDR_LEN..], &v4[..]);
     }
 
     #[test]
