@@ -15,14 +15,14 @@
 #            --tunnels raw,bt,wg,mt  --bin PATH (skip the cargo build)
 #            --no-install (skip tunnels whose tools are missing)
 #            --mt-args "ARGS" (extra `meshtun up` arguments, e.g. --no-offload
-#            to measure what the offloads buy)
+#            to measure what the offloads buy)  --keep (keep the logs)
 #
 # Not part of `cargo test`. Needs root. Never build while it runs: iperf3
 # and both tunnel ends share the machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""; MT_ARGS=""
+RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""; MT_ARGS=""; KEEP=0
 TESTS="tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping"
 TUNNELS="raw,bt,wg,mt"
 while [ $# -gt 0 ]; do
@@ -35,6 +35,7 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
         --mt-args) MT_ARGS=$2; shift 2 ;;
+        --keep) KEEP=1; shift ;;
         -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
@@ -96,7 +97,7 @@ cleanup() {
     done
     ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
     rm -f /var/run/wireguard/bt"$ID"?.sock /var/run/wireguard/wg"$ID"?.sock
-    rm -rf "$RUN"
+    if [ "$KEEP" = 1 ]; then echo "logs kept in $RUN"; else rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM

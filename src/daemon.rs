@@ -381,6 +381,8 @@ struct OffloadStats {
     tun_super_packets_written: u64,
     udp_gro_receives: u64,
     udp_gro_datagrams: u64,
+    /// Writes the TUN refused (each may hold many segments).
+    tun_write_errors: u64,
 }
 
 impl OffloadStats {
@@ -438,7 +440,10 @@ impl TunIo {
         let stats = &mut self.stats;
         let mut write = |buf: &[u8]| match device.send(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
-            Err(e) => tracing::trace!(error = %e, "TUN write failed"),
+            Err(e) => {
+                stats.tun_write_errors += 1;
+                tracing::trace!(error = %e, len = buf.len(), "TUN write failed");
+            }
             Ok(_) => {
                 if offload::VnetHdr::parse(buf).is_some_and(|h| h.gso_size != 0) {
                     stats.tun_super_packets_written += 1;

@@ -330,15 +330,17 @@ pub fn normalise(addr: SocketAddr) -> SocketAddr {
 }
 
 /// Addresses of this host's interfaces where peers might reach us directly:
-/// up, not loopback, not link-local, not the mesh itself.
+/// up, not loopback, not link-local, not the mesh itself, and not on a
+/// point-to-point interface. The last rule keeps meshtun from running over
+/// another VPN (a WireGuard or TUN device, including a second meshtun): such
+/// a path often answers probes faster than the real network but has a
+/// smaller MTU, so full-size packets vanish in it. A public address on a
+/// PPP link is still learned through STUN as the reflexive endpoint.
 pub fn local_endpoints(port: u16, mesh_interface: &str) -> Vec<SocketAddr> {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else { return vec![] };
     let mut out = Vec::new();
     for ifa in addrs {
-        if ifa.interface_name == mesh_interface
-            || !ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_UP)
-            || ifa.flags.contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
-        {
+        if ifa.interface_name == mesh_interface || !advertisable_interface(ifa.flags) {
             continue;
         }
         let Some(address) = ifa.address else { continue };
@@ -363,6 +365,11 @@ pub fn local_endpoints(port: u16, mesh_interface: &str) -> Vec<SocketAddr> {
     // IPv4 first: most underlays and NATs are IPv4.
     out.sort_by_key(|a| a.is_ipv6());
     out
+}
+
+fn advertisable_interface(flags: nix::net::if_::InterfaceFlags) -> bool {
+    use nix::net::if_::InterfaceFlags as F;
+    flags.contains(F::IFF_UP) && !flags.intersects(F::IFF_LOOPBACK | F::IFF_POINTOPOINT)
 }
 
 #[cfg(test)]
@@ -390,6 +397,16 @@ mod tests {
             got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
         }
         assert_eq!(got, datagrams);
+    }
+
+    #[test]
+    fn tunnels_and_loopback_are_not_advertised_but_ethernet_is() {
+        use nix::net::if_::InterfaceFlags as F;
+        assert!(advertisable_interface(F::IFF_UP | F::IFF_BROADCAST | F::IFF_RUNNING | F::IFF_MULTICAST));
+        assert!(!advertisable_interface(F::IFF_BROADCAST | F::IFF_MULTICAST), "down");
+        assert!(!advertisable_interface(F::IFF_UP | F::IFF_LOOPBACK | F::IFF_RUNNING));
+        // What a TUN or WireGuard device reports.
+        assert!(!advertisable_interface(F::IFF_UP | F::IFF_POINTOPOINT | F::IFF_NOARP | F::IFF_RUNNING | F::IFF_MULTICAST));
     }
 
     #[test]
