@@ -30,6 +30,7 @@ const MARKER: &[u8] = b"MESHTUN-PLAINTEXT-MARKER-";
 const BB_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 1);
 const A_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 2);
 const B_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 3);
+const DECOY_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 9, 1);
 const BB_PORT: u16 = 7400;
 const RECORD_TTL: u64 = 6;
 const HEARTBEAT: u64 = 2;
@@ -56,6 +57,12 @@ fn setup_mesh(short: &str, with_b: bool) -> Mesh {
     let bb_ns = lab.add_host("bb", &sw, "198.18.0.1/24");
     let a_ns = lab.add_host("a", &sw, "198.18.0.2/24");
     let b_ns = with_b.then(|| lab.add_host("b", &sw, "198.18.0.3/24"));
+
+    // Another VPN's tunnel on alpha: its address must never become a
+    // candidate (a path through it has a smaller MTU; see udp::local_endpoints).
+    a_ns.exec_ok(&["ip", "tuntap", "add", "dev", "decoy0", "mode", "tun"]);
+    a_ns.exec_ok(&["ip", "addr", "add", &format!("{DECOY_IP}/24"), "dev", "decoy0"]);
+    a_ns.exec_ok(&["ip", "link", "set", "decoy0", "up"]);
 
     let bb_addr = SocketAddr::new(BB_IP.into(), BB_PORT);
     let t = Instant::now();
@@ -340,6 +347,12 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
                 format!("(d) backbone record of {host} should have ipv6 {}: {r}", node.id.ipv6)
             });
         }
+    }
+    if let Some(st) = checks.ok(a.status(), "(d) alpha's status") {
+        let endpoints = st["endpoints"].to_string();
+        checks.check(endpoints.contains(&A_IP.to_string()) && !endpoints.contains(&DECOY_IP.to_string()), || {
+            format!("(d) alpha must advertise its underlay {A_IP} and not the tunnel address {DECOY_IP}: {endpoints}")
+        });
     }
     match a.peer(&b.id.address) {
         Err(e) => {

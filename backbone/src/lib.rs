@@ -144,6 +144,14 @@ struct Slot {
     wg_off: u16,
     local: u16,
     v4: [u8; 4],
+    /// What the time-dependent rules need, so lookups and revocation
+    /// sweeps need not decode the record (nor check the certificate's
+    /// signature again: it was checked on arrival, against the owner key
+    /// the configuration fixes): the WireGuard key's expiry and the
+    /// membership certificate's expiry and serial (0, 0 without one).
+    key_expires_unix: u64,
+    cert_not_after: u64,
+    cert_serial: u64,
 }
 
 impl Slot {
@@ -168,6 +176,12 @@ impl Slot {
         };
         let wg_off = locate(&record.wg_key);
         let addr = record.mesh_addr();
+        // Verified on arrival; an undecodable body would make it expired.
+        let membership = record.cert.as_ref().map(|c| postcard::from_bytes::<meshtun_proto::cert::Membership>(&c.body).ok());
+        let (cert_not_after, cert_serial) = match membership {
+            Some(Some(m)) => (m.not_after_unix, m.serial),
+            Some(None) | None => (0, 0),
+        };
         Slot {
             bytes: bytes.into_boxed_slice(),
             expires_at,
@@ -180,6 +194,9 @@ impl Slot {
             wg_off,
             local: local as u16,
             v4: meshtun_addr::canonical_ipv4(addr).octets(),
+            key_expires_unix: record.wg_key_expires_unix,
+            cert_not_after,
+            cert_serial,
         }
     }
 
@@ -496,7 +513,7 @@ impl Directory {
                         let found: Vec<u32> = self
                             .lookup(&query)
                             .into_iter()
-                            .filter(|&id| self.slot(id).decode().is_some_and(|r| self.authorize(&r).is_ok()))
+                            .filter(|&id| self.still_authorized(self.slot(id)))
                             .collect();
                         let records = found.iter().map(|&id| self.slot(id).signed()).collect();
                         self.after_lookup(asker, asker_record, &query, &found, now);
@@ -545,7 +562,7 @@ impl Directory {
             .iter()
             .flatten()
             .filter(|slot| slot.addr.network == network)
-            .filter(|slot| slot.decode().is_none_or(|r| self.authorize(&r).is_err()))
+            .filter(|slot| !self.still_authorized(slot))
             .map(|slot| slot.addr)
             .collect();
         for addr in &unauthorized {
@@ -572,6 +589,44 @@ impl Directory {
         cert.verify(owner, record.network, record.node, self.unix_now, revoked)
             .map(|_| ())
             .map_err(|e| (RejectCode::Unauthorized, e.to_string()))
+    }
+
+    /// [`Directory::authorize`] for a record whose certificate is the one
+    /// the stored `slot` holds (same address, signature checked then).
+    fn authorize_known_cert(&self, record: &meshtun_proto::NodeRecord, slot: &Slot) -> Result<(), (RejectCode, String)> {
+        use meshtun_proto::cert::CertError;
+        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+            return Err((RejectCode::KeyExpired, "the WireGuard key's certification has expired".into()));
+        }
+        if !self.config.network_owners.contains_key(&record.network) {
+            return Err((RejectCode::Unauthorized, format!("network {} is not served by this backbone", record.network.0)));
+        }
+        if self.unix_now > slot.cert_not_after {
+            return Err((RejectCode::Unauthorized, CertError::Expired(slot.cert_not_after).to_string()));
+        }
+        let revoked = self.revocations.get(&record.network).map(|(r, _)| r);
+        if revoked.is_some_and(|r| r.network == record.network && r.serials.contains(&slot.cert_serial)) {
+            return Err((RejectCode::Unauthorized, CertError::Revoked(slot.cert_serial).to_string()));
+        }
+        Ok(())
+    }
+
+    /// [`Directory::authorize`] for a stored record, whose signatures were
+    /// checked when it arrived: only the rules that depend on time or on
+    /// the revocation list, compared by number.
+    fn still_authorized(&self, slot: &Slot) -> bool {
+        if self.unix_now > 0 && slot.key_expires_unix < self.unix_now {
+            return false;
+        }
+        let network = slot.addr.network;
+        if network == NetworkId::PUBLIC {
+            return true;
+        }
+        if !self.config.network_owners.contains_key(&network) || self.unix_now > slot.cert_not_after {
+            return false;
+        }
+        let revoked = self.revocations.get(&network).map(|(r, _)| r);
+        !revoked.is_some_and(|r| r.network == network && r.serials.contains(&slot.cert_serial))
     }
 
     fn rate_limit_registration(&mut self, from: SocketAddr, now: Instant) -> bool {
@@ -611,7 +666,17 @@ impl Directory {
         let record = &verified.record;
         let addr = record.mesh_addr();
         let existing = self.find(&addr);
-        if let Err(refusal) = self.authorize(record) {
+        // A heartbeat normally carries the certificate the stored record
+        // has, whose signature was checked then: only the rules that depend
+        // on time and on the revocation list are left.
+        let known_cert = existing
+            .filter(|_| record.cert.is_some() && record.network != NetworkId::PUBLIC)
+            .filter(|&id| self.slot(id).decode().is_some_and(|stored| stored.cert == record.cert));
+        let authorized = match known_cert {
+            Some(id) => self.authorize_known_cert(record, self.slot(id)),
+            None => self.authorize(record),
+        };
+        if let Err(refusal) = authorized {
             // Signed by the node itself: it is no longer allowed in, so its
             // current record goes too.
             let same_identity = existing
@@ -1608,6 +1673,33 @@ mod tests {
         let sent: Vec<Message> = std::iter::from_fn(|| dir.poll_transmit()).map(|t| Message::decode(&t.payload).unwrap()).collect();
         assert!(matches!(sent[0], Message::RegisterAck { .. }));
         assert!(matches!(sent[1], Message::Revocations { .. }));
+    }
+
+    #[test]
+    fn heartbeats_with_the_same_certificate_still_meet_its_expiry_and_revocation() {
+        let (a, _) = identities();
+        let (mut dir, owner) = private_directory();
+        let now = Instant::now();
+        let cert = owner.sign_membership(a.node_addr(), vec![], 1_500, 21);
+        register(&mut dir, NODE_A, private_record(&a, 1, Some(cert.clone())), now);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 2, Some(cert.clone())), now);
+        assert!(matches!(reply, Message::RegisterAck { .. }), "{reply:?}");
+        let member = MeshAddr::new(NetworkId(7), a.node_addr());
+        let asked = |dir: &mut Directory| exchange(dir, NODE_A, Message::Lookup { request_id: 2, from: member, query: Query::Address(member) }, now);
+        assert!(matches!(asked(&mut dir), Message::LookupReply { ref records, .. } if records.len() == 1));
+        // Revoked: the stored record is no longer handed out, and the next
+        // heartbeat with the same certificate is refused.
+        dir.revocations.insert(NetworkId(7), (owner.sign_revocations(1, vec![21]).verify(&owner.public_key(), NetworkId(7)).unwrap(), owner.sign_revocations(1, vec![21])));
+        assert!(matches!(asked(&mut dir), Message::LookupReply { ref records, .. } if records.is_empty()));
+        let reply = register(&mut dir, NODE_A, private_record(&a, 3, Some(cert.clone())), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, ref detail, .. } if detail.contains("revoked")), "{reply:?}");
+        // A forged certificate is checked in full, not matched against the stored one.
+        let stranger = meshtun_proto::cert::NetworkOwner::generate(NetworkId(7), [8; 32]);
+        dir.revocations.clear();
+        register(&mut dir, NODE_A, private_record(&a, 4, Some(cert)), now);
+        let forged = stranger.sign_membership(a.node_addr(), vec![], 9_999, 22);
+        let reply = register(&mut dir, NODE_A, private_record(&a, 5, Some(forged)), now);
+        assert!(matches!(reply, Message::Reject { code: RejectCode::Unauthorized, .. }), "{reply:?}");
     }
 
     #[test]

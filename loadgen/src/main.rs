@@ -94,6 +94,10 @@ struct Args {
     /// measurement; unchanged otherwise].
     #[arg(long, allow_hyphen_values = true)]
     priority: Option<i32>,
+    /// Pin started backbones to the first CPUs and the load generator to
+    /// the last one (on a small machine they otherwise compete for cores).
+    #[arg(long)]
+    pin: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -140,6 +144,7 @@ fn main() -> anyhow::Result<()> {
         progress: !a.quiet,
         // SAFETY: geteuid has no preconditions.
         priority: a.priority.or_else(|| (unsafe { libc::geteuid() } == 0).then_some(-10)),
+        pin: a.pin,
     };
     let report = meshtun_loadgen::run::run(&opts)?;
     if a.json {

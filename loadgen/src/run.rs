@@ -61,6 +61,10 @@ pub struct Options {
     /// Nice value for started backbones and this process (negative needs
     /// root): keeps other work on a shared machine from starving them.
     pub priority: Option<i32>,
+    /// Pin started backbones to the first CPUs and the load generator to
+    /// the last one, so they do not compete for a core (with more
+    /// backbones than CPUs - 1 they share).
+    pub pin: bool,
 }
 
 impl Default for Options {
@@ -85,6 +89,7 @@ impl Default for Options {
             failover_after: Duration::from_secs(1),
             progress: true,
             priority: None,
+            pin: false,
         }
     }
 }
@@ -551,6 +556,16 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
             }
         }
     }
+    if opts.pin {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for (i, pid) in pids.iter().enumerate() {
+            if let Some(pid) = pid {
+                pin_to(*pid as i32, i % cpus.saturating_sub(1).max(1));
+            }
+        }
+        // This thread, and so the receiver thread it starts later.
+        pin_to(0, cpus - 1);
+    }
     let result = (|| {
         for a in &addrs {
             wait_ready(*a, Duration::from_secs(20))?;
@@ -576,6 +591,18 @@ pub fn run(opts: &Options) -> anyhow::Result<Report> {
         }
     }
     result
+}
+
+fn pin_to(pid: i32, cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; sched_setaffinity reads it.
+    let r = unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(pid, std::mem::size_of::<libc::cpu_set_t>(), &set)
+    };
+    if r != 0 {
+        eprintln!("  cannot pin pid {pid} to CPU {cpu}: {}", std::io::Error::last_os_error());
+    }
 }
 
 fn drive(

@@ -24,6 +24,7 @@ pub mod offload;
 pub mod packet;
 pub mod path;
 pub mod peer;
+mod peer_table;
 pub mod probe;
 mod stats;
 
@@ -248,7 +249,7 @@ pub struct Node {
     wg_secret: StaticSecret,
     wg_public: PublicKey,
     backbones: BackboneClient,
-    peers: Vec<Option<Peer>>,
+    peers: peer_table::PeerTable,
     free_peer_ids: Vec<PeerId>,
     by_addr: HashMap<MeshAddr, PeerId>,
     by_wg_key: HashMap<[u8; 32], PeerId>,
@@ -274,15 +275,12 @@ pub struct Node {
     transmits: VecDeque<Transmit>,
     tun_out: VecDeque<Vec<u8>>,
     events: VecDeque<Event>,
-    next_wg_tick: Option<Instant>,
     rng: ChaCha20Rng,
     buf: Vec<u8>,
     stats: Stats,
     shutting_down: bool,
 }
 
-/// How often boringtun's timers are driven (as its own device does).
-const WG_TICK: Duration = Duration::from_millis(250);
 /// First handshake retry; later ones back off linearly to 5x this.
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 /// Handshake initiations per second before cookies are demanded.
@@ -305,7 +303,7 @@ impl Node {
             wg_secret,
             wg_public,
             backbones,
-            peers: Vec::new(),
+            peers: peer_table::PeerTable::new(config.persistent_keepalive, now),
             free_peer_ids: Vec::new(),
             by_addr: HashMap::new(),
             by_wg_key: HashMap::new(),
@@ -327,7 +325,6 @@ impl Node {
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
             events: VecDeque::new(),
-            next_wg_tick: None,
             rng,
             buf: vec![0; MAX_PACKET + WG_OVERHEAD],
             stats: Stats::default(),
@@ -468,14 +465,62 @@ impl Node {
             .map_err(|e| e.to_string())
     }
 
+    /// [`Node::admit`] for a peer already admitted, without checking its
+    /// certificate's signature again when it was checked before (the
+    /// owner key and the record are the same): expiry and revocation are
+    /// compared by number. Returns the certificate's expiry and serial
+    /// when it had to be checked in full.
+    fn recheck(&self, peer: &Peer) -> Result<Option<(u64, u64)>, String> {
+        let record = &peer.record;
+        let Some((not_after, serial)) = peer.cert_checked.filter(|_| record.network != NetworkId::PUBLIC) else {
+            self.admit(record)?;
+            let cert = match (&self.config.network_owner, &record.cert) {
+                (Some(owner), Some(cert)) if record.network != NetworkId::PUBLIC => cert.verify_signature(owner).ok(),
+                _ => None,
+            };
+            return Ok(cert.map(|m| (m.not_after_unix, m.serial)));
+        };
+        if record.network != self.me.network {
+            return Err(format!("belongs to network {}", record.network.0));
+        }
+        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+            return Err("its WireGuard key certification has expired".into());
+        }
+        if let Some(known) = self.newest.get(&record.mesh_addr()) {
+            if known.wg_key_version > record.wg_key_version {
+                return Err(format!("WireGuard key version {} is superseded by {}", record.wg_key_version, known.wg_key_version));
+            }
+        }
+        if self.unix_now > not_after {
+            return Err(meshtun_proto::cert::CertError::Expired(not_after).to_string());
+        }
+        if self.revocations.as_ref().is_some_and(|r| r.network == record.network && r.serials.contains(&serial)) {
+            return Err(meshtun_proto::cert::CertError::Revoked(serial).to_string());
+        }
+        Ok(None)
+    }
+
     /// Re-checks every peer's certificate and key (expiry, revocation).
     fn check_trust(&mut self) {
+        let mut checked = Vec::new();
         let revoked: Vec<(PeerId, String)> = self
             .peers
             .iter()
             .flatten()
-            .filter_map(|p| self.admit(&p.record).err().map(|why| (p.id, why)))
+            .filter_map(|p| match self.recheck(p) {
+                Ok(Some(cert)) => {
+                    checked.push((p.id, cert));
+                    None
+                }
+                Ok(None) => None,
+                Err(why) => Some((p.id, why)),
+            })
             .collect();
+        for (id, cert) in checked {
+            if let Some(peer) = self.peers.get_mut_for_path(id.index()).and_then(Option::as_mut) {
+                peer.cert_checked = Some(cert);
+            }
+        }
         for (id, reason) in revoked {
             if let Some(peer) = self.peers.get(id.index()).and_then(Option::as_ref) {
                 tracing::warn!(peer = %peer.addr, %reason, "dropping peer");
@@ -679,18 +724,18 @@ impl Node {
             self.next_trust_check = now + Duration::from_secs(1);
         }
         self.run_path_timers(now);
-        if self.next_wg_tick.is_some_and(|t| t <= now) {
-            self.tick_wireguard();
-            self.next_wg_tick = (!self.by_addr.is_empty()).then(|| now + WG_TICK);
+        if self.peers.next_wg_tick().is_some_and(|t| t <= now) {
+            let (transmits, stats) = (&mut self.transmits, &mut self.stats);
+            self.peers.tick_wireguard(now, |peer, out| send_wg(transmits, stats, peer, out));
         }
         self.unreachable_until.retain(|_, until| *until > now);
     }
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
-        let paths = self.peers.iter().flatten().map(|p| p.poll_timeout()).min();
+        let paths = self.peers.next_path_deadline();
         let trust = (!self.by_addr.is_empty()).then_some(self.next_trust_check);
-        [self.backbones.poll_timeout(), lookups, self.next_wg_tick, paths, trust]
+        [self.backbones.poll_timeout(), lookups, self.peers.next_wg_tick(), paths, trust]
             .into_iter()
             .flatten()
             .min()
@@ -1187,7 +1232,7 @@ impl Node {
         let id = match self.free_peer_ids.pop() {
             Some(id) => id,
             None => {
-                self.peers.push(None);
+                self.peers.push(now);
                 PeerId((self.peers.len() - 1) as u32)
             }
         };
@@ -1210,19 +1255,14 @@ impl Node {
         tracing::info!(peer = %addr, hostname = ?record.hostname, "peer added");
         self.by_wg_key.insert(record.wg_key, id);
         self.by_addr.insert(addr, id);
-        if let Some(slot) = self.peers.get_mut(id.index()) {
-            let mut peer = Peer::new(id, record, tunn, path, probe_key, now);
-            peer.certified_groups = certified_groups;
-            *slot = Some(peer);
-        }
-        if self.next_wg_tick.is_none() {
-            self.next_wg_tick = Some(now + WG_TICK);
-        }
+        let mut peer = Peer::new(id, record, tunn, path, probe_key, now);
+        peer.certified_groups = certified_groups;
+        self.peers.insert(id.index(), peer, now);
         Some(id)
     }
 
     fn remove_peer(&mut self, id: PeerId) {
-        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::take) else { return };
+        let Some(peer) = self.peers.take(id.index()) else { return };
         self.by_addr.remove(&peer.addr);
         if self.by_wg_key.get(&peer.record.wg_key) == Some(&id) {
             self.by_wg_key.remove(&peer.record.wg_key);
@@ -1424,23 +1464,14 @@ impl Node {
         }
     }
 
-    fn tick_wireguard(&mut self) {
-        for peer in self.peers.iter_mut().flatten() {
-            match peer.tunn.update_timers(&mut self.buf) {
-                boringtun::noise::TunnResult::WriteToNetwork(out) => {
-                    send_wg(&mut self.transmits, &mut self.stats, peer, out);
-                }
-                boringtun::noise::TunnResult::Err(error) => {
-                    tracing::trace!(peer = %peer.addr, ?error, "wireguard timer");
-                }
-                _ => {}
-            }
-        }
-    }
-
     fn run_path_timers(&mut self, now: Instant) {
         let mut refresh = Vec::new();
-        for peer in self.peers.iter_mut().flatten() {
+        for index in self.peers.due_paths(now) {
+            // A handshake retry touches the WireGuard session; the rest of
+            // the path timers do not.
+            let retry_due = self.peers.get(index).and_then(Option::as_ref).and_then(|p| p.handshake).is_some_and(|h| h.next <= now);
+            let slot = if retry_due { self.peers.get_mut(index) } else { self.peers.get_mut_for_path(index) };
+            let Some(peer) = slot.and_then(Option::as_mut) else { continue };
             if peer.poll_timeout() > now {
                 continue;
             }
@@ -1499,6 +1530,7 @@ impl Node {
                 path_changed(peer, change, &mut self.events);
             }
         }
+        self.peers.end_pass();
         // Relayed peers: re-fetch the record now and then. It renews the
         // relay's permission for the pair (a restarted relay has forgotten
         // it), picks up new endpoints, and makes the backbone nudge the
@@ -1536,7 +1568,7 @@ impl Node {
         let Some(peer) = self
             .by_wg_key
             .get(&sender)
-            .and_then(|id| self.peers.get_mut(id.index()))
+            .and_then(|id| self.peers.get_mut_for_path(id.index()))
             .and_then(Option::as_mut)
         else {
             tracing::trace!(%from, "probe from an unknown key");

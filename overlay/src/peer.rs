@@ -41,6 +41,10 @@ pub struct Peer {
     pub next_relay_refresh: Option<Instant>,
     /// Groups the network owner certified this peer for (firewall input).
     pub certified_groups: Vec<String>,
+    /// The expiry and serial of this record's membership certificate once
+    /// its signature was checked, so the once-a-second trust check only
+    /// compares numbers (cleared when the record changes).
+    pub cert_checked: Option<(u64, u64)>,
     pub tx_packets: u64,
     pub rx_packets: u64,
 }
@@ -93,6 +97,7 @@ impl Peer {
             handshake: None,
             next_relay_refresh: None,
             certified_groups: Vec::new(),
+            cert_checked: None,
             tx_packets: 0,
             rx_packets: 0,
         }
@@ -103,6 +108,7 @@ impl Peer {
             record.endpoints.iter().copied().filter(|e| !own_endpoints.contains(e)).collect();
         self.path.set_candidates(&candidates);
         self.record = record;
+        self.cert_checked = None;
     }
 
     pub fn has_session(&self) -> bool {
