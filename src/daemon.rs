@@ -82,7 +82,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 .hint("ask the network owner for a certificate for this node's address (`meshtun id --network N`)")
                 .into());
             }
-            (Some(owner), Some(cert))
+            (Some(owner), Some((cert, membership.not_after_unix)))
         }
         (None, network) if network != NetworkId::PUBLIC => {
             return Err(CliError::new("config_error", format!("network {} is private: a membership certificate is required", network.0))
@@ -91,6 +91,8 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         }
         (None, _) => (None, None),
     };
+    let cert_not_after = certificate.as_ref().map(|(_, not_after)| *not_after);
+    let certificate = certificate.map(|(cert, _)| cert);
     let mut firewall = meshtun_overlay::firewall::FirewallConfig::default();
     for rule in &options.firewall_rules {
         firewall.rules.push(rule.parse().map_err(|e: meshtun_overlay::firewall::RuleError| {
@@ -308,6 +310,9 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
             _ = watch.tick() => {
                 let now = Instant::now();
                 hub.tick(&node.status(now), now);
+                if let Some(not_after) = cert_not_after {
+                    hub.certificate(not_after, unix_now());
+                }
             }
             _ = refresh.tick() => {
                 node.set_local_endpoints(udp::local_endpoints(port, &options.interface), Instant::now());

@@ -903,6 +903,7 @@ fn expired_and_revoked_members_are_cut_off() {
     for n in [&a, &c, &d] {
         n.wait_registered(Duration::from_secs(15));
     }
+    let c_events = c_ns.spawn("events-c", &[bin(), "events", "--json", "--socket", c.socket.to_str().expect("utf-8 path")]);
     println!("[setup] registered after {:.1?}; charlie's certificate expires in {:.1} s", t0.elapsed(), c_expires - unix_now_f64());
 
     let rc = wait_ping(&a_ns, c.id.ipv6, Duration::from_secs(10), "alpha to ping charlie (certificate still valid)");
@@ -976,6 +977,14 @@ fn expired_and_revoked_members_are_cut_off() {
     println!("(expiry) charlie's own backbone state now {c_state:?}; alpha's untrusted_peers {}", status(&a).map(|s| stat_u64(&s, "/stats/untrusted_peers")).unwrap_or(0));
     checks.check(gone_after.as_ref().is_ok_and(|g| *g <= (HEARTBEAT + 2) as f64), || {
         format!("(expiry) the backbone should stop listing charlie within one heartbeat of expiry: {gone_after:?} s (limit {} s)", HEARTBEAT + 2)
+    });
+    // Charlie was told, on its event stream, before and at expiry.
+    let seen: Vec<Value> = c_events.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    let at = |kind: &str| seen.iter().position(|e| e["event"] == kind);
+    let warned = seen.iter().find(|e| e["event"] == "certificate_expiring").map(|e| e["seconds_left"].clone());
+    println!("(expiry) charlie's events: certificate_expiring seconds_left {warned:?}; certificate_expired at line {:?}", at("certificate_expired"));
+    checks.check(warned.as_ref().and_then(Value::as_u64).is_some_and(|left| left <= 20) && at("certificate_expiring") < at("certificate_expired"), || {
+        format!("(expiry) charlie's `meshtun events` should report certificate_expiring, then certificate_expired: {}", c_events.log_tail(20))
     });
     // alpha itself is unaffected.
     checks.check(a.backbone_state().as_deref() == Ok("registered"), || format!("alpha's backbone state: {:?}", a.backbone_state()));
