@@ -50,6 +50,13 @@ const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
 
 pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
+    // Before anything is created on disk: without the capability the TUN
+    // cannot be made, and a half-started daemon would only confuse.
+    if !has_net_admin() {
+        return Err(CliError::new("not_root", "meshtun up needs CAP_NET_ADMIN to create its TUN interface and set its address and routes")
+            .hint("run it as root (sudo meshtun up ...), or give the binary the capability: sudo setcap cap_net_admin+ep \"$(command -v meshtun)\"")
+            .into());
+    }
     if let Some(name) = &options.hostname {
         meshtun_proto::record::validate_hostname(name).map_err(|e| {
             CliError::new("invalid_argument", format!("--hostname: {e}"))
@@ -504,6 +511,19 @@ async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, tun
     }
 }
 
+/// Whether this process holds CAP_NET_ADMIN in its effective set (what a
+/// root process has, or a binary given it with setcap).
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status").ok().as_deref().and_then(effective_caps).is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// The `CapEff:` mask of a /proc/PID/status text.
+fn effective_caps(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(line.trim(), 16).ok()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -600,4 +620,19 @@ pub async fn resolve_backbones(specs: &[String]) -> anyhow::Result<Vec<SocketAdd
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_effective_capability_mask_is_read_from_proc_status() {
+        let root = "Name:\tmeshtun\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(root), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_caps("CapEff:\t0000000000001000\n").map(|c| c & (1 << 12) != 0), Some(true));
+        assert_eq!(effective_caps("CapEff:\t0000000000000000\n").map(|c| c & (1 << 12) != 0), Some(false));
+        assert_eq!(effective_caps("Name: x\n"), None);
+        assert_eq!(effective_caps("CapEff:\tnot-hex\n"), None);
+    }
 }
