@@ -221,6 +221,10 @@ struct UpArgs {
     /// UDP port of the mesh DNS server (0: off).
     #[arg(long, default_value_t = 53)]
     dns_port: u16,
+    /// Do not point systemd-resolved at the mesh DNS for the mesh domain
+    /// (also skipped, with a log line, inside a network namespace).
+    #[arg(long)]
+    no_resolved: bool,
     /// Membership certificate for a private network (from `meshtun network sign`).
     #[arg(long, value_name = "FILE")]
     cert: Option<PathBuf>,
@@ -399,6 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     groups: args.groups,
                     dns_domain: args.dns_domain,
                     dns_port: args.dns_port,
+                    resolved: !args.no_resolved,
                     metrics_listen: args.metrics_listen,
                     cert: args.cert,
                     firewall_rules: args.firewall_rules,
