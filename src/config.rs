@@ -21,7 +21,11 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+// `apply` needs the CLI types of main.rs; the fuzz target
+// (fuzz/fuzz_targets/config.rs) includes this file without them.
+#[cfg(not(fuzzing))]
 use clap::parser::ValueSource;
+#[cfg(not(fuzzing))]
 use clap::ArgMatches;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
@@ -688,6 +692,7 @@ from_toml_string!(
 
 /// Puts `file`'s value into `slot` unless the user gave `id` on the command
 /// line or in the environment.
+#[cfg(not(fuzzing))]
 fn set<T>(slot: &mut T, matches: &ArgMatches, id: &str, file: Option<T>) {
     let from_user = matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
     if let (false, Some(value)) = (from_user, file) {
@@ -697,6 +702,7 @@ fn set<T>(slot: &mut T, matches: &ArgMatches, id: &str, file: Option<T>) {
 
 /// The file `--config` names, or the default one if it exists; `None` when
 /// there is no file to read.
+#[cfg(not(fuzzing))]
 fn chosen_file(explicit: Option<&Path>, default: &str) -> Option<PathBuf> {
     match explicit {
         Some(path) => Some(path.to_path_buf()),
@@ -706,6 +712,7 @@ fn chosen_file(explicit: Option<&Path>, default: &str) -> Option<PathBuf> {
 
 /// Reads the config file of `meshtun up` or `meshtun backbone` (if any) and
 /// fills in every setting the command line left at its default.
+#[cfg(not(fuzzing))]
 pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError> {
     let (mut log_level, mut log_format) = (None, None);
     match &mut cli.command {
@@ -765,7 +772,7 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(fuzzing)))]
 mod tests {
     use super::*;
 
