@@ -83,12 +83,10 @@ pub fn require_root(test: &str) -> bool {
         eprintln!("skipping {test}: needs root (network namespaces, veth, TUN)");
         return false;
     }
-    for tool in ["ip"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        assert!(found, "{test}: running as root but `{tool}` is not on PATH (install iproute2)");
-    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("ip").is_file()))
+        .unwrap_or(false);
+    assert!(found, "{test}: running as root but `ip` is not on PATH (install iproute2)");
     true
 }
 
