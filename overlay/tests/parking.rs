@@ -240,3 +240,31 @@ fn a_revoked_member_is_dropped_while_parked() {
     assert_eq!(net.hosts[0].node.stats().sessions.parked, 0, "the removed peer is no longer counted as parked");
     assert!(net.ping(0, 1, Duration::from_secs(2)).is_none());
 }
+
+#[test]
+fn nat_mappings_stay_open_for_parked_peers_through_path_keepalives() {
+    use meshtun_nat::{FilteringBehavior as F, MappingBehavior as M};
+    let mut net = Net::new(67);
+    // A mapping per destination address: the heartbeats to the backbone do
+    // not keep the one towards the peer open, only traffic to the peer does.
+    let nat = net.add_nat(M::AddressDependent, F::AddressAndPortDependent);
+    net.nats[nat].timeout = Duration::from_secs(30);
+    net.add_host_with(0, Some(nat), |c| c.park_idle_after = Some(IDLE));
+    net.add_host_with(1, None, |c| c.park_idle_after = Some(IDLE));
+    net.run_for(Duration::from_secs(1));
+    net.ping(0, 1, Duration::from_secs(2)).expect("first ping");
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.path(0, 1), "direct");
+    let changes = |net: &Net| {
+        net.hosts.iter().map(|h| h.events.iter().filter(|e| matches!(e, meshtun_overlay::Event::PathChanged { .. })).count()).sum::<usize>()
+    };
+    let before = changes(&net);
+    // Parked for ten NAT timeouts: no WireGuard keepalives any more.
+    net.run_for(IDLE + Duration::from_secs(300));
+    assert_eq!(session(&net, 0, 1), "parked");
+    assert_eq!(session(&net, 1, 0), "parked");
+    assert_eq!(changes(&net), before, "the direct path never stopped answering");
+    let took = net.ping(1, 0, Duration::from_secs(1)).expect("delivered");
+    assert_eq!(net.path(1, 0), "direct", "still direct: the mappings stayed open");
+    assert!(took <= net.latency * 3 + Duration::from_millis(5), "one handshake on the direct path, not a detour: {took:?}");
+}
