@@ -162,7 +162,8 @@ impl Hub {
             seen.push(p.address.clone());
             let watch = self.peers.entry(p.address.clone()).or_default();
             let age = p.handshake_age_secs;
-            let alive = age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
+            // A parked peer is idle, not down: its next packet handshakes again.
+            let alive = p.session == "parked" || age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
             let mut derived = Vec::new();
             if watch.up && !alive && p.up_for_secs.is_some() {
                 watch.up = false;

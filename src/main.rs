@@ -612,11 +612,15 @@ fn print_status(data: &serde_json::Value) {
             _ => "-".into(),
         };
         println!(
-            "  {:<18} {:<16} {path:<28} via {:<22} handshake {} ago  tx {} B  rx {} B",
+            "  {:<18} {:<16} {path:<28} via {:<22} {}  tx {} B  rx {} B",
             s(&p["address"]),
             s(&p["hostname"]),
             s(&p["endpoint"]),
-            p["handshake_age_secs"].as_f64().map(|a| format!("{a:.0} s")).unwrap_or_else(|| "never".into()),
+            match (p["session"].as_str(), p["handshake_age_secs"].as_f64()) {
+                (Some("parked"), _) => "session parked (idle)".into(),
+                (_, Some(a)) => format!("handshake {a:.0} s ago"),
+                _ => "handshake never".into(),
+            },
             s(&p["tx_bytes"]),
             s(&p["rx_bytes"])
         );

@@ -334,6 +334,16 @@ fn node_metrics(m: &mut Exposition, snap: &NodeSnapshot) -> std::fmt::Result {
         &[(vec![("reason", "rejected")], h.rejected), (vec![("reason", "timeout")], h.timed_out)],
     )?;
 
+    let p = &s.sessions;
+    m.gauge1("meshtun_peers_parked", "Peers whose idle WireGuard session is parked (no session state held; the next packet handshakes again).", None, p.parked as i64)?;
+    m.counter1("meshtun_sessions_parked", "Idle WireGuard sessions parked.", None, p.parks)?;
+    m.counter(
+        "meshtun_sessions_unparked",
+        "Parked WireGuard sessions recreated, by what woke them: a packet to send (outbound) or a datagram from the peer (inbound).",
+        None,
+        &[(vec![("by", "outbound")], p.unparks_outbound), (vec![("by", "inbound")], p.unparks_inbound)],
+    )?;
+
     let e = &snap.events;
     m.counter1(
         "meshtun_punch_attempts",
