@@ -218,6 +218,33 @@ struct PendingLookup {
     waiters: Vec<Token>,
     /// When the lookup began (for the latency histogram).
     started: Instant,
+    /// The backbones the current request went to, and those of them that
+    /// have answered it (a record lookup only counts the empty answers).
+    asked: Vec<SocketAddr>,
+    answered: Vec<SocketAddr>,
+    /// Set queries: the verified members collected so far, and when the
+    /// collection window that opened with the first answer closes.
+    members: Vec<NodeRecord>,
+    collect_until: Option<Instant>,
+}
+
+impl PendingLookup {
+    fn new(query: Query, now: Instant) -> PendingLookup {
+        PendingLookup {
+            query,
+            request_id: 0,
+            attempts: 0,
+            next_retry: now,
+            packets: VecDeque::new(),
+            handshake: None,
+            waiters: Vec::new(),
+            started: now,
+            asked: Vec::new(),
+            answered: Vec::new(),
+            members: Vec::new(),
+            collect_until: None,
+        }
+    }
 }
 
 struct PendingPing {
@@ -232,6 +259,11 @@ const PING_IDENT: u16 = 0x4d54;
 /// How long discovery answers are cached.
 const QUERY_CACHE_TTL: Duration = Duration::from_secs(5);
 const NEGATIVE_QUERY_CACHE_TTL: Duration = Duration::from_secs(2);
+/// How long a capability or group query keeps collecting answers from the
+/// other backbones after the first one (or the request timeout if shorter):
+/// long enough for a backbone a few RTTs further away, short enough that a
+/// dead one costs a user little.
+const SET_COLLECT_WINDOW: Duration = Duration::from_millis(250);
 /// Bound on the newest-record memory (cleared when full).
 const MAX_REMEMBERED_RECORDS: usize = 100_000;
 /// Group packets a node may send per second (each fanned out to every member).
@@ -959,16 +991,7 @@ impl Node {
             return;
         }
         let max = self.config.max_queued_per_destination;
-        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
-            query,
-            request_id: 0,
-            attempts: 0,
-            next_retry: now,
-            packets: VecDeque::new(),
-            handshake: None,
-            waiters: Vec::new(),
-            started: now,
-        });
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup::new(query, now));
         if lookup.packets.len() >= max {
             self.stats.count_drop(DropReason::QueueFull);
             return;
@@ -985,16 +1008,7 @@ impl Node {
             self.drop_packet(DropReason::QueueFull);
             return;
         }
-        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
-            query,
-            request_id: 0,
-            attempts: 0,
-            next_retry: now,
-            packets: VecDeque::new(),
-            handshake: None,
-            waiters: Vec::new(),
-            started: now,
-        });
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup::new(query, now));
         lookup.handshake = Some((from, datagram.to_vec()));
         if lookup.attempts == 0 {
             self.retry_lookups(now);
@@ -1010,6 +1024,17 @@ impl Node {
             .collect();
         for query in due {
             let Some(lookup) = self.lookups.get_mut(&query) else { continue };
+            if lookup.collect_until.is_some() {
+                // The collection window (or the retry deadline) is over.
+                self.finish_set(query, now);
+                continue;
+            }
+            if !lookup.answered.is_empty() {
+                // Some backbones said "not found" and the rest stayed silent
+                // for a whole retry interval: believe the ones that answered.
+                self.fail_lookup(&query, "not registered with any backbone that answered", now);
+                continue;
+            }
             if lookup.attempts >= self.config.lookup_attempts {
                 self.fail_lookup(&query, "no backbone answered", now);
                 continue;
@@ -1027,9 +1052,11 @@ impl Node {
             lookup.request_id = self.rng.next_u64();
             lookup.attempts += 1;
             lookup.next_retry = now + backoff;
+            lookup.asked = backbones.clone();
             self.lookup_by_request.insert(lookup.request_id, query.clone());
-            // Ask every backbone at once: the first answer wins, so a dead
-            // backbone costs nothing (and each one learns the intent).
+            // Ask every backbone at once: the first record found wins, so a
+            // dead backbone costs nothing (and each one learns the intent),
+            // but "not found" needs every backbone asked to agree.
             self.stats.lookups_sent += 1;
             let payload = Message::Lookup { request_id: lookup.request_id, from: self.me, query }.encode();
             tracing::debug!(backbones = backbones.len(), request_id = lookup.request_id, "lookup sent");
@@ -1062,14 +1089,20 @@ impl Node {
     }
 
     fn handle_lookup_reply(&mut self, backbone: SocketAddr, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
-        let Some(query) = self.lookup_by_request.remove(&request_id) else {
-            // Usually the slower backbone's answer to a lookup already answered.
+        let Some(query) = self.lookup_by_request.get(&request_id).cloned() else {
+            // An answer to an earlier attempt, or to a lookup already done.
             tracing::trace!(%backbone, request_id, "answer to no pending lookup");
             return;
         };
-        if let Some(lookup) = self.lookups.get(&query) {
+        let Some(lookup) = self.lookups.get_mut(&query) else { return };
+        if !lookup.asked.contains(&backbone) || lookup.answered.contains(&backbone) {
+            tracing::trace!(%backbone, request_id, "duplicate or unasked answer");
+            return;
+        }
+        if lookup.answered.is_empty() {
             self.stats.lookup_latency.observe(now.saturating_duration_since(lookup.started));
         }
+        lookup.answered.push(backbone);
         if query.is_set() {
             self.handle_set_reply(query, records, now);
             return;
@@ -1088,11 +1121,18 @@ impl Node {
             }
         });
         let Some(mut verified) = found else {
-            self.fail_lookup(&query, "not registered with the backbone", now);
+            // One backbone not knowing the node proves little (it may have
+            // just restarted empty); only every backbone asked agreeing does.
+            if let Some(lookup) = self.lookups.get(&query) {
+                if lookup.asked.iter().all(|b| lookup.answered.contains(b)) {
+                    self.fail_lookup(&query, "not registered with the backbone", now);
+                }
+            }
             return;
         };
         verified.record = self.newest_of(verified.record);
         let Some(lookup) = self.lookups.remove(&query) else { return };
+        self.lookup_by_request.remove(&lookup.request_id);
         self.query_cache.insert(query.clone(), (vec![verified.record.clone()], now + QUERY_CACHE_TTL));
         for token in &lookup.waiters {
             let found = vec![self.found(verified.record.clone())];
@@ -1115,11 +1155,13 @@ impl Node {
         }
     }
 
-    /// Answer to a capability or group query: every verified record that
-    /// really carries the tag; a record older than one we already hold for
+    /// One backbone's answer to a capability or group query: every verified
+    /// record that really carries the tag joins the members collected from
+    /// the other backbones; a record older than one we already hold for
     /// that node is replaced by ours (a backbone cannot roll a node back).
+    /// The query finishes when every backbone asked has answered, or
+    /// [`SET_COLLECT_WINDOW`] after the first answer.
     fn handle_set_reply(&mut self, query: Query, records: Vec<SignedRecord>, now: Instant) {
-        let Some(lookup) = self.lookups.remove(&query) else { return };
         let mut members: Vec<NodeRecord> = Vec::new();
         for signed in records {
             match signed.verify() {
@@ -1132,6 +1174,26 @@ impl Node {
                 _ => self.stats.bad_records += 1,
             }
         }
+        let window = SET_COLLECT_WINDOW.min(self.config.request_timeout);
+        let Some(lookup) = self.lookups.get_mut(&query) else { return };
+        for record in members {
+            match lookup.members.iter_mut().find(|m| m.mesh_addr() == record.mesh_addr()) {
+                Some(m) if m.seq < record.seq => *m = record,
+                Some(_) => {}
+                None => lookup.members.push(record),
+            }
+        }
+        let until = *lookup.collect_until.get_or_insert(now + window);
+        lookup.next_retry = lookup.next_retry.min(until);
+        if lookup.asked.iter().all(|b| lookup.answered.contains(b)) {
+            self.finish_set(query, now);
+        }
+    }
+
+    fn finish_set(&mut self, query: Query, now: Instant) {
+        let Some(lookup) = self.lookups.remove(&query) else { return };
+        self.lookup_by_request.remove(&lookup.request_id);
+        let mut members = lookup.members;
         members.sort_by_key(|r| r.mesh_addr());
         members.dedup_by_key(|r| r.mesh_addr());
         let ttl = if members.is_empty() { NEGATIVE_QUERY_CACHE_TTL } else { QUERY_CACHE_TTL };
@@ -1546,16 +1608,7 @@ impl Node {
         }
         self.lookups.insert(
             query.clone(),
-            PendingLookup {
-                query,
-                request_id: 0,
-                attempts: 0,
-                next_retry: now,
-                packets: VecDeque::new(),
-                handshake: None,
-                waiters: Vec::new(),
-                started: now,
-            },
+            PendingLookup::new(query, now),
         );
         self.retry_lookups(now);
     }
