@@ -65,6 +65,10 @@ pub struct NodeConfig {
     pub capabilities: Vec<String>,
     pub groups: Vec<String>,
     pub backbones: Vec<SocketAddr>,
+    /// Standalone relays (`meshtun relay`): registered with like backbones,
+    /// never asked discovery lookups; a relayed path uses the first one
+    /// registered, falling back to a backbone's relay without one.
+    pub relays: Vec<SocketAddr>,
     /// Where this node's UDP socket can be reached directly (interface
     /// addresses with the listening port).
     pub local_endpoints: Vec<SocketAddr>,
@@ -108,6 +112,7 @@ impl Default for NodeConfig {
             capabilities: vec![],
             groups: vec![],
             backbones: vec![],
+            relays: vec![],
             local_endpoints: vec![],
             heartbeat_interval: Duration::from_secs(20),
             request_timeout: Duration::from_secs(1),
@@ -193,6 +198,8 @@ pub struct NodeStatus {
     pub record_seq: u64,
     pub endpoints: Vec<SocketAddr>,
     pub backbones: Vec<BackboneStatus>,
+    /// Standalone relays (a relayed peer's `endpoint` says which one it uses).
+    pub relays: Vec<BackboneStatus>,
     pub peers: Vec<PeerStatus>,
     pub stats: Stats,
     pub capabilities: Vec<String>,
@@ -247,6 +254,16 @@ impl PendingLookup {
     }
 }
 
+/// An address lookup sent to a standalone relay only for the pair
+/// permission it grants (its answer is not used otherwise), until the relay
+/// confirms by answering with the peer's record.
+struct RelayGrant {
+    relay: SocketAddr,
+    request_id: u64,
+    attempts: u32,
+    next_retry: Instant,
+}
+
 struct PendingPing {
     token: Token,
     to: MeshAddr,
@@ -287,6 +304,9 @@ pub struct Node {
     by_wg_key: HashMap<[u8; 32], PeerId>,
     lookups: HashMap<Query, PendingLookup>,
     lookup_by_request: HashMap<u64, Query>,
+    /// Relay permissions asked for and not yet confirmed, by peer.
+    relay_grants: HashMap<MeshAddr, RelayGrant>,
+    relay_grant_by_request: HashMap<u64, MeshAddr>,
     unreachable_until: HashMap<MeshAddr, Instant>,
     query_cache: HashMap<Query, (Vec<NodeRecord>, Instant)>,
     answers: VecDeque<Answer>,
@@ -341,6 +361,8 @@ impl Node {
             by_wg_key: HashMap::new(),
             lookups: HashMap::new(),
             lookup_by_request: HashMap::new(),
+            relay_grants: HashMap::new(),
+            relay_grant_by_request: HashMap::new(),
             unreachable_until: HashMap::new(),
             query_cache: HashMap::new(),
             answers: VecDeque::new(),
@@ -420,6 +442,12 @@ impl Node {
     /// Replaces the backbone list (addresses re-resolved by the driver).
     pub fn set_backbones(&mut self, backbones: Vec<SocketAddr>, now: Instant) {
         self.backbones.set_backbones(backbones, now);
+    }
+
+    /// Replaces the standalone relay list (addresses re-resolved by the driver).
+    pub fn set_relays(&mut self, relays: Vec<SocketAddr>, now: Instant) {
+        self.config.relays = relays.clone();
+        self.backbones.set_relays(relays, now);
     }
 
     /// Wall-clock time (unix seconds) for certificate and key expiry; the
@@ -750,6 +778,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
+        self.retry_relay_grants(now);
         if self.next_trust_check <= now {
             self.handshake_limiter.reset_count();
             self.check_trust();
@@ -765,9 +794,10 @@ impl Node {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
+        let grants = self.relay_grants.values().map(|g| g.next_retry).min();
         let paths = self.peers.next_path_deadline();
         let trust = (!self.by_addr.is_empty()).then_some(self.next_trust_check);
-        [self.backbones.poll_timeout(), lookups, self.peers.next_wg_tick(), paths, trust]
+        [self.backbones.poll_timeout(), lookups, grants, self.peers.next_wg_tick(), paths, trust]
             .into_iter()
             .flatten()
             .min()
@@ -809,7 +839,8 @@ impl Node {
             hostname: self.config.hostname.clone(),
             record_seq: self.backbones.record().seq,
             endpoints: self.backbones.record().endpoints.clone(),
-            backbones: self.backbones.status(now),
+            backbones: self.backbones.status(false, now),
+            relays: self.backbones.status(true, now),
             peers: self
                 .peers
                 .iter()
@@ -859,6 +890,15 @@ impl Node {
             }
         };
         match message {
+            Message::LookupReply { request_id, records } if self.relay_grant_by_request.contains_key(&request_id) => {
+                self.handle_relay_grant_reply(from, request_id, &records)
+            }
+            Message::Reject { request_id, code, .. } if self.relay_grant_by_request.contains_key(&request_id) => {
+                tracing::debug!(relay = %from, code = code.as_str(), "relay refused the permission lookup");
+                if code == meshtun_proto::RejectCode::NotRegistered {
+                    self.backbones.register_now(now);
+                }
+            }
             Message::LookupReply { request_id, records } => {
                 self.handle_lookup_reply(from, request_id, records, now)
             }
@@ -1266,6 +1306,72 @@ impl Node {
     }
 
     fn upsert_peer(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> Option<PeerId> {
+        let id = self.upsert_peer_inner(record, self.backbones.first_registered_relay().or(relay), now)?;
+        let (addr, relay) = match self.peers.get(id.index()).and_then(Option::as_ref) {
+            Some(peer) => (peer.addr, peer.path.relay()),
+            None => return Some(id),
+        };
+        if let Some(relay) = relay.filter(|r| self.backbones.is_relay(*r)) {
+            self.want_relay_grant(addr, relay, now);
+        }
+        Some(id)
+    }
+
+    /// Asks a standalone relay for the pair permission with `peer` (unless
+    /// already being asked), at once: the first packets for the peer may
+    /// follow in the same batch.
+    fn want_relay_grant(&mut self, peer: MeshAddr, relay: SocketAddr, now: Instant) {
+        if self.relay_grants.get(&peer).is_some_and(|g| g.relay == relay) {
+            return;
+        }
+        if let Some(old) = self.relay_grants.remove(&peer) {
+            self.relay_grant_by_request.remove(&old.request_id);
+        }
+        if self.relay_grants.len() >= self.config.max_pending_destinations {
+            return; // the periodic refresh asks again
+        }
+        self.relay_grants.insert(peer, RelayGrant { relay, request_id: 0, attempts: 0, next_retry: now });
+        self.retry_relay_grants(now);
+    }
+
+    fn retry_relay_grants(&mut self, now: Instant) {
+        let due: Vec<MeshAddr> = self.relay_grants.iter().filter(|(_, g)| g.next_retry <= now).map(|(a, _)| *a).collect();
+        for peer in due {
+            let Some(grant) = self.relay_grants.get_mut(&peer) else { continue };
+            self.relay_grant_by_request.remove(&grant.request_id);
+            if grant.attempts >= self.config.lookup_attempts {
+                tracing::debug!(%peer, relay = %grant.relay, "relay did not grant the pair permission; trying again at the next refresh");
+                self.relay_grants.remove(&peer);
+                continue;
+            }
+            grant.attempts += 1;
+            grant.next_retry = now + self.config.request_timeout * (1u32 << grant.attempts.min(5));
+            if !self.backbones.is_registered(grant.relay) {
+                continue;
+            }
+            grant.request_id = self.rng.next_u64();
+            self.relay_grant_by_request.insert(grant.request_id, peer);
+            let payload = Message::Lookup { request_id: grant.request_id, from: self.me, query: Query::Address(peer) }.encode();
+            self.transmits.push_back(Transmit { dst: grant.relay, payload });
+        }
+    }
+
+    /// The relay answered a permission lookup: with the peer's record it
+    /// has granted the pair; empty, the peer has not registered there yet
+    /// and the lookup is retried.
+    fn handle_relay_grant_reply(&mut self, from: SocketAddr, request_id: u64, records: &[SignedRecord]) {
+        let Some(&peer) = self.relay_grant_by_request.get(&request_id) else { return };
+        if self.relay_grants.get(&peer).is_none_or(|g| g.relay != from) {
+            return;
+        }
+        if records.iter().any(|r| r.verify().is_ok_and(|v| v.record.mesh_addr() == peer)) {
+            self.relay_grant_by_request.remove(&request_id);
+            self.relay_grants.remove(&peer);
+            tracing::debug!(%peer, relay = %from, "relay permission granted");
+        }
+    }
+
+    fn upsert_peer_inner(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> Option<PeerId> {
         let addr = record.mesh_addr();
         let certified_groups = match self.admit(&record) {
             Ok(groups) => groups,
@@ -1528,6 +1634,7 @@ impl Node {
 
     fn run_path_timers(&mut self, now: Instant) {
         let mut refresh = Vec::new();
+        let mut grants = Vec::new();
         for index in self.peers.due_paths(now) {
             // A handshake retry touches the WireGuard session; the rest of
             // the path timers do not.
@@ -1555,19 +1662,36 @@ impl Node {
                     peer.handshake = Some(h);
                 }
             }
-            if let Some(Path::Relay(relay)) = peer.path.current() {
-                if !self.backbones.is_registered(relay) {
-                    if let Some(other) = self.backbones.registered().into_iter().next() {
-                        tracing::info!(peer = %peer.addr, from = %relay, to = %other, "relay's backbone lost; moving to another");
-                        peer.path.replace_relay(other);
-                        refresh.push(peer.addr);
+            // A configured relay, once registered, is preferred to a
+            // backbone's; a lost one gives way to another relay or backbone.
+            let preferred = self.backbones.first_registered_relay();
+            match peer.path.relay() {
+                Some(relay) if preferred.is_some() && Some(relay) != preferred && !self.backbones.is_relay(relay) => {
+                    if let Some(to) = preferred {
+                        tracing::info!(peer = %peer.addr, from = %relay, %to, "moving to the configured relay");
+                        peer.path.replace_relay(to);
+                        grants.push((peer.addr, to));
                     }
                 }
+                Some(relay) if !self.backbones.is_registered(relay) => {
+                    if let Some(to) = preferred.or_else(|| self.backbones.registered().into_iter().next()) {
+                        tracing::info!(peer = %peer.addr, from = %relay, %to, "relay lost; moving to another");
+                        peer.path.replace_relay(to);
+                        refresh.push(peer.addr);
+                        if self.backbones.is_relay(to) {
+                            grants.push((peer.addr, to));
+                        }
+                    }
+                }
+                _ => {}
             }
             match peer.path.current() {
-                Some(Path::Relay(_)) => match peer.next_relay_refresh {
+                Some(Path::Relay(relay)) => match peer.next_relay_refresh {
                     Some(at) if at <= now => {
                         refresh.push(peer.addr);
+                        if self.backbones.is_relay(relay) {
+                            grants.push((peer.addr, relay));
+                        }
                         peer.next_relay_refresh = Some(now + self.config.heartbeat_interval);
                     }
                     None => peer.next_relay_refresh = Some(now + self.config.heartbeat_interval),
@@ -1599,6 +1723,9 @@ impl Node {
         // peer to probe again.
         for addr in refresh {
             self.start_lookup(Query::Address(addr), now);
+        }
+        for (addr, relay) in grants {
+            self.want_relay_grant(addr, relay, now);
         }
     }
 
