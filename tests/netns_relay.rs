@@ -109,6 +109,18 @@ fn two_symmetric_nat_hosts_relay_a_tcp_transfer_through_the_standalone_relay_not
     }
     watch.stop();
 
+    // `meshtun status` names the relay, and the relay each peer goes via.
+    let text = na.ns.exec(&[bin(), "status", "--socket", na.socket.to_str().unwrap()]);
+    checks.check(text.success() && text.stdout.contains(&format!("relay    {relay_listen}  registered")), || {
+        format!("alpha's status does not list the relay: {}", text.describe())
+    });
+    let peer_line = text.stdout.lines().find(|l| l.contains(&nb.id.address)).unwrap_or_default().to_string();
+    checks.check(peer_line.contains(&format!("via {relay_listen}")), || format!("alpha's line for beta: {peer_line:?}"));
+    let relay_text = relay_ns.exec(&[bin(), "status", "--socket", relay_socket.to_str().unwrap()]);
+    checks.check(relay_text.success() && relay_text.stdout.starts_with("relay on ") && relay_text.stdout.contains(&relay_listen), || {
+        format!("the relay's status: {}", relay_text.describe())
+    });
+
     let relay_status = control_status(&relay_socket);
     let relay_after = relay_status.as_ref().ok().and_then(relayed_bytes).unwrap_or(0);
     println!("relay relayed {} B during the test; relay status stats: {:?}", relay_after - relay_before, relay_status.as_ref().map(|d| d["stats"].clone()));
