@@ -20,7 +20,10 @@
 //! two registered nodes, but only for pairs where one side has looked the
 //! other up here (so no node can aim relayed traffic at a node that never
 //! asked to talk to it), only to the destination's registered endpoint,
-//! never larger than what came in, and within a per-node byte rate.
+//! never larger than what came in, and within a per-node byte rate. With
+//! [`DirectoryConfig::relay_only`] the directory is a standalone relay
+//! (`meshtun relay`): the same registration, STUN and relay rules, but only
+//! address lookups (the permission grant) are answered.
 //!
 //! Push: when A looks up B, B is sent A's signed record at once
 //! ([`Message::PeerIntent`]) over the path B registers on, so both start
