@@ -267,6 +267,14 @@ fn node_metrics(m: &mut Exposition, snap: &NodeSnapshot) -> std::fmt::Result {
         &[(vec![("address", st.address.as_str()), ("hostname", hostname.as_str()), ("version", env!("CARGO_PKG_VERSION"))], 1i64)],
     )?;
     m.gauge1("meshtun_start_time_seconds", "When the daemon started (Unix time).", None, snap.start_time_unix)?;
+    if let Some(not_after) = snap.events.certificate_not_after_unix {
+        m.gauge1(
+            "meshtun_certificate_expiry_timestamp_seconds",
+            "When this node's membership certificate expires (Unix time; private networks only).",
+            None,
+            not_after as i64,
+        )?;
+    }
 
     let mut by_path = [("direct", 0i64), ("relay", 0), ("none", 0)];
     for p in &st.peers {
