@@ -27,6 +27,8 @@ pub struct BackboneOptions {
     /// Where records that must survive a restart (hostname holders) are
     /// kept; None keeps nothing.
     pub state_dir: Option<PathBuf>,
+    /// `meshtun relay`: the directory's relay-only role.
+    pub relay_only: bool,
 }
 
 /// Datagrams handled per wake-up (each reply is sent as soon as it is
@@ -73,7 +75,8 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
             }
         }));
     }
-    let mut config = DirectoryConfig { record_ttl: options.record_ttl, ..DirectoryConfig::default() };
+    let mut config = DirectoryConfig { record_ttl: options.record_ttl, relay_only: options.relay_only, ..DirectoryConfig::default() };
+    let role = if options.relay_only { "relay" } else { "backbone" };
     config.network_owners.extend(options.network_owners.iter().copied());
     let mut directory = Directory::new(config);
     directory.set_unix_time(unix_now());
@@ -88,11 +91,11 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
         }
     };
     let listen_text: Vec<String> = options.listen.iter().map(|a| a.to_string()).collect();
-    tracing::info!(listen = %listen_text.join(","), ttl_secs = options.record_ttl.as_secs(), "backbone is up");
+    tracing::info!(listen = %listen_text.join(","), ttl_secs = options.record_ttl.as_secs(), "{role} is up");
     if json {
-        println!("{}", control::ok_envelope(serde_json::json!({ "listen": options.listen })));
+        println!("{}", control::ok_envelope(serde_json::json!({ "role": role, "listen": options.listen })));
     } else {
-        println!("meshtun backbone: listening on UDP {}", listen_text.join(", "));
+        println!("meshtun {role}: listening on UDP {}", listen_text.join(", "));
     }
     let (control_tx, mut control_rx) = mpsc::channel(16);
     let control_task = tokio::spawn(control::serve(listener, control_tx));
@@ -131,9 +134,9 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
             }
             _ = tokio::time::sleep_until(deadline.into()) => directory.handle_timeout(Instant::now()),
             Some(pending) = control_rx.recv() => match pending.request {
-                Request::Status => { let _ = pending.reply.send(control::ok_envelope(status(&directory, &options.listen))); }
+                Request::Status => { let _ = pending.reply.send(control::ok_envelope(status(&directory, &options.listen, role))); }
                 Request::Down => {
-                    pending.answer_and_flush(control::ok_envelope(serde_json::json!({"stopped": "backbone"}))).await;
+                    pending.answer_and_flush(control::ok_envelope(serde_json::json!({"stopped": role}))).await;
                     break;
                 }
                 _ => {
@@ -148,7 +151,7 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
                     active_relay_pairs: directory.relay_pairs().filter(|(_, t)| now.saturating_duration_since(t.last) < RELAY_ACTIVE).count(),
                     start_time_unix: started_unix,
                 };
-                let response = crate::metrics::backbone_response(&request.path, snapshot, || status(&directory, &options.listen));
+                let response = crate::metrics::backbone_response(&request.path, snapshot, || status(&directory, &options.listen, role));
                 let _ = request.reply.send(response);
             }
             _ = revocation_check.tick() => {
@@ -174,7 +177,7 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
         let _ = writer.join();
     }
     let _ = std::fs::remove_file(&options.socket);
-    tracing::info!("backbone stopped");
+    tracing::info!("{role} stopped");
     Ok(())
 }
 
@@ -227,7 +230,7 @@ fn open_store(
     Ok((tx, writer))
 }
 
-fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {
+fn status(directory: &Directory, listen: &[SocketAddr], role: &str) -> serde_json::Value {
     let now = Instant::now();
     let mut records: Vec<serde_json::Value> = directory
         .records()
@@ -268,7 +271,7 @@ fn status(directory: &Directory, listen: &[SocketAddr]) -> serde_json::Value {
     pairs.sort_by(|x, y| (x["a"].as_str(), x["b"].as_str()).cmp(&(y["a"].as_str(), y["b"].as_str())));
     let s = directory.stats();
     serde_json::json!({
-        "role": "backbone",
+        "role": role,
         "listen": listen,
         "record_ttl_secs": directory.config().record_ttl.as_secs(),
         "records": records,

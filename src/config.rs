@@ -55,6 +55,8 @@ pub type KeyRotationDays = Int<0, 3650>;
 pub struct NodeFile {
     /// Backbones to register with, as "HOST:PORT" (`--backbone`, repeatable).
     pub backbones: Option<Backbones>,
+    /// Standalone relays to relay through, as "HOST:PORT" (`--relay`, repeatable).
+    pub relays: Option<Backbones>,
     /// Name other agents can look this node up by (`--hostname`).
     pub hostname: Option<Hostname>,
     /// Mesh network number, 0 is the public mesh (`--network`).
@@ -722,6 +724,7 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
             if let Some(path) = &file {
                 let f: NodeFile = load(path)?;
                 set(&mut args.backbones, sub, "backbones", f.backbones.map(|b| b.0));
+                set(&mut args.relays, sub, "relays", f.relays.map(|b| b.0));
                 set(&mut args.hostname, sub, "hostname", f.hostname.map(|h| Some(h.0)));
                 set(&mut args.network, sub, "network", f.network.map(Int::get));
                 set(&mut args.interface, sub, "interface", f.interface.map(|i| i.0));
@@ -799,7 +802,7 @@ mod tests {
         let table: &[(&str, &str)] = &[
             (
                 "backbones = [\"198.18.0.1:7400\"]\n\n# typo\nhostnme = \"a\"\n",
-                "/etc/meshtun/meshtun.toml:4:1: unknown key `hostnme`; expected one of backbones, hostname, network, \
+                "/etc/meshtun/meshtun.toml:4:1: unknown key `hostnme`; expected one of backbones, relays, hostname, network, \
                  interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, no_resolved, cert, \
                  firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
                  log_format",
@@ -835,6 +838,16 @@ mod tests {
                 "backbones = [\"198.18.0.1:7400\", \"198.18.0.2\"]\n",
                 "/etc/meshtun/meshtun.toml:1:33: invalid value for `backbones[1]`: \"198.18.0.2\" is not HOST:PORT \
                  (e.g. \"198.18.0.1:7400\" or \"backbone.example:7400\")",
+            ),
+            (
+                "relays = [\"198.18.0.5\"]\n",
+                "/etc/meshtun/meshtun.toml:1:11: invalid value for `relays[0]`: \"198.18.0.5\" is not HOST:PORT \
+                 (e.g. \"198.18.0.1:7400\" or \"backbone.example:7400\")",
+            ),
+            (
+                "relays = []\n",
+                "/etc/meshtun/meshtun.toml:1:10: invalid value for `relays`: the list is empty; give at least one \
+                 \"HOST:PORT\", or leave the key out",
             ),
             (
                 "backbones = [7400]\n",
@@ -980,7 +993,7 @@ mod tests {
             ),
             (
                 "[backbone]\nlisten = \"0.0.0.0:7400\"\n",
-                "/etc/meshtun/meshtun.toml:1:2: unknown key `backbone`; expected one of backbones, hostname, network, \
+                "/etc/meshtun/meshtun.toml:1:2: unknown key `backbone`; expected one of backbones, relays, hostname, network, \
                  interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, no_resolved, cert, \
                  firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
                  log_format",
@@ -1114,6 +1127,17 @@ mod tests {
             super::super::Command::Up(args) => args,
             other => panic!("not up: {other:?}"),
         }
+    }
+
+    #[test]
+    fn relays_come_from_the_file_unless_relay_flags_replace_them() {
+        let text = "backbones = [\"198.18.0.1:7400\"]\nrelays = [\"198.18.0.5:7400\", \"relay.example:7400\"]\n";
+        let cli = applied("relays", &["up", "--config", "{FILE}"], text).unwrap();
+        assert_eq!(up(&cli).relays, ["198.18.0.5:7400", "relay.example:7400"]);
+        let cli = applied("relays-flag", &["up", "--config", "{FILE}", "--relay", "198.18.0.6:7400"], text).unwrap();
+        assert_eq!(up(&cli).relays, ["198.18.0.6:7400"]);
+        let cli = applied("relays-none", &["up", "--config", "{FILE}"], "backbones = [\"198.18.0.1:7400\"]\n").unwrap();
+        assert!(up(&cli).relays.is_empty(), "no relay unless asked for");
     }
 
     #[test]

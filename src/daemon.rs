@@ -19,6 +19,8 @@ use crate::udp::{self, MeshSocket};
 
 pub struct UpOptions {
     pub backbones: Vec<String>,
+    /// Standalone relays (`meshtun relay`), HOST:PORT; may be empty.
+    pub relays: Vec<String>,
     pub hostname: Option<String>,
     pub network: NetworkId,
     pub state_dir: PathBuf,
@@ -117,6 +119,10 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     let me = identity.mesh_addr(options.network);
 
     let backbones = resolve_backbones(&options.backbones).await?;
+    let relays = match options.relays.is_empty() {
+        true => Vec::new(),
+        false => resolve_backbones(&options.relays).await?,
+    };
     let socket = MeshSocket::bind(None, options.listen_port)?;
     let port = socket.local_port();
     let listener = control::bind(&options.socket).await?;
@@ -137,6 +143,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         capabilities: options.capabilities.clone(),
         groups: options.groups.clone(),
         backbones: backbones.clone(),
+        relays: relays.clone(),
         network_owner,
         certificate,
         firewall,
@@ -171,6 +178,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         "interface": options.interface,
         "listen_port": port,
         "backbones": backbones,
+        "relays": relays,
     });
     if json {
         println!("{}", control::ok_envelope(ready));

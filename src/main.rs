@@ -31,6 +31,7 @@ use cli_error::CliError;
 const DEFAULT_STATE_DIR: &str = "/var/lib/meshtun";
 pub const DEFAULT_SOCKET: &str = "/run/meshtun/meshtun.sock";
 const DEFAULT_BACKBONE_SOCKET: &str = "/run/meshtun/backbone.sock";
+const DEFAULT_RELAY_SOCKET: &str = "/run/meshtun/relay.sock";
 
 /// meshtun: an overlay network for fleets of agents.
 ///
@@ -81,6 +82,21 @@ enum Command {
     /// lookups and STUN and relays for nodes that cannot reach each other
     /// directly. It never sees plaintext and cannot forge records.
     Backbone(BackboneArgs),
+    /// Run a standalone relay, apart from the directory.
+    ///
+    /// For operators who want relays near their nodes (or many of them)
+    /// without running more backbones. Nodes started with `meshtun up
+    /// --relay HOST:PORT` register and heartbeat here (that is how the relay
+    /// authenticates them and learns their endpoints) and relay their
+    /// end-to-end encrypted WireGuard datagrams through it when no direct
+    /// path exists (both sides behind symmetric NATs, say). It also answers
+    /// STUN. It relays only between registered nodes that asked for each
+    /// other, within a per-node byte rate, and answers only address lookups
+    /// (they grant that permission); hostname, capability, group, IPv4 and
+    /// key lookups are refused with `relay_only`: those belong to the
+    /// backbones. It keeps nothing across restarts (nodes re-register
+    /// within one heartbeat).
+    Relay(RelayArgs),
     /// Check the network without a running daemon: is UDP open, what is our
     /// public endpoint, how does our NAT map, how far are the backbones.
     Netcheck(NetcheckArgs),
@@ -186,6 +202,11 @@ struct UpArgs {
     /// as `backbones` in the config file).
     #[arg(long = "backbone", value_name = "HOST:PORT")]
     backbones: Vec<String>,
+    /// Standalone relay (`meshtun relay`) to register with and relay
+    /// through instead of a backbone, as HOST:PORT (repeatable; the first
+    /// one registered is used). Discovery still goes to the backbones.
+    #[arg(long = "relay", value_name = "HOST:PORT")]
+    relays: Vec<String>,
     /// Name other agents can look this node up by (one lowercase DNS label).
     #[arg(long)]
     hostname: Option<String>,
@@ -293,6 +314,24 @@ struct BackboneArgs {
     state_dir: Option<PathBuf>,
 }
 
+#[derive(Args, Debug)]
+struct RelayArgs {
+    /// UDP address to relay on (repeatable).
+    #[arg(long, default_value = "0.0.0.0:7400")]
+    listen: Vec<SocketAddr>,
+    /// Seconds a node's registration lives without a heartbeat.
+    #[arg(long, default_value_t = 75, value_parser = clap::value_parser!(u64).range(config::RecordTtl::RANGE_U64))]
+    record_ttl: u64,
+    /// The relay's control socket (`meshtun status --socket` shows its
+    /// counters).
+    #[arg(long, default_value = DEFAULT_RELAY_SOCKET)]
+    socket: PathBuf,
+    /// Serve Prometheus metrics (/metrics) over HTTP (off unless given;
+    /// alone it means 127.0.0.1:9475).
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = metrics::DEFAULT_BACKBONE_LISTEN, value_parser = metrics::parse_listen)]
+    metrics_listen: Option<SocketAddr>,
+}
+
 fn main() -> ExitCode {
     let matches = Cli::command().get_matches();
     let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
@@ -390,6 +429,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             daemon::run(
                 daemon::UpOptions {
                     backbones: args.backbones,
+                    relays: args.relays,
                     hostname: args.hostname,
                     network,
                     state_dir: args.state.state_dir,
@@ -424,6 +464,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     network_owners: parse_network_owners(&args.network_owners)?,
                     revocations: args.revocations,
                     state_dir: args.state_dir,
+                    relay_only: false,
+                },
+                json,
+            )
+            .await
+        }
+        Command::Relay(args) => {
+            backbone_server::run(
+                backbone_server::BackboneOptions {
+                    listen: args.listen,
+                    socket: args.socket,
+                    record_ttl: Duration::from_secs(args.record_ttl),
+                    metrics_listen: args.metrics_listen,
+                    network_owners: Vec::new(),
+                    revocations: Vec::new(),
+                    state_dir: None,
+                    relay_only: true,
                 },
                 json,
             )
@@ -457,7 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) if args.graph => {
             let data = control::call(&args.socket.socket, &control::Request::Status).await?;
             let graph = match data["role"].as_str() {
-                Some("backbone") => graph::from_backbone_status(&data),
+                Some("backbone" | "relay") => graph::from_backbone_status(&data),
                 _ => graph::from_node_status(&data),
             };
             let dot = graph::to_dot(&graph);
@@ -568,8 +625,8 @@ fn print_status(data: &serde_json::Value) {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    if data["role"] == "backbone" {
-        println!("backbone on {}  (record ttl {} s)", s(&data["listen"]), s(&data["record_ttl_secs"]));
+    if data["role"] == "backbone" || data["role"] == "relay" {
+        println!("{} on {}  (record ttl {} s)", s(&data["role"]), s(&data["listen"]), s(&data["record_ttl_secs"]));
         let st = &data["stats"];
         println!(
             "relayed {} packets / {} bytes, refused {}, rate-limited {}",
@@ -596,6 +653,13 @@ fn print_status(data: &serde_json::Value) {
             _ => String::new(),
         };
         println!("backbone {}  {}  seen as {}{extra}", s(&b["address"]), s(&b["state"]), s(&b["observed"]));
+    }
+    for b in data["relays"].as_array().cloned().unwrap_or_default() {
+        let extra = match &b["last_error"] {
+            serde_json::Value::String(e) => format!("  ({e}; next try in {:.0} s)", b["next_attempt_in_secs"].as_f64().unwrap_or(0.0)),
+            _ => String::new(),
+        };
+        println!("relay    {}  {}  seen as {}{extra}", s(&b["address"]), s(&b["state"]), s(&b["observed"]));
     }
     if let Some(line) = dropped_line(&data["stats"]["dropped"]) {
         println!("{line}");

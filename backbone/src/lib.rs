@@ -20,7 +20,10 @@
 //! two registered nodes, but only for pairs where one side has looked the
 //! other up here (so no node can aim relayed traffic at a node that never
 //! asked to talk to it), only to the destination's registered endpoint,
-//! never larger than what came in, and within a per-node byte rate.
+//! never larger than what came in, and within a per-node byte rate. With
+//! [`DirectoryConfig::relay_only`] the directory is a standalone relay
+//! (`meshtun relay`): the same registration, STUN and relay rules, but only
+//! address lookups (the permission grant) are answered.
 //!
 //! Push: when A looks up B, B is sent A's signed record at once
 //! ([`Message::PeerIntent`]) over the path B registers on, so both start
@@ -59,6 +62,12 @@ pub struct DirectoryConfig {
     /// Registrations accepted per second from one source address (token
     /// bucket; heartbeats need far less).
     pub registrations_per_source: f64,
+    /// A standalone relay (`meshtun relay`): registrations, heartbeats,
+    /// STUN and relaying as usual, but only address lookups are answered
+    /// (they grant the pair's relay permission, and push no intent: the
+    /// backbones do that); every other query is refused with
+    /// [`RejectCode::RelayOnly`], and nothing is persisted.
+    pub relay_only: bool,
 }
 
 impl Default for DirectoryConfig {
@@ -71,6 +80,7 @@ impl Default for DirectoryConfig {
             relay_permission_ttl: Duration::from_secs(600),
             network_owners: HashMap::new(),
             registrations_per_source: 20.0,
+            relay_only: false,
         }
     }
 }
@@ -503,6 +513,14 @@ impl Directory {
                 let same_network = query_network(&query) == asker.network;
                 let asker_slot = self.find(&asker).filter(|&id| self.slot(id).observed == from);
                 let reply = match asker_slot {
+                    Some(_) if self.config.relay_only && !matches!(query, Query::Address(_)) => {
+                        self.stats.lookups_rejected += 1;
+                        Message::Reject {
+                            request_id,
+                            code: RejectCode::RelayOnly,
+                            detail: "a relay answers only address lookups; ask a backbone".into(),
+                        }
+                    }
                     Some(asker_id) if same_network => {
                         self.stats.lookups += 1;
                         self.stats.lookups_by_kind.count(&query);
@@ -794,7 +812,7 @@ impl Directory {
         }
         self.permit(asker, target_addr, now);
         // Key lookups come from the side that was already contacted; no push.
-        if matches!(query, Query::WgKey { .. }) {
+        if matches!(query, Query::WgKey { .. }) || self.config.relay_only {
             return;
         }
         self.stats.intents_pushed += 1;
@@ -1109,7 +1127,9 @@ impl Directory {
     /// else). Written when the binding or the node's observed address
     /// changes, not on every heartbeat.
     pub fn enable_persistence(&mut self) {
-        self.persist_enabled = true;
+        // A relay's records are only its view of who is reachable where;
+        // they are relearnt within one heartbeat.
+        self.persist_enabled = !self.config.relay_only;
     }
 
     /// The next change to write to stable storage, oldest first.
@@ -1593,6 +1613,95 @@ mod tests {
         let later = now + Duration::from_secs(1);
         assert_eq!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).len(), 1);
         assert!(relay_to(&mut dir, NODE_A, b_addr, &payload, later).is_empty());
+    }
+
+    fn relay_only() -> Directory {
+        Directory::new(DirectoryConfig { relay_only: true, ..DirectoryConfig::default() })
+    }
+
+    #[test]
+    fn a_relay_only_server_refuses_hostname_capability_group_ipv4_and_key_lookups() {
+        let (a, b) = identities();
+        let mut dir = relay_only();
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record_with_tags(&a, 1, &["citations"], &["research"]), now);
+        register(&mut dir, NODE_B, record(&b, 1, Some("papers")), now);
+        let from = a.mesh_addr(NetworkId::PUBLIC);
+        let b_record = dir.get(&b.mesh_addr(NetworkId::PUBLIC)).unwrap().record.record;
+        let net = NetworkId::PUBLIC;
+        let refused = [
+            Query::Hostname { network: net, name: "papers".into() },
+            Query::Capability { network: net, name: "citations".into() },
+            Query::Group { network: net, name: "research".into() },
+            Query::Ipv4 { network: net, addr: meshtun_addr::canonical_ipv4(b_record.mesh_addr()).octets() },
+            Query::WgKey { network: net, key: b_record.wg_key },
+        ];
+        for query in refused {
+            let reply = exchange(&mut dir, NODE_A, Message::Lookup { request_id: 9, from, query: query.clone() }, now);
+            assert!(
+                matches!(reply, Message::Reject { request_id: 9, code: RejectCode::RelayOnly, .. }),
+                "{query:?}: {reply:?}"
+            );
+        }
+        assert_eq!(dir.stats().lookups_rejected, 5);
+        assert_eq!(dir.stats().lookups, 0);
+    }
+
+    #[test]
+    fn a_relay_only_server_answers_address_lookups_and_relays_for_the_pair_without_pushing_intents() {
+        let (a, b) = identities();
+        let mut dir = relay_only();
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, None), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now);
+        let (a_addr, b_addr) = (a.mesh_addr(NetworkId::PUBLIC), b.mesh_addr(NetworkId::PUBLIC));
+        assert!(relay_to(&mut dir, NODE_A, b_addr, b"wg", now).is_empty(), "no lookup, no relay");
+        dir.handle_datagram(sock(NODE_A), &Message::Lookup { request_id: 1, from: a_addr, query: Query::Address(b_addr) }.encode(), now);
+        let sent: Vec<_> = std::iter::from_fn(|| dir.poll_transmit()).collect();
+        assert_eq!(sent.len(), 1, "the answer only, no push to B: {sent:?}");
+        match Message::decode(&sent[0].payload).unwrap() {
+            Message::LookupReply { records, .. } => assert_eq!(records.len(), 1),
+            other => panic!("{other:?}"),
+        }
+        let out = relay_to(&mut dir, NODE_A, b_addr, b"wg-datagram", now);
+        assert_eq!(out, vec![Transmit { local: 0, dst: sock(NODE_B), payload: relay::wrap(a_addr, b"wg-datagram") }]);
+        assert_eq!(relay_to(&mut dir, NODE_B, a_addr, b"reply", now).len(), 1);
+        assert_eq!(dir.stats().relayed_packets, 2);
+        // Unregistered nodes still cannot use it, nor ask it anything.
+        assert!(relay_to(&mut dir, "203.0.113.7:1", b_addr, b"x", now).is_empty());
+        let stranger = Message::Lookup { request_id: 2, from: a_addr, query: Query::Address(b_addr) };
+        assert!(matches!(exchange(&mut dir, "203.0.113.7:1", stranger, now), Message::Reject { code: RejectCode::NotRegistered, .. }));
+    }
+
+    #[test]
+    fn a_relay_only_server_rate_limits_each_node_and_answers_stun() {
+        let (a, b) = identities();
+        let config = DirectoryConfig { relay_only: true, relay_rate_bytes: 1000, relay_burst_bytes: 2000, ..DirectoryConfig::default() };
+        let mut dir = Directory::new(config);
+        let now = Instant::now();
+        register(&mut dir, NODE_A, record(&a, 1, None), now);
+        register(&mut dir, NODE_B, record(&b, 1, None), now);
+        let (a_addr, b_addr) = (a.mesh_addr(NetworkId::PUBLIC), b.mesh_addr(NetworkId::PUBLIC));
+        exchange(&mut dir, NODE_A, Message::Lookup { request_id: 1, from: a_addr, query: Query::Address(b_addr) }, now);
+        let payload = [0u8; 989];
+        let forwarded = (0..4).filter(|_| !relay_to(&mut dir, NODE_A, b_addr, &payload, now).is_empty()).count();
+        assert_eq!(forwarded, 2);
+        assert_eq!(dir.stats().relay_rate_limited, 2);
+        let request = meshtun_nat::binding_request([7; 12]);
+        dir.handle_datagram(sock(NODE_A), &request, now);
+        let reply = dir.poll_transmit().expect("a STUN answer");
+        assert_eq!(reply.dst, sock(NODE_A));
+        assert_eq!(dir.stats().stun_requests, 1);
+    }
+
+    #[test]
+    fn a_relay_only_server_persists_nothing() {
+        let (a, _) = identities();
+        let mut dir = relay_only();
+        dir.enable_persistence();
+        register(&mut dir, NODE_A, record(&a, 1, Some("papers")), Instant::now());
+        assert_eq!(dir.len(), 1);
+        assert!(dir.poll_persist().is_none());
     }
 
     fn private_record(id: &Identity, seq: u64, cert: Option<meshtun_proto::cert::SignedCert>) -> SignedRecord {

@@ -1,5 +1,9 @@
 //! Registration with the backbones: the signed record, heartbeats, backoff
 //! when a backbone is unreachable, and deregistration on shutdown.
+//!
+//! Standalone relays (`meshtun relay`) are registered with the same way (the
+//! signed registration is how a relay authenticates a node and learns its
+//! endpoint), but they are kept apart: never asked discovery lookups.
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -41,6 +45,8 @@ pub struct BackboneStatus {
 
 struct Backbone {
     addr: SocketAddr,
+    /// A standalone relay rather than a directory.
+    relay: bool,
     state: BackboneState,
     observed: Option<SocketAddr>,
     last_ack: Option<Instant>,
@@ -53,9 +59,10 @@ struct Backbone {
 }
 
 impl Backbone {
-    fn new(addr: SocketAddr, now: Instant, base: Duration) -> Backbone {
+    fn new(addr: SocketAddr, relay: bool, now: Instant, base: Duration) -> Backbone {
         Backbone {
             addr,
+            relay,
             state: BackboneState::Connecting,
             observed: None,
             last_ack: None,
@@ -90,7 +97,14 @@ impl BackboneClient {
             backbones: config
                 .backbones
                 .iter()
-                .map(|&addr| Backbone::new(addr, now, config.request_timeout))
+                .map(|&addr| Backbone::new(addr, false, now, config.request_timeout))
+                .chain(
+                    config
+                        .relays
+                        .iter()
+                        .filter(|addr| !config.backbones.contains(addr))
+                        .map(|&addr| Backbone::new(addr, true, now, config.request_timeout)),
+                )
                 .collect(),
             template: NodeRecord {
                 network: config.network,
@@ -126,22 +140,42 @@ impl BackboneClient {
         &self.template
     }
 
+    /// A backbone or a relay of ours (a server whose datagrams we accept).
     pub fn is_backbone(&self, addr: SocketAddr) -> bool {
         self.backbones.iter().any(|b| b.addr == addr)
     }
 
+    pub fn is_relay(&self, addr: SocketAddr) -> bool {
+        self.backbones.iter().any(|b| b.addr == addr && b.relay)
+    }
+
     pub fn set_backbones(&mut self, addrs: Vec<SocketAddr>, now: Instant) {
-        self.backbones.retain(|b| addrs.contains(&b.addr));
+        self.backbones.retain(|b| b.relay || addrs.contains(&b.addr));
         for addr in addrs {
             if !self.is_backbone(addr) {
-                self.backbones.push(Backbone::new(addr, now, self.request_timeout));
+                self.backbones.push(Backbone::new(addr, false, now, self.request_timeout));
             }
         }
     }
 
-    /// Every backbone we are registered with.
+    pub fn set_relays(&mut self, addrs: Vec<SocketAddr>, now: Instant) {
+        self.backbones.retain(|b| !b.relay || addrs.contains(&b.addr));
+        for addr in addrs {
+            if !self.is_backbone(addr) {
+                self.backbones.push(Backbone::new(addr, true, now, self.request_timeout));
+            }
+        }
+    }
+
+    /// Every backbone we are registered with (relays excluded: they are
+    /// never asked discovery lookups).
     pub fn registered(&self) -> Vec<SocketAddr> {
-        self.backbones.iter().filter(|b| b.state == BackboneState::Registered).map(|b| b.addr).collect()
+        self.backbones.iter().filter(|b| !b.relay && b.state == BackboneState::Registered).map(|b| b.addr).collect()
+    }
+
+    /// The first configured relay we are registered with.
+    pub fn first_registered_relay(&self) -> Option<SocketAddr> {
+        self.backbones.iter().find(|b| b.relay && b.state == BackboneState::Registered).map(|b| b.addr)
     }
 
     pub fn is_registered(&self, addr: SocketAddr) -> bool {
@@ -297,9 +331,11 @@ impl BackboneClient {
         self.backbones.iter().all(|b| b.state == BackboneState::Deregistered && b.pending.is_none())
     }
 
-    pub fn status(&self, now: Instant) -> Vec<BackboneStatus> {
+    /// The backbones (`relays: false`) or the relays (`true`).
+    pub fn status(&self, relays: bool, now: Instant) -> Vec<BackboneStatus> {
         self.backbones
             .iter()
+            .filter(|b| b.relay == relays)
             .map(|b| BackboneStatus {
                 address: b.addr,
                 state: b.state,

@@ -65,6 +65,10 @@ pub struct NodeConfig {
     pub capabilities: Vec<String>,
     pub groups: Vec<String>,
     pub backbones: Vec<SocketAddr>,
+    /// Standalone relays (`meshtun relay`): registered with like backbones,
+    /// never asked discovery lookups; a relayed path uses the first one
+    /// registered, falling back to a backbone's relay without one.
+    pub relays: Vec<SocketAddr>,
     /// Where this node's UDP socket can be reached directly (interface
     /// addresses with the listening port).
     pub local_endpoints: Vec<SocketAddr>,
@@ -113,6 +117,7 @@ impl Default for NodeConfig {
             capabilities: vec![],
             groups: vec![],
             backbones: vec![],
+            relays: vec![],
             local_endpoints: vec![],
             heartbeat_interval: Duration::from_secs(20),
             request_timeout: Duration::from_secs(1),
@@ -199,6 +204,8 @@ pub struct NodeStatus {
     pub record_seq: u64,
     pub endpoints: Vec<SocketAddr>,
     pub backbones: Vec<BackboneStatus>,
+    /// Standalone relays (a relayed peer's `endpoint` says which one it uses).
+    pub relays: Vec<BackboneStatus>,
     pub peers: Vec<PeerStatus>,
     pub stats: Stats,
     pub capabilities: Vec<String>,
@@ -224,6 +231,43 @@ struct PendingLookup {
     waiters: Vec<Token>,
     /// When the lookup began (for the latency histogram).
     started: Instant,
+    /// The backbones the current request went to, and those of them that
+    /// have answered it (a record lookup only counts the empty answers).
+    asked: Vec<SocketAddr>,
+    answered: Vec<SocketAddr>,
+    /// Set queries: the verified members collected so far, and when the
+    /// collection window that opened with the first answer closes.
+    members: Vec<NodeRecord>,
+    collect_until: Option<Instant>,
+}
+
+impl PendingLookup {
+    fn new(query: Query, now: Instant) -> PendingLookup {
+        PendingLookup {
+            query,
+            request_id: 0,
+            attempts: 0,
+            next_retry: now,
+            packets: VecDeque::new(),
+            handshake: None,
+            waiters: Vec::new(),
+            started: now,
+            asked: Vec::new(),
+            answered: Vec::new(),
+            members: Vec::new(),
+            collect_until: None,
+        }
+    }
+}
+
+/// An address lookup sent to a standalone relay only for the pair
+/// permission it grants (its answer is not used otherwise), until the relay
+/// confirms by answering with the peer's record.
+struct RelayGrant {
+    relay: SocketAddr,
+    request_id: u64,
+    attempts: u32,
+    next_retry: Instant,
 }
 
 struct PendingPing {
@@ -238,6 +282,11 @@ const PING_IDENT: u16 = 0x4d54;
 /// How long discovery answers are cached.
 const QUERY_CACHE_TTL: Duration = Duration::from_secs(5);
 const NEGATIVE_QUERY_CACHE_TTL: Duration = Duration::from_secs(2);
+/// How long a capability or group query keeps collecting answers from the
+/// other backbones after the first one (or the request timeout if shorter):
+/// long enough for a backbone a few RTTs further away, short enough that a
+/// dead one costs a user little.
+const SET_COLLECT_WINDOW: Duration = Duration::from_millis(250);
 /// Bound on the newest-record memory (cleared when full).
 const MAX_REMEMBERED_RECORDS: usize = 100_000;
 /// Group packets a node may send per second (each fanned out to every member).
@@ -261,6 +310,9 @@ pub struct Node {
     by_wg_key: HashMap<[u8; 32], PeerId>,
     lookups: HashMap<Query, PendingLookup>,
     lookup_by_request: HashMap<u64, Query>,
+    /// Relay permissions asked for and not yet confirmed, by peer.
+    relay_grants: HashMap<MeshAddr, RelayGrant>,
+    relay_grant_by_request: HashMap<u64, MeshAddr>,
     unreachable_until: HashMap<MeshAddr, Instant>,
     query_cache: HashMap<Query, (Vec<NodeRecord>, Instant)>,
     answers: VecDeque<Answer>,
@@ -319,6 +371,8 @@ impl Node {
             by_wg_key: HashMap::new(),
             lookups: HashMap::new(),
             lookup_by_request: HashMap::new(),
+            relay_grants: HashMap::new(),
+            relay_grant_by_request: HashMap::new(),
             unreachable_until: HashMap::new(),
             query_cache: HashMap::new(),
             answers: VecDeque::new(),
@@ -398,6 +452,12 @@ impl Node {
     /// Replaces the backbone list (addresses re-resolved by the driver).
     pub fn set_backbones(&mut self, backbones: Vec<SocketAddr>, now: Instant) {
         self.backbones.set_backbones(backbones, now);
+    }
+
+    /// Replaces the standalone relay list (addresses re-resolved by the driver).
+    pub fn set_relays(&mut self, relays: Vec<SocketAddr>, now: Instant) {
+        self.config.relays = relays.clone();
+        self.backbones.set_relays(relays, now);
     }
 
     /// Wall-clock time (unix seconds) for certificate and key expiry; the
@@ -735,6 +795,7 @@ impl Node {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
+        self.retry_relay_grants(now);
         if self.next_trust_check <= now {
             self.handshake_limiter.reset_count();
             self.check_trust();
@@ -750,9 +811,10 @@ impl Node {
 
     pub fn poll_timeout(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
+        let grants = self.relay_grants.values().map(|g| g.next_retry).min();
         let paths = self.peers.next_path_deadline();
         let trust = (!self.by_addr.is_empty()).then_some(self.next_trust_check);
-        [self.backbones.poll_timeout(), lookups, self.peers.next_wg_tick(), paths, trust]
+        [self.backbones.poll_timeout(), lookups, grants, self.peers.next_wg_tick(), paths, trust]
             .into_iter()
             .flatten()
             .min()
@@ -794,7 +856,8 @@ impl Node {
             hostname: self.config.hostname.clone(),
             record_seq: self.backbones.record().seq,
             endpoints: self.backbones.record().endpoints.clone(),
-            backbones: self.backbones.status(now),
+            backbones: self.backbones.status(false, now),
+            relays: self.backbones.status(true, now),
             peers: self
                 .peers
                 .iter()
@@ -844,6 +907,15 @@ impl Node {
             }
         };
         match message {
+            Message::LookupReply { request_id, records } if self.relay_grant_by_request.contains_key(&request_id) => {
+                self.handle_relay_grant_reply(from, request_id, &records)
+            }
+            Message::Reject { request_id, code, .. } if self.relay_grant_by_request.contains_key(&request_id) => {
+                tracing::debug!(relay = %from, code = code.as_str(), "relay refused the permission lookup");
+                if code == meshtun_proto::RejectCode::NotRegistered {
+                    self.backbones.register_now(now);
+                }
+            }
             Message::LookupReply { request_id, records } => {
                 self.handle_lookup_reply(from, request_id, records, now)
             }
@@ -976,16 +1048,7 @@ impl Node {
             return;
         }
         let max = self.config.max_queued_per_destination;
-        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
-            query,
-            request_id: 0,
-            attempts: 0,
-            next_retry: now,
-            packets: VecDeque::new(),
-            handshake: None,
-            waiters: Vec::new(),
-            started: now,
-        });
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup::new(query, now));
         if lookup.packets.len() >= max {
             self.stats.count_drop(DropReason::QueueFull);
             return;
@@ -1002,16 +1065,7 @@ impl Node {
             self.drop_packet(DropReason::QueueFull);
             return;
         }
-        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup {
-            query,
-            request_id: 0,
-            attempts: 0,
-            next_retry: now,
-            packets: VecDeque::new(),
-            handshake: None,
-            waiters: Vec::new(),
-            started: now,
-        });
+        let lookup = self.lookups.entry(query.clone()).or_insert_with(|| PendingLookup::new(query, now));
         lookup.handshake = Some((from, datagram.to_vec()));
         if lookup.attempts == 0 {
             self.retry_lookups(now);
@@ -1027,6 +1081,17 @@ impl Node {
             .collect();
         for query in due {
             let Some(lookup) = self.lookups.get_mut(&query) else { continue };
+            if lookup.collect_until.is_some() {
+                // The collection window (or the retry deadline) is over.
+                self.finish_set(query, now);
+                continue;
+            }
+            if !lookup.answered.is_empty() {
+                // Some backbones said "not found" and the rest stayed silent
+                // for a whole retry interval: believe the ones that answered.
+                self.fail_lookup(&query, "not registered with any backbone that answered", now);
+                continue;
+            }
             if lookup.attempts >= self.config.lookup_attempts {
                 self.fail_lookup(&query, "no backbone answered", now);
                 continue;
@@ -1044,9 +1109,11 @@ impl Node {
             lookup.request_id = self.rng.next_u64();
             lookup.attempts += 1;
             lookup.next_retry = now + backoff;
+            lookup.asked = backbones.clone();
             self.lookup_by_request.insert(lookup.request_id, query.clone());
-            // Ask every backbone at once: the first answer wins, so a dead
-            // backbone costs nothing (and each one learns the intent).
+            // Ask every backbone at once: the first record found wins, so a
+            // dead backbone costs nothing (and each one learns the intent),
+            // but "not found" needs every backbone asked to agree.
             self.stats.lookups_sent += 1;
             let payload = Message::Lookup { request_id: lookup.request_id, from: self.me, query }.encode();
             tracing::debug!(backbones = backbones.len(), request_id = lookup.request_id, "lookup sent");
@@ -1079,14 +1146,20 @@ impl Node {
     }
 
     fn handle_lookup_reply(&mut self, backbone: SocketAddr, request_id: u64, records: Vec<SignedRecord>, now: Instant) {
-        let Some(query) = self.lookup_by_request.remove(&request_id) else {
-            // Usually the slower backbone's answer to a lookup already answered.
+        let Some(query) = self.lookup_by_request.get(&request_id).cloned() else {
+            // An answer to an earlier attempt, or to a lookup already done.
             tracing::trace!(%backbone, request_id, "answer to no pending lookup");
             return;
         };
-        if let Some(lookup) = self.lookups.get(&query) {
+        let Some(lookup) = self.lookups.get_mut(&query) else { return };
+        if !lookup.asked.contains(&backbone) || lookup.answered.contains(&backbone) {
+            tracing::trace!(%backbone, request_id, "duplicate or unasked answer");
+            return;
+        }
+        if lookup.answered.is_empty() {
             self.stats.lookup_latency.observe(now.saturating_duration_since(lookup.started));
         }
+        lookup.answered.push(backbone);
         if query.is_set() {
             self.handle_set_reply(query, records, now);
             return;
@@ -1105,11 +1178,18 @@ impl Node {
             }
         });
         let Some(mut verified) = found else {
-            self.fail_lookup(&query, "not registered with the backbone", now);
+            // One backbone not knowing the node proves little (it may have
+            // just restarted empty); only every backbone asked agreeing does.
+            if let Some(lookup) = self.lookups.get(&query) {
+                if lookup.asked.iter().all(|b| lookup.answered.contains(b)) {
+                    self.fail_lookup(&query, "not registered with the backbone", now);
+                }
+            }
             return;
         };
         verified.record = self.newest_of(verified.record);
         let Some(lookup) = self.lookups.remove(&query) else { return };
+        self.lookup_by_request.remove(&lookup.request_id);
         self.query_cache.insert(query.clone(), (vec![verified.record.clone()], now + QUERY_CACHE_TTL));
         for token in &lookup.waiters {
             let found = vec![self.found(verified.record.clone())];
@@ -1132,11 +1212,13 @@ impl Node {
         }
     }
 
-    /// Answer to a capability or group query: every verified record that
-    /// really carries the tag; a record older than one we already hold for
+    /// One backbone's answer to a capability or group query: every verified
+    /// record that really carries the tag joins the members collected from
+    /// the other backbones; a record older than one we already hold for
     /// that node is replaced by ours (a backbone cannot roll a node back).
+    /// The query finishes when every backbone asked has answered, or
+    /// [`SET_COLLECT_WINDOW`] after the first answer.
     fn handle_set_reply(&mut self, query: Query, records: Vec<SignedRecord>, now: Instant) {
-        let Some(lookup) = self.lookups.remove(&query) else { return };
         let mut members: Vec<NodeRecord> = Vec::new();
         for signed in records {
             match signed.verify() {
@@ -1149,6 +1231,26 @@ impl Node {
                 _ => self.stats.bad_records += 1,
             }
         }
+        let window = SET_COLLECT_WINDOW.min(self.config.request_timeout);
+        let Some(lookup) = self.lookups.get_mut(&query) else { return };
+        for record in members {
+            match lookup.members.iter_mut().find(|m| m.mesh_addr() == record.mesh_addr()) {
+                Some(m) if m.seq < record.seq => *m = record,
+                Some(_) => {}
+                None => lookup.members.push(record),
+            }
+        }
+        let until = *lookup.collect_until.get_or_insert(now + window);
+        lookup.next_retry = lookup.next_retry.min(until);
+        if lookup.asked.iter().all(|b| lookup.answered.contains(b)) {
+            self.finish_set(query, now);
+        }
+    }
+
+    fn finish_set(&mut self, query: Query, now: Instant) {
+        let Some(lookup) = self.lookups.remove(&query) else { return };
+        self.lookup_by_request.remove(&lookup.request_id);
+        let mut members = lookup.members;
         members.sort_by_key(|r| r.mesh_addr());
         members.dedup_by_key(|r| r.mesh_addr());
         let ttl = if members.is_empty() { NEGATIVE_QUERY_CACHE_TTL } else { QUERY_CACHE_TTL };
@@ -1221,6 +1323,72 @@ impl Node {
     }
 
     fn upsert_peer(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> Option<PeerId> {
+        let id = self.upsert_peer_inner(record, self.backbones.first_registered_relay().or(relay), now)?;
+        let (addr, relay) = match self.peers.get(id.index()).and_then(Option::as_ref) {
+            Some(peer) => (peer.addr, peer.path.relay()),
+            None => return Some(id),
+        };
+        if let Some(relay) = relay.filter(|r| self.backbones.is_relay(*r)) {
+            self.want_relay_grant(addr, relay, now);
+        }
+        Some(id)
+    }
+
+    /// Asks a standalone relay for the pair permission with `peer` (unless
+    /// already being asked), at once: the first packets for the peer may
+    /// follow in the same batch.
+    fn want_relay_grant(&mut self, peer: MeshAddr, relay: SocketAddr, now: Instant) {
+        if self.relay_grants.get(&peer).is_some_and(|g| g.relay == relay) {
+            return;
+        }
+        if let Some(old) = self.relay_grants.remove(&peer) {
+            self.relay_grant_by_request.remove(&old.request_id);
+        }
+        if self.relay_grants.len() >= self.config.max_pending_destinations {
+            return; // the periodic refresh asks again
+        }
+        self.relay_grants.insert(peer, RelayGrant { relay, request_id: 0, attempts: 0, next_retry: now });
+        self.retry_relay_grants(now);
+    }
+
+    fn retry_relay_grants(&mut self, now: Instant) {
+        let due: Vec<MeshAddr> = self.relay_grants.iter().filter(|(_, g)| g.next_retry <= now).map(|(a, _)| *a).collect();
+        for peer in due {
+            let Some(grant) = self.relay_grants.get_mut(&peer) else { continue };
+            self.relay_grant_by_request.remove(&grant.request_id);
+            if grant.attempts >= self.config.lookup_attempts {
+                tracing::debug!(%peer, relay = %grant.relay, "relay did not grant the pair permission; trying again at the next refresh");
+                self.relay_grants.remove(&peer);
+                continue;
+            }
+            grant.attempts += 1;
+            grant.next_retry = now + self.config.request_timeout * (1u32 << grant.attempts.min(5));
+            if !self.backbones.is_registered(grant.relay) {
+                continue;
+            }
+            grant.request_id = self.rng.next_u64();
+            self.relay_grant_by_request.insert(grant.request_id, peer);
+            let payload = Message::Lookup { request_id: grant.request_id, from: self.me, query: Query::Address(peer) }.encode();
+            self.transmits.push_back(Transmit { dst: grant.relay, payload });
+        }
+    }
+
+    /// The relay answered a permission lookup: with the peer's record it
+    /// has granted the pair; empty, the peer has not registered there yet
+    /// and the lookup is retried.
+    fn handle_relay_grant_reply(&mut self, from: SocketAddr, request_id: u64, records: &[SignedRecord]) {
+        let Some(&peer) = self.relay_grant_by_request.get(&request_id) else { return };
+        if self.relay_grants.get(&peer).is_none_or(|g| g.relay != from) {
+            return;
+        }
+        if records.iter().any(|r| r.verify().is_ok_and(|v| v.record.mesh_addr() == peer)) {
+            self.relay_grant_by_request.remove(&request_id);
+            self.relay_grants.remove(&peer);
+            tracing::debug!(%peer, relay = %from, "relay permission granted");
+        }
+    }
+
+    fn upsert_peer_inner(&mut self, record: NodeRecord, relay: Option<SocketAddr>, now: Instant) -> Option<PeerId> {
         let addr = record.mesh_addr();
         let certified_groups = match self.admit(&record) {
             Ok(groups) => groups,
@@ -1560,6 +1728,7 @@ impl Node {
     fn run_path_timers(&mut self, now: Instant) {
         let mut refresh = Vec::new();
         let mut park = Vec::new();
+        let mut grants = Vec::new();
         for index in self.peers.due_paths(now) {
             // A handshake retry touches the WireGuard session; the rest of
             // the path timers do not.
@@ -1595,19 +1764,36 @@ impl Node {
                     peer.handshake = Some(h);
                 }
             }
-            if let Some(Path::Relay(relay)) = peer.path.current() {
-                if !self.backbones.is_registered(relay) {
-                    if let Some(other) = self.backbones.registered().into_iter().next() {
-                        tracing::info!(peer = %peer.addr, from = %relay, to = %other, "relay's backbone lost; moving to another");
-                        peer.path.replace_relay(other);
-                        refresh.push(peer.addr);
+            // A configured relay, once registered, is preferred to a
+            // backbone's; a lost one gives way to another relay or backbone.
+            let preferred = self.backbones.first_registered_relay();
+            match peer.path.relay() {
+                Some(relay) if preferred.is_some() && Some(relay) != preferred && !self.backbones.is_relay(relay) => {
+                    if let Some(to) = preferred {
+                        tracing::info!(peer = %peer.addr, from = %relay, %to, "moving to the configured relay");
+                        peer.path.replace_relay(to);
+                        grants.push((peer.addr, to));
                     }
                 }
+                Some(relay) if !self.backbones.is_registered(relay) => {
+                    if let Some(to) = preferred.or_else(|| self.backbones.registered().into_iter().next()) {
+                        tracing::info!(peer = %peer.addr, from = %relay, %to, "relay lost; moving to another");
+                        peer.path.replace_relay(to);
+                        refresh.push(peer.addr);
+                        if self.backbones.is_relay(to) {
+                            grants.push((peer.addr, to));
+                        }
+                    }
+                }
+                _ => {}
             }
             match peer.path.current() {
-                Some(Path::Relay(_)) => match peer.next_relay_refresh {
+                Some(Path::Relay(relay)) => match peer.next_relay_refresh {
                     Some(at) if at <= now => {
                         refresh.push(peer.addr);
+                        if self.backbones.is_relay(relay) {
+                            grants.push((peer.addr, relay));
+                        }
                         peer.next_relay_refresh = Some(now + self.config.heartbeat_interval);
                     }
                     None => peer.next_relay_refresh = Some(now + self.config.heartbeat_interval),
@@ -1643,6 +1829,9 @@ impl Node {
         for addr in refresh {
             self.start_lookup(Query::Address(addr), now);
         }
+        for (addr, relay) in grants {
+            self.want_relay_grant(addr, relay, now);
+        }
     }
 
     fn start_lookup(&mut self, query: Query, now: Instant) {
@@ -1651,16 +1840,7 @@ impl Node {
         }
         self.lookups.insert(
             query.clone(),
-            PendingLookup {
-                query,
-                request_id: 0,
-                attempts: 0,
-                next_retry: now,
-                packets: VecDeque::new(),
-                handshake: None,
-                waiters: Vec::new(),
-                started: now,
-            },
+            PendingLookup::new(query, now),
         );
         self.retry_lookups(now);
     }

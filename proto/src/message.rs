@@ -67,6 +67,9 @@ pub enum RejectCode {
     KeyExpired,
     /// Too many registrations from this source; try again later.
     RateLimited,
+    /// A standalone relay answers only address lookups (they grant the
+    /// pair's relay permission); ask a backbone for anything else.
+    RelayOnly,
 }
 
 impl RejectCode {
@@ -82,6 +85,7 @@ impl RejectCode {
             RejectCode::KeyExpired => "key_expired",
             RejectCode::RateLimited => "rate_limited",
             RejectCode::UnknownNode => "unknown_node",
+            RejectCode::RelayOnly => "relay_only",
         }
     }
 }
