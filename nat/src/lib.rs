@@ -14,7 +14,10 @@ mod behavior;
 mod classify;
 mod stun;
 
-pub use behavior::{direct_path_possible, infer_mapping, FilteringBehavior, MappingBehavior};
+pub use behavior::{
+    direct_path_possible, infer_filtering, infer_mapping, ChangeProbe, FilteringBehavior,
+    MappingBehavior,
+};
 pub use classify::{classify, DatagramKind, BACKBONE_MAGIC, PROBE_MAGIC, RELAY_MAGIC};
 pub use stun::{
     binding_request, binding_request_with_change, binding_response, change_request,
