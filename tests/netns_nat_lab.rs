@@ -12,6 +12,9 @@
 //! `NAT_LAB_JOBS` sets how many pairs of the matrix run at once (default 4);
 //! `NAT_LAB_PAIRS=prc>sym,pub>fc` runs only those pairs (tags: pub, fc, prc,
 //! sym); `NAT_LAB_NODE_ARGS="--dns-port 0"` adds arguments to every `meshtun up`.
+//! The matrix ends with one `NAT_FIGURES key=value ...` line per pair (the
+//! issue's targets; `bench/nat.sh` tabulates them); `NAT_LAB_FAILOVER=1`
+//! also cuts each direct pair's path and measures the failover to the relay.
 
 mod harness;
 
@@ -78,8 +81,58 @@ struct PairResult {
     transfer: Option<Duration>,
     relayed: Option<u64>,
     relayed_in_window: Option<u64>,
+    /// Average ping RTT (ms) from A and from B to the backbone.
+    bb_rtt_a: Option<f64>,
+    bb_rtt_b: Option<f64>,
+    /// RTT of A's path to B (ms) as its status shows it when judged.
+    peer_rtt: Option<f64>,
+    /// With NAT_LAB_FAILOVER=1, direct pairs: from cutting UDP between the
+    /// two public addresses until both sides are on the relay.
+    failover: Option<Duration>,
+    /// TCP connect attempts until the first succeeded (more than one: the
+    /// first packet did not get through, or was refused).
+    attempts: Option<u32>,
     failures: Vec<String>,
     details: String,
+}
+
+impl PairResult {
+    /// The first-packet target of issue 3 (ms): backbone RTT (A's lookup)
+    /// + peer RTT + handshake (one peer round trip), where the peer RTT is
+    /// that of the relay path the first packet takes (A to the backbone
+    /// and the backbone to B).
+    fn first_packet_bound_ms(&self) -> Option<f64> {
+        let (a, b) = (self.bb_rtt_a?, self.bb_rtt_b?);
+        Some(a + 2.0 * (a + b))
+    }
+
+    /// One parseable line of figures (ms; "-" when not measured), for
+    /// bench/nat.sh.
+    fn figures_line(&self) -> String {
+        let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0));
+        let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+        let direct = match (self.direct_a, self.direct_b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        let after_first = direct.zip(self.first_byte).map(|(d, fb)| d.saturating_sub(fb));
+        format!(
+            "NAT_FIGURES pair={}>{} expect={} first_packet_ms={} bound_ms={} bb_rtt_a_ms={} bb_rtt_b_ms={} peer_rtt_ms={} direct_ms={} direct_after_first_ms={} failover_ms={} connect_attempts={} result={}",
+            self.a.tag(),
+            self.b.tag(),
+            if direct_expected(self.a, self.b) { "direct" } else { "relay" },
+            ms(self.first_byte),
+            f(self.first_packet_bound_ms()),
+            f(self.bb_rtt_a),
+            f(self.bb_rtt_b),
+            f(self.peer_rtt),
+            ms(direct),
+            ms(after_first),
+            ms(self.failover),
+            self.attempts.map_or("-".into(), |a| a.to_string()),
+            if self.failures.is_empty() { "ok" } else { "FAIL" }
+        )
+    }
 }
 
 fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
@@ -93,6 +146,8 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
     let na = lab.start_node(&ha, "alpha", &bb);
     let nb = lab.start_node(&hb, "beta", &bb);
     let mut checks = Checks::new();
+    let bb_rtt_a = harness::nat::ping_rtt_ms(&ha.ns, BB_IP, 3);
+    let bb_rtt_b = harness::nat::ping_rtt_ms(&hb.ns, BB_IP, 3);
 
     let data = payload(SMALL_TRANSFER, 0x6e61_7400 ^ (a_kind as u64) << 8 ^ b_kind as u64);
     let sink = start_sink(&hb.ns, nb.id.ipv6, SINK_PORT, Duration::from_secs(40));
@@ -136,9 +191,23 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
     let direct_a = watch.first_at(0, "direct", Duration::ZERO);
     let direct_b = watch.first_at(1, "direct", Duration::ZERO);
     let relayed = relayed_2.as_ref().ok().copied();
+    let peer_rtt = watch.last_json(0).and_then(|p| p.get("rtt_ms")?.as_f64());
     if let Some(p) = pinger.lock().unwrap().take() {
         let _ = p.join();
     }
+    // Figures only (bench/nat.sh); the failover test asserts the limit.
+    let failover = if expect_direct && std::env::var("NAT_LAB_FAILOVER").is_ok_and(|v| v == "1") && both(&watch, "direct") {
+        let traffic = keep_traffic(&ha.ns, nb.id.ipv6, Duration::from_secs(8));
+        let cut = t0.elapsed();
+        harness::nat::block_udp_between(&ha, &hb);
+        watch.wait_for(Duration::from_secs(10), |w| both(w, "relay"));
+        let _ = traffic.join();
+        let fo_a = watch.first_at(0, "relay", cut).map(|t| t - cut);
+        let fo_b = watch.first_at(1, "relay", cut).map(|t| t - cut);
+        fo_a.zip(fo_b).map(|(x, y)| x.max(y))
+    } else {
+        None
+    };
     watch.stop();
 
     for (i, (side, path)) in [("A->B", &path_ab), ("B->A", &path_ba)].into_iter().enumerate() {
@@ -208,6 +277,11 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
         transfer,
         relayed,
         relayed_in_window,
+        bb_rtt_a,
+        bb_rtt_b,
+        peer_rtt,
+        failover,
+        attempts: sent.as_ref().ok().map(|s| s.connect_attempts),
         failures,
         details,
     };
@@ -293,6 +367,11 @@ fn nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible() {
                         transfer: None,
                         relayed: None,
                         relayed_in_window: None,
+                        bb_rtt_a: None,
+                        bb_rtt_b: None,
+                        peer_rtt: None,
+                        failover: None,
+                        attempts: None,
                         failures: vec![format!("{}>{}: setup panicked: {msg}", a.tag(), b.tag())],
                         details: String::new(),
                     }
@@ -347,6 +426,9 @@ fn nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible() {
     }
     for r in &results {
         println!("{} -> {}:\n{}", r.a.label(), r.b.label(), r.details);
+    }
+    for r in &results {
+        println!("{}", r.figures_line());
     }
     assert_no_namespaces_left(&format!("mt-{}-", std::process::id()));
     assert!(all.is_empty(), "{} check(s) failed:\n- {}", all.len(), all.join("\n- "));
