@@ -10,7 +10,8 @@
 # meshtun, CPU seconds per GB moved and peak RSS of each tunnel process.
 #
 #   sudo bench/run.sh                 3 runs x 10 s, every test (~15 min)
-#   sudo bench/run.sh --quick         1 run x 3 s, TCP single stream + ping (CI)
+#   sudo bench/run.sh --quick         1 run x 3 s, TCP single stream + ping (CI);
+#                                     exits 1 if meshtun TCP is NA or < 5% of raw
 #   options: --runs N  --seconds S  --tests tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping
 #            --tunnels raw,bt,wg,mt  --bin PATH (skip the cargo build)
 #            --no-install (skip tunnels whose tools are missing)
@@ -36,7 +37,7 @@ while [ $# -gt 0 ]; do
         --no-install) INSTALL=0; shift ;;
         --mt-args) MT_ARGS=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -259,3 +260,26 @@ for t in ${TUNNELS//,/ }; do
 done
 echo "(CPU: both ends' processes, over the throughput tests; RSS: the larger of the two ends' processes)"
 for n in "${NOTES[@]}"; do echo "note: $n"; done
+
+# ---- --quick is a check, not only a report -----------------------------------
+# CI runs --quick: a meshtun that moves nothing (NA) or a tiny fraction of
+# what the veth carries must fail the job instead of printing a bad number.
+if [ "$QUICK" = 1 ] && has mt "$TUNNELS" && has tcp1 "$TESTS"; then
+    read -r _ mt_tcp _ <<<"$(stats tcp1 mt)"
+    read -r _ raw_tcp _ <<<"$(has raw "$TUNNELS" && stats tcp1 raw || echo NA NA NA)"
+    if [ "$mt_tcp" = NA ]; then
+        echo "bench/run.sh: FAIL: meshtun's TCP throughput is NA (iperf3 over the mesh measured nothing; see $RUN/iperf3-client.log with --keep)" >&2
+        exit 1
+    fi
+    if has raw "$TUNNELS"; then
+        if [ "$raw_tcp" = NA ]; then
+            echo "bench/run.sh: FAIL: the raw veth TCP figure is NA, so meshtun's $mt_tcp Mbit/s cannot be judged" >&2
+            exit 1
+        fi
+        if awk -v m="$mt_tcp" -v r="$raw_tcp" 'BEGIN {exit !(m < 0.05 * r)}'; then
+            echo "bench/run.sh: FAIL: meshtun's TCP throughput $mt_tcp Mbit/s is below 5% of the raw veth's $raw_tcp Mbit/s" >&2
+            exit 1
+        fi
+        echo "quick check: meshtun TCP $mt_tcp Mbit/s is $(awk -v m="$mt_tcp" -v r="$raw_tcp" 'BEGIN {printf "%.1f", 100 * m / r}')% of the raw veth's $raw_tcp Mbit/s (must be >= 5%)"
+    fi
+fi

@@ -21,7 +21,11 @@ use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
+// `apply` needs the CLI types of main.rs; the fuzz target
+// (fuzz/fuzz_targets/config.rs) includes this file without them.
+#[cfg(not(fuzzing))]
 use clap::parser::ValueSource;
+#[cfg(not(fuzzing))]
 use clap::ArgMatches;
 use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use serde::Deserialize;
@@ -71,6 +75,8 @@ pub struct NodeFile {
     pub dns_domain: Option<DnsDomain>,
     /// UDP port of the mesh DNS server, 0 is off (`--dns-port`).
     pub dns_port: Option<Port>,
+    /// Do not configure systemd-resolved for the mesh domain (`--no-resolved`).
+    pub no_resolved: Option<bool>,
     /// Membership certificate for a private network (`--cert`).
     pub cert: Option<AbsolutePath>,
     /// Inbound firewall rules, first match wins (`--firewall`, repeatable).
@@ -686,6 +692,7 @@ from_toml_string!(
 
 /// Puts `file`'s value into `slot` unless the user gave `id` on the command
 /// line or in the environment.
+#[cfg(not(fuzzing))]
 fn set<T>(slot: &mut T, matches: &ArgMatches, id: &str, file: Option<T>) {
     let from_user = matches!(matches.value_source(id), Some(ValueSource::CommandLine | ValueSource::EnvVariable));
     if let (false, Some(value)) = (from_user, file) {
@@ -695,6 +702,7 @@ fn set<T>(slot: &mut T, matches: &ArgMatches, id: &str, file: Option<T>) {
 
 /// The file `--config` names, or the default one if it exists; `None` when
 /// there is no file to read.
+#[cfg(not(fuzzing))]
 fn chosen_file(explicit: Option<&Path>, default: &str) -> Option<PathBuf> {
     match explicit {
         Some(path) => Some(path.to_path_buf()),
@@ -704,6 +712,7 @@ fn chosen_file(explicit: Option<&Path>, default: &str) -> Option<PathBuf> {
 
 /// Reads the config file of `meshtun up` or `meshtun backbone` (if any) and
 /// fills in every setting the command line left at its default.
+#[cfg(not(fuzzing))]
 pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError> {
     let (mut log_level, mut log_format) = (None, None);
     match &mut cli.command {
@@ -723,6 +732,7 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
                 set(&mut args.groups, sub, "groups", f.groups.map(|t| t.0));
                 set(&mut args.dns_domain, sub, "dns_domain", f.dns_domain.map(|d| d.0));
                 set(&mut args.dns_port, sub, "dns_port", f.dns_port.map(Int::get));
+                set(&mut args.no_resolved, sub, "no_resolved", f.no_resolved);
                 set(&mut args.cert, sub, "cert", f.cert.map(|p| Some(p.0)));
                 set(&mut args.firewall_rules, sub, "firewall_rules", f.firewall_rules.map(|r| r.0));
                 set(&mut args.firewall_default, sub, "firewall_default", f.firewall_default.map(|d| Some(d.0)));
@@ -762,7 +772,7 @@ pub fn apply(cli: &mut super::Cli, matches: &ArgMatches) -> Result<(), CliError>
     Ok(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(fuzzing)))]
 mod tests {
     use super::*;
 
@@ -790,7 +800,7 @@ mod tests {
             (
                 "backbones = [\"198.18.0.1:7400\"]\n\n# typo\nhostnme = \"a\"\n",
                 "/etc/meshtun/meshtun.toml:4:1: unknown key `hostnme`; expected one of backbones, hostname, network, \
-                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, cert, \
+                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, no_resolved, cert, \
                  firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
                  log_format",
             ),
@@ -971,7 +981,7 @@ mod tests {
             (
                 "[backbone]\nlisten = \"0.0.0.0:7400\"\n",
                 "/etc/meshtun/meshtun.toml:1:2: unknown key `backbone`; expected one of backbones, hostname, network, \
-                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, cert, \
+                 interface, listen_port, mtu, heartbeat_secs, capabilities, groups, dns_domain, dns_port, no_resolved, cert, \
                  firewall_rules, firewall_default, key_rotation_days, metrics_listen, state_dir, socket, log_level, \
                  log_format",
             ),
@@ -1172,6 +1182,19 @@ mod tests {
         assert!(args.capabilities.is_empty() && args.firewall_rules.is_empty() && args.cert.is_none());
         assert_eq!((args.dns_domain.as_str(), args.dns_port, args.key_rotation_days), ("mesh", 53, 14));
         assert_eq!((args.firewall_default.as_deref(), args.metrics_listen), (None, None));
+    }
+
+    #[test]
+    fn no_resolved_comes_from_the_file_or_the_flag_and_defaults_to_false() {
+        let base = "backbones = [\"198.18.0.1:7400\"]\n";
+        assert!(!up(&applied("resolved-default", &["up", "--config", "{FILE}"], base).unwrap()).no_resolved);
+        let text = format!("{base}no_resolved = true\n");
+        assert!(up(&applied("resolved-file", &["up", "--config", "{FILE}"], &text).unwrap()).no_resolved);
+        assert!(up(&applied("resolved-flag", &["up", "--config", "{FILE}", "--no-resolved"], base).unwrap()).no_resolved);
+        assert_eq!(
+            node_error("no_resolved = \"yes\"\n"),
+            "/etc/meshtun/meshtun.toml:1:15: invalid type for `no_resolved`: expected true or false, found string \"yes\""
+        );
     }
 
     #[test]

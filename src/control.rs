@@ -72,11 +72,29 @@ pub async fn bind(path: &Path) -> anyhow::Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .map_err(|e| CliError::new("io_error", format!("cannot listen on {}: {e}", path.display())))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let listener = bind_private(path).map_err(|e| CliError::new("io_error", format!("cannot listen on {}: {e}", path.display())))?;
     Ok(listener)
+}
+
+/// Binds inside a fresh 0700 directory next to `path`, sets the socket to
+/// 0600 there and only then renames it into place, so no other user can
+/// ever connect in the window between bind and chmod (a umask would do the
+/// same but is process-wide, and the runtime's other threads create files).
+fn bind_private(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    let private = dir.join(format!(".{}.{}.bind", name.to_string_lossy(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("s");
+    let result = UnixListener::bind(&staged).and_then(|listener| {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, path)?;
+        Ok(listener)
+    });
+    let _ = std::fs::remove_dir_all(&private);
+    result
 }
 
 /// Where `{"cmd":"events"}` subscribers get their events from.
@@ -227,5 +245,28 @@ pub async fn call(path: &Path, request: &Request) -> anyhow::Result<serde_json::
             hint: answer["hint"].as_str().map(str::to_string),
         }
         .into())
+    }
+}
+
+#[cfg(test)]
+mod bind_tests {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+
+    #[tokio::test]
+    async fn the_control_socket_is_created_mode_0600_and_leaves_no_staging_directory() {
+        let dir = std::env::temp_dir().join(format!("meshtun-control-bind-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("meshtun.sock");
+        let listener = super::bind(&path).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert!(meta.file_type().is_socket(), "{} is not a socket", path.display());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(names, [std::ffi::OsString::from("meshtun.sock")], "staging directory left behind");
+        let (client, accepted) = tokio::join!(tokio::net::UnixStream::connect(&path), listener.accept());
+        assert!(client.is_ok() && accepted.is_ok(), "the renamed socket does not accept connections");
+        drop(listener);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -35,6 +35,9 @@ pub struct UpOptions {
     pub dns_domain: String,
     /// UDP port of the DNS server on the mesh address; 0 turns it off.
     pub dns_port: u16,
+    /// Hand the DNS domain to systemd-resolved for the interface (unless in
+    /// a non-host network namespace); false with `--no-resolved`.
+    pub resolved: bool,
     pub cert: Option<PathBuf>,
     pub firewall_rules: Vec<String>,
     pub firewall_default: Option<String>,
@@ -50,6 +53,13 @@ const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 const ENDPOINT_REFRESH: Duration = Duration::from_secs(10);
 
 pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
+    // Before anything is created on disk: without the capability the TUN
+    // cannot be made, and a half-started daemon would only confuse.
+    if !has_net_admin() {
+        return Err(CliError::new("not_root", "meshtun up needs CAP_NET_ADMIN to create its TUN interface and set its address and routes")
+            .hint("run it as root (sudo meshtun up ...), or give the binary the capability: sudo setcap cap_net_admin+ep \"$(command -v meshtun)\"")
+            .into());
+    }
     if let Some(name) = &options.hostname {
         meshtun_proto::record::validate_hostname(name).map_err(|e| {
             CliError::new("invalid_argument", format!("--hostname: {e}"))
@@ -82,7 +92,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
                 .hint("ask the network owner for a certificate for this node's address (`meshtun id --network N`)")
                 .into());
             }
-            (Some(owner), Some(cert))
+            (Some(owner), Some((cert, membership.not_after_unix)))
         }
         (None, network) if network != NetworkId::PUBLIC => {
             return Err(CliError::new("config_error", format!("network {} is private: a membership certificate is required", network.0))
@@ -91,6 +101,8 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         }
         (None, _) => (None, None),
     };
+    let cert_not_after = certificate.as_ref().map(|(_, not_after)| *not_after);
+    let certificate = certificate.map(|(cert, _)| cert);
     let mut firewall = meshtun_overlay::firewall::FirewallConfig::default();
     for rule in &options.firewall_rules {
         firewall.rules.push(rule.parse().map_err(|e: meshtun_overlay::firewall::RuleError| {
@@ -149,7 +161,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         0 => None,
         port => Some(bind_dns(me.to_ipv6(), port)?),
     };
-    let resolved = dns_socket.as_ref().and_then(|_| resolved_link::configure(&options.interface, me.to_ipv6(), options.dns_port, &options.dns_domain));
+    let resolved = dns_socket.as_ref().and_then(|_| resolved_link::configure(&options.interface, me.to_ipv6(), options.dns_port, &options.dns_domain, !options.resolved));
     let mut waiting = crate::requests::Waiting::default();
     let mut dns_buf = vec![0u8; 4096];
     tracing::info!(address = %me, ipv6 = %me.to_ipv6(), interface = %options.interface, port, "meshtun is up");
@@ -308,6 +320,9 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
             _ = watch.tick() => {
                 let now = Instant::now();
                 hub.tick(&node.status(now), now);
+                if let Some(not_after) = cert_not_after {
+                    hub.certificate(not_after, unix_now());
+                }
             }
             _ = refresh.tick() => {
                 node.set_local_endpoints(udp::local_endpoints(port, &options.interface), Instant::now());
@@ -499,6 +514,19 @@ async fn flush(node: &mut Node, socket: &MeshSocket, tun: &tun::AsyncDevice, tun
     }
 }
 
+/// Whether this process holds CAP_NET_ADMIN in its effective set (what a
+/// root process has, or a binary given it with setcap).
+fn has_net_admin() -> bool {
+    const CAP_NET_ADMIN: u32 = 12;
+    std::fs::read_to_string("/proc/self/status").ok().as_deref().and_then(effective_caps).is_some_and(|caps| caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
+/// The `CapEff:` mask of a /proc/PID/status text.
+fn effective_caps(status: &str) -> Option<u64> {
+    let line = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(line.trim(), 16).ok()
+}
+
 fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -551,7 +579,63 @@ mod resolved_link {
         interface: String,
     }
 
-    pub fn configure(interface: &str, ip: std::net::Ipv6Addr, port: u16, domain: &str) -> Option<Link> {
+    /// Whether `meshtun up` may hand the mesh domain to systemd-resolved.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Decision {
+        Configure,
+        /// `--no-resolved` / `no_resolved = true`.
+        OptedOut,
+        /// We are in a network namespace other than the host's, where
+        /// resolved (which runs in the host's) would read our ifindex as
+        /// one of its own links.
+        OtherNamespace,
+    }
+
+    /// The initial network namespace's inode number, fixed since Linux 6.18
+    /// (`PROC_NET_INIT_INO`); earlier kernels numbered it like any other.
+    const NET_INIT_INO: &str = "net:[4026531833]";
+
+    /// Decides from the `readlink`s of `/proc/self/ns/net` and
+    /// `/proc/1/ns/net` (the latter needs ptrace access to PID 1, which a
+    /// daemon with only CAP_NET_ADMIN lacks) and the kernel's release.
+    /// When it cannot tell, it configures, as before namespaces were checked.
+    pub fn decide(opted_out: bool, own: Option<&str>, init: Option<&str>, kernel: Option<(u32, u32)>) -> Decision {
+        if opted_out {
+            return Decision::OptedOut;
+        }
+        match (own, init) {
+            (Some(own), Some(init)) if own != init => Decision::OtherNamespace,
+            (Some(own), None) if own != NET_INIT_INO && kernel.is_some_and(|k| k >= (6, 18)) => Decision::OtherNamespace,
+            _ => Decision::Configure,
+        }
+    }
+
+    fn kernel_release() -> Option<(u32, u32)> {
+        let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+        let mut parts = release.trim().split(['.', '-']);
+        Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+    }
+
+    fn netns(path: &str) -> Option<String> {
+        std::fs::read_link(path).ok().map(|l| l.to_string_lossy().into_owned())
+    }
+
+    pub fn configure(interface: &str, ip: std::net::Ipv6Addr, port: u16, domain: &str, opted_out: bool) -> Option<Link> {
+        let (own, init) = (netns("/proc/self/ns/net"), netns("/proc/1/ns/net"));
+        match decide(opted_out, own.as_deref(), init.as_deref(), kernel_release()) {
+            Decision::Configure => {}
+            Decision::OptedOut => {
+                tracing::info!("not configuring systemd-resolved (--no-resolved): point your resolver at [{ip}]:{port} for *.{domain}");
+                return None;
+            }
+            Decision::OtherNamespace => {
+                tracing::info!(
+                    own = own.as_deref().unwrap_or("?"),
+                    "not configuring systemd-resolved: this is not the host's network namespace, where resolved would take {interface}'s ifindex for another link; point this namespace's resolver at [{ip}]:{port} for *.{domain}"
+                );
+                return None;
+            }
+        }
         if !std::path::Path::new("/run/systemd/resolve/io.systemd.Resolve").exists() {
             tracing::info!("systemd-resolved not running: point your resolver at [{ip}]:{port} for *.{domain} (see README)");
             return None;
@@ -571,6 +655,36 @@ mod resolved_link {
     impl Link {
         pub fn revert(self) {
             let _ = Command::new("resolvectl").args(["revert", &self.interface]).status();
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn resolved_is_configured_in_the_host_namespace_and_skipped_in_another_or_when_opted_out() {
+            let host = Some("net:[4026531833]");
+            let other = Some("net:[4026532301]");
+            assert_eq!(decide(false, host, host, Some((6, 18))), Decision::Configure);
+            assert_eq!(decide(false, other, other, Some((5, 15))), Decision::Configure, "same namespace as PID 1 on an old kernel");
+            assert_eq!(decide(false, other, host, Some((6, 18))), Decision::OtherNamespace);
+            assert_eq!(decide(false, other, Some("net:[4026531992]"), Some((5, 15))), Decision::OtherNamespace);
+            assert_eq!(decide(true, host, host, Some((6, 18))), Decision::OptedOut);
+            assert_eq!(decide(true, other, host, Some((6, 18))), Decision::OptedOut);
+        }
+
+        #[test]
+        fn without_access_to_pid_1_the_fixed_initial_inode_decides_on_new_kernels_only() {
+            let host = Some("net:[4026531833]");
+            let other = Some("net:[4026532301]");
+            assert_eq!(decide(false, host, None, Some((6, 18))), Decision::Configure);
+            assert_eq!(decide(false, other, None, Some((6, 18))), Decision::OtherNamespace);
+            assert_eq!(decide(false, other, None, Some((7, 0))), Decision::OtherNamespace);
+            // Before 6.18 any inode can be the host's: configure as before.
+            assert_eq!(decide(false, other, None, Some((6, 17))), Decision::Configure);
+            assert_eq!(decide(false, other, None, None), Decision::Configure);
+            assert_eq!(decide(false, None, None, Some((6, 18))), Decision::Configure);
         }
     }
 }
@@ -595,4 +709,19 @@ pub async fn resolve_backbones(specs: &[String]) -> anyhow::Result<Vec<SocketAdd
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_effective_capability_mask_is_read_from_proc_status() {
+        let root = "Name:\tmeshtun\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(root), Some(0x1ff_ffff_ffff));
+        assert_eq!(effective_caps("CapEff:\t0000000000001000\n").map(|c| c & (1 << 12) != 0), Some(true));
+        assert_eq!(effective_caps("CapEff:\t0000000000000000\n").map(|c| c & (1 << 12) != 0), Some(false));
+        assert_eq!(effective_caps("Name: x\n"), None);
+        assert_eq!(effective_caps("CapEff:\tnot-hex\n"), None);
+    }
 }

@@ -55,6 +55,8 @@ pub struct EventCounters {
     pub punch_attempts: u64,
     pub punch_direct: u64,
     pub punch_relayed: u64,
+    /// This node's membership certificate expiry (Unix seconds), if it has one.
+    pub certificate_not_after_unix: Option<u64>,
 }
 
 #[derive(Default)]
@@ -71,7 +73,17 @@ pub struct Hub {
     peers: HashMap<String, PeerWatch>,
     /// Backbone -> registered?
     backbones: HashMap<String, bool>,
+    /// The smallest warning step of [`CERT_WARNINGS`] already reported for
+    /// this node's certificate (index), and whether its expiry was.
+    cert_warned: Option<usize>,
+    cert_expired_reported: bool,
 }
+
+/// How long before this node's membership certificate expires
+/// `certificate_expiring` is reported: once as each of these is crossed
+/// (a daemon started with less time left reports the smallest crossed
+/// step once), so a reader that subscribes later still hears of it.
+const CERT_WARNINGS: [u64; 7] = [30 * 86_400, 7 * 86_400, 86_400, 3_600, 600, 60, 10];
 
 impl Default for Hub {
     fn default() -> Self {
@@ -82,7 +94,15 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Hub {
         let (tx, _) = broadcast::channel(CAPACITY);
-        Hub { tx, counters: EventCounters::default(), punching: HashMap::new(), peers: HashMap::new(), backbones: HashMap::new() }
+        Hub {
+            tx,
+            counters: EventCounters::default(),
+            punching: HashMap::new(),
+            peers: HashMap::new(),
+            backbones: HashMap::new(),
+            cert_warned: None,
+            cert_expired_reported: false,
+        }
     }
 
     /// A handle subscribers can be created from (any task).
@@ -142,7 +162,8 @@ impl Hub {
             seen.push(p.address.clone());
             let watch = self.peers.entry(p.address.clone()).or_default();
             let age = p.handshake_age_secs;
-            let alive = age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
+            // A parked peer is idle, not down: its next packet handshakes again.
+            let alive = p.session == "parked" || age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
             let mut derived = Vec::new();
             if watch.up && !alive && p.up_for_secs.is_some() {
                 watch.up = false;
@@ -178,6 +199,34 @@ impl Hub {
         }
     }
 
+    /// This node's own membership certificate, checked once a second:
+    /// `certificate_expiring` as it nears its expiry (see [`CERT_WARNINGS`]),
+    /// `certificate_expired` once it has passed (the mesh then refuses the
+    /// node within a heartbeat).
+    pub fn certificate(&mut self, not_after_unix: u64, unix_now: u64) {
+        self.counters.certificate_not_after_unix = Some(not_after_unix);
+        if unix_now > not_after_unix {
+            if !self.cert_expired_reported {
+                self.cert_expired_reported = true;
+                self.emit(json!({
+                    "event": "certificate_expired", "not_after": not_after_unix,
+                    "reason": "the membership certificate has expired: backbones and peers refuse this node; ask the network owner for a new one (`meshtun network sign`) and restart with --cert",
+                }));
+            }
+            return;
+        }
+        let left = not_after_unix - unix_now;
+        let Some(step) = CERT_WARNINGS.iter().rposition(|&w| left <= w) else { return };
+        if self.cert_warned.is_some_and(|done| done >= step) {
+            return;
+        }
+        self.cert_warned = Some(step);
+        self.emit(json!({
+            "event": "certificate_expiring", "not_after": not_after_unix, "seconds_left": left,
+            "reason": format!("the membership certificate expires in {}; ask the network owner for a new one", human_duration(left)),
+        }));
+    }
+
     fn start_punch(&mut self, peer: &str, now: Instant) {
         if !self.punching.contains_key(peer) {
             self.punching.insert(peer.to_string(), now);
@@ -206,6 +255,15 @@ fn path_text(p: &meshtun_overlay::peer::PeerStatus) -> String {
 }
 
 /// The first line a subscriber gets.
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s >= 2 * 86_400 => format!("{} days", s / 86_400),
+        s if s >= 2 * 3_600 => format!("{} hours", s / 3_600),
+        s if s >= 120 => format!("{} minutes", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 pub fn subscribed(address: &str) -> Value {
     json!({ "time": rfc3339_now(), "event": "subscribed", "node": address })
 }
@@ -271,6 +329,38 @@ mod tests {
         assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
         assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.005Z");
         assert_eq!(rfc3339(1_700_000_000, 123), "2023-11-14T22:13:20.123Z");
+    }
+
+    fn drain(rx: &mut broadcast::Receiver<Arc<str>>) -> Vec<Value> {
+        std::iter::from_fn(|| rx.try_recv().ok()).map(|line| serde_json::from_str(&line).unwrap()).collect()
+    }
+
+    #[test]
+    fn a_nearing_certificate_expiry_is_reported_once_per_step_and_then_as_expired() {
+        let mut hub = Hub::new();
+        let mut rx = hub.sender().subscribe();
+        let not_after = 2_000_000_000;
+        // Far from expiry: nothing.
+        hub.certificate(not_after, not_after - 40 * 86_400);
+        assert!(drain(&mut rx).is_empty());
+        // Started with 5 days left: one warning, not one per step passed.
+        hub.certificate(not_after, not_after - 5 * 86_400);
+        hub.certificate(not_after, not_after - 5 * 86_400 + 1);
+        let got = drain(&mut rx);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0]["event"], "certificate_expiring");
+        assert_eq!(got[0]["seconds_left"], 5 * 86_400);
+        assert!(got[0]["reason"].as_str().unwrap().contains("5 days"), "{got:?}");
+        // The next step (one day) warns again, once.
+        hub.certificate(not_after, not_after - 86_000);
+        hub.certificate(not_after, not_after - 85_000);
+        assert_eq!(drain(&mut rx).len(), 1);
+        // Past it: expired, once.
+        hub.certificate(not_after, not_after + 1);
+        hub.certificate(not_after, not_after + 2);
+        let got = drain(&mut rx);
+        assert_eq!(got.iter().map(|v| v["event"].as_str().unwrap()).collect::<Vec<_>>(), ["certificate_expired"]);
+        assert_eq!(hub.counters().certificate_not_after_unix, Some(not_after));
     }
 
     #[test]

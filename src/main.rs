@@ -221,6 +221,10 @@ struct UpArgs {
     /// UDP port of the mesh DNS server (0: off).
     #[arg(long, default_value_t = 53)]
     dns_port: u16,
+    /// Do not point systemd-resolved at the mesh DNS for the mesh domain
+    /// (also skipped, with a log line, inside a network namespace).
+    #[arg(long)]
+    no_resolved: bool,
     /// Membership certificate for a private network (from `meshtun network sign`).
     #[arg(long, value_name = "FILE")]
     cert: Option<PathBuf>,
@@ -400,6 +404,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     groups: args.groups,
                     dns_domain: args.dns_domain,
                     dns_port: args.dns_port,
+                    resolved: !args.no_resolved,
                     metrics_listen: args.metrics_listen,
                     cert: args.cert,
                     firewall_rules: args.firewall_rules,
@@ -548,6 +553,16 @@ fn print_ok(data: serde_json::Value) {
     println!("{}", control::ok_envelope(data));
 }
 
+/// `dropped: firewall 3, malformed 1, no_route 0, ...` from status's
+/// `stats.dropped`: the counters that moved first (largest first), so the
+/// reason is visible without `--json`.
+fn dropped_line(dropped: &serde_json::Value) -> Option<String> {
+    let mut counters: Vec<(&str, u64)> = dropped.as_object()?.iter().map(|(k, v)| (k.as_str(), v.as_u64().unwrap_or(0))).collect();
+    counters.sort_by_key(|&(_, n)| std::cmp::Reverse(n));
+    let list: Vec<String> = counters.iter().map(|(k, n)| format!("{k} {n}")).collect();
+    Some(format!("dropped: {}", list.join(", ")))
+}
+
 fn print_status(data: &serde_json::Value) {
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_string(),
@@ -583,6 +598,9 @@ fn print_status(data: &serde_json::Value) {
         };
         println!("backbone {}  {}  seen as {}{extra}", s(&b["address"]), s(&b["state"]), s(&b["observed"]));
     }
+    if let Some(line) = dropped_line(&data["stats"]["dropped"]) {
+        println!("{line}");
+    }
     let peers = data["peers"].as_array().cloned().unwrap_or_default();
     println!("{} peer(s)", peers.len());
     for p in peers {
@@ -595,13 +613,30 @@ fn print_status(data: &serde_json::Value) {
             _ => "-".into(),
         };
         println!(
-            "  {:<18} {:<16} {path:<28} via {:<22} handshake {} ago  tx {} B  rx {} B",
+            "  {:<18} {:<16} {path:<28} via {:<22} {}  tx {} B  rx {} B",
             s(&p["address"]),
             s(&p["hostname"]),
             s(&p["endpoint"]),
-            p["handshake_age_secs"].as_f64().map(|a| format!("{a:.0} s")).unwrap_or_else(|| "never".into()),
+            match (p["session"].as_str(), p["handshake_age_secs"].as_f64()) {
+                (Some("parked"), _) => "session parked (idle)".into(),
+                (_, Some(a)) => format!("handshake {a:.0} s ago"),
+                _ => "handshake never".into(),
+            },
             s(&p["tx_bytes"]),
             s(&p["rx_bytes"])
         );
+    }
+}
+
+#[cfg(test)]
+mod status_text_tests {
+    use super::dropped_line;
+
+    #[test]
+    fn the_dropped_line_lists_counters_that_moved_first_and_the_rest_after() {
+        let dropped = serde_json::json!({"malformed": 0, "firewall": 3, "no_route": 0, "replay": 7});
+        assert_eq!(dropped_line(&dropped).as_deref(), Some("dropped: replay 7, firewall 3, malformed 0, no_route 0"));
+        assert_eq!(dropped_line(&serde_json::json!({"firewall": 0})).as_deref(), Some("dropped: firewall 0"));
+        assert_eq!(dropped_line(&serde_json::Value::Null), None, "an old daemon without stats prints no line");
     }
 }

@@ -267,6 +267,14 @@ fn node_metrics(m: &mut Exposition, snap: &NodeSnapshot) -> std::fmt::Result {
         &[(vec![("address", st.address.as_str()), ("hostname", hostname.as_str()), ("version", env!("CARGO_PKG_VERSION"))], 1i64)],
     )?;
     m.gauge1("meshtun_start_time_seconds", "When the daemon started (Unix time).", None, snap.start_time_unix)?;
+    if let Some(not_after) = snap.events.certificate_not_after_unix {
+        m.gauge1(
+            "meshtun_certificate_expiry_timestamp_seconds",
+            "When this node's membership certificate expires (Unix time; private networks only).",
+            None,
+            not_after as i64,
+        )?;
+    }
 
     let mut by_path = [("direct", 0i64), ("relay", 0), ("none", 0)];
     for p in &st.peers {
@@ -324,6 +332,16 @@ fn node_metrics(m: &mut Exposition, snap: &NodeSnapshot) -> std::fmt::Result {
         "WireGuard handshakes that failed: refused by WireGuard (rejected) or given up after 90 s (timeout).",
         None,
         &[(vec![("reason", "rejected")], h.rejected), (vec![("reason", "timeout")], h.timed_out)],
+    )?;
+
+    let p = &s.sessions;
+    m.gauge1("meshtun_peers_parked", "Peers whose idle WireGuard session is parked (no session state held; the next packet handshakes again).", None, p.parked as i64)?;
+    m.counter1("meshtun_sessions_parked", "Idle WireGuard sessions parked.", None, p.parks)?;
+    m.counter(
+        "meshtun_sessions_unparked",
+        "Parked WireGuard sessions recreated, by what woke them: a packet to send (outbound) or a datagram from the peer (inbound).",
+        None,
+        &[(vec![("by", "outbound")], p.unparks_outbound), (vec![("by", "inbound")], p.unparks_inbound)],
     )?;
 
     let e = &snap.events;

@@ -629,10 +629,29 @@ fn discovery_by_name_capability_and_group_survives_a_backbone_and_broadcasts_to_
     checks.check(out.success() && v6 == BTreeSet::from([IpAddr::V6(f.fx.id.ipv6)]), || {
         format!("(4) getent ahosts specialist-fx.mesh should give {}: {}", f.fx.id.ipv6, out.describe())
     });
-    // The A record, if any, must be fx's own mesh IPv4 (100.64.0.0/10).
-    checks.check(v4.is_empty() || (fx_v4.is_some() && v4 == BTreeSet::from([fx_v4.unwrap()])), || {
+    // NAME.mesh answers A too: exactly fx's own mesh IPv4 (100.64.0.0/10).
+    checks.check(fx_v4.is_some() && v4 == BTreeSet::from([fx_v4.unwrap()]), || {
         format!("(4) getent ahosts specialist-fx.mesh gave IPv4 {v4:?}, fx's `meshtun id` says {fx_v4:?}")
     });
+    // CAP.cap.mesh and GROUP.group.mesh through the system resolver: the
+    // holders' / members' AAAA and A records, nobody else's.
+    let node_v4 = |n: &Node| {
+        harness::meshtun::json_data(&cli(&n.ns, &["id", "--state-dir", n.state_dir.to_str().unwrap(), "--json"]))
+            .ok()
+            .and_then(|d| d["ipv4"].as_str().and_then(|s| s.parse::<IpAddr>().ok()))
+    };
+    for (name, members) in [("citations.cap.mesh", vec![&f.papers]), ("research.group.mesh", vec![&f.coord, &f.papers, &f.news])] {
+        let out = coord_ns.exec(&["getent", "ahosts", name]);
+        let got: BTreeSet<IpAddr> = out.stdout.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+        let v6: BTreeSet<IpAddr> = got.iter().copied().filter(IpAddr::is_ipv6).collect();
+        let v4: BTreeSet<IpAddr> = got.iter().copied().filter(IpAddr::is_ipv4).collect();
+        let want6: BTreeSet<IpAddr> = members.iter().map(|n| IpAddr::V6(n.id.ipv6)).collect();
+        let want4: BTreeSet<IpAddr> = members.iter().filter_map(|n| node_v4(n)).collect();
+        let v6_ips: BTreeSet<Ipv6Addr> = v6.iter().filter_map(|ip| match ip { IpAddr::V6(a) => Some(*a), _ => None }).collect();
+        println!("(4) getent ahosts {name}: {} IPv4 {v4:?} in {:.0?}", names(&v6_ips, &all), out.elapsed);
+        checks.check(out.success() && v6 == want6, || format!("(4) getent ahosts {name} should give {want6:?}: {}", out.describe()));
+        checks.check(want4.len() == members.len() && v4 == want4, || format!("(4) getent ahosts {name} gave IPv4 {v4:?}, the members have {want4:?}"));
+    }
 
     let http_stop = Arc::new(AtomicBool::new(false));
     let body = format!("specialist-news summary service at {}\n", f.news.id.ipv6);

@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use harness::meshtun::{Backbone, Node, NodeOpts};
+use harness::meshtun::{bin, cli, cli_timeout, Backbone, Node, NodeOpts};
 use harness::{poll_until, require_root, require_tool, wait_until, Capture, Checks, CmdOutput, Lab, Ns, Switch};
 use serde_json::Value;
 
@@ -501,6 +501,80 @@ fn ping_to_an_unregistered_mesh_address_fails_fast_with_unreachable() {
         "alpha lost its backbone registration"
     );
     let _ = (&m.sw, &m.bb_ns, &m.b_ns, &m.b, &m.backbone, &m.lab);
+}
+
+/// The errors a user hits first (issue 2, item 7) come as one line with a
+/// stable code and a hint, and leave nothing behind: no capability, an
+/// interface name already taken, and a backbone nobody answers at (the
+/// daemon keeps trying and says so in `status`).
+#[test]
+fn up_explains_what_is_wrong_when_it_cannot_work() {
+    if !require_root("up_explains_what_is_wrong_when_it_cannot_work") {
+        return;
+    }
+    require_tool("setpriv", "util-linux");
+    let lab = Lab::new("uperr");
+    let sw = lab.add_switch("sw", "br0");
+    let ns = lab.add_host("a", &sw, "198.18.0.2/24");
+    // Nothing listens here: the address is on the segment but unused.
+    let silent = format!("{}:{BB_PORT}", Ipv4Addr::new(198, 18, 0, 9));
+    let envelope = |out: &CmdOutput| -> Value {
+        serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("not a JSON envelope ({e}): {}", out.describe()))
+    };
+
+    // (1) Not root: refused before anything is written to the state dir.
+    let scratch = lab.path("nobody");
+    std::fs::create_dir_all(&scratch).unwrap();
+    ns.exec_ok(&["chown", "65534:65534", scratch.to_str().unwrap()]);
+    let state = scratch.join("state");
+    let sock = scratch.join("n.sock");
+    let out = ns.exec(&[
+        "setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin(), "up", "--backbone", &silent,
+        "--state-dir", state.to_str().unwrap(), "--socket", sock.to_str().unwrap(), "--json",
+    ]);
+    let v = envelope(&out);
+    println!("(not root) {}", out.stdout.trim());
+    assert!(!out.success(), "up as nobody succeeded: {}", out.describe());
+    assert_eq!(v["code"], "not_root", "{v}");
+    assert!(v["hint"].as_str().is_some_and(|h| h.contains("sudo") && h.contains("setcap")), "{v}");
+    assert!(!state.exists(), "up as nobody created {}", state.display());
+
+    // (2) The interface name is taken.
+    ns.exec_ok(&["ip", "tuntap", "add", "dev", "mtbusy0", "mode", "tun"]);
+    let st = lab.path("state-busy");
+    let out = cli_timeout(
+        &ns,
+        &["up", "--backbone", &silent, "--interface", "mtbusy0", "--state-dir", st.to_str().unwrap(), "--socket", lab.path("busy.sock").to_str().unwrap(), "--json"],
+        Duration::from_secs(20),
+    );
+    let v = envelope(&out);
+    println!("(interface busy) {}", out.stdout.trim());
+    assert!(!out.success() && !out.timed_out, "up on a taken interface: {}", out.describe());
+    assert_eq!(v["code"], "interface_busy", "{v}");
+    assert!(v["hint"].as_str().is_some_and(|h| h.contains("--interface")), "{v}");
+    assert!(ns.exec(&["ip", "link", "show", "mtbusy0"]).success(), "the existing interface must be left alone");
+
+    // (3) The backbone never answers: the daemon stays up, keeps trying
+    // with backoff, and status says so.
+    let node = Node::start(&lab, &ns, silent.parse().unwrap(), NodeOpts { heartbeat_secs: Some(HEARTBEAT), ..NodeOpts::new("alpha") });
+    let seen = poll_until(Duration::from_secs(20), "status to report the backbone unreachable", || {
+        node.proc.check_running()?;
+        let st = node.status()?;
+        let b = &st["backbones"][0];
+        let state = b["state"].as_str().unwrap_or("");
+        if state != "registered" && b["last_error"].is_string() {
+            Ok(b.clone())
+        } else {
+            Err(format!("backbone entry: {b}"))
+        }
+    });
+    let b = seen.unwrap_or_else(|e| panic!("{e}"));
+    println!("(backbone unreachable) status: {b}");
+    let text = cli(&ns, &["status", "--socket", node.socket.to_str().unwrap()]);
+    println!("(backbone unreachable) text status:\n{}", text.stdout);
+    assert!(text.stdout.contains(&silent), "text status should name the backbone: {}", text.describe());
+    node.proc.assert_running("while its backbone is unreachable");
+    let _ = (&sw, &lab);
 }
 
 /// The harness itself (no meshtun binary involved).

@@ -2,7 +2,9 @@
 //! network (number 7) with certified members and outsiders registered on the
 //! same backbone, the inbound firewall, certificate expiry and revocation,
 //! key rotation under a running transfer, and a host on the underlay that
-//! injects forged and replayed WireGuard, relay and backbone datagrams.
+//! injects forged and replayed WireGuard, relay and backbone datagrams at
+//! the members and forged Register/Deregister/Lookup datagrams at the
+//! backbone; the control socket refuses other users.
 //!
 //! Needs root (namespaces, veth, TUN), `ip`, `ping` (iputils-ping) and `dig`
 //! (dnsutils). Without root every test prints "skipping: needs root" and
@@ -178,6 +180,32 @@ fn start_node(lab: &Lab, ns: &Ns, network: u16, cert: Option<&Path>, hostname: &
         hostname: hostname.to_string(),
         interface: DEFAULT_INTERFACE.to_string(),
         id,
+    }
+}
+
+/// (address, hostname) of every record in a backbone's status.
+fn record_keys(bb_status: &Value) -> Vec<(String, String)> {
+    let recs = bb_status["records"].as_array().cloned().unwrap_or_default();
+    recs.iter().map(|r| (r["address"].as_str().unwrap_or("").to_string(), r["hostname"].as_str().unwrap_or("").to_string())).collect()
+}
+
+/// A record for `identity` carrying the certificate in `cert_file`.
+fn intent_record_for_backbone(identity: &meshtun_proto::Identity, cert_file: &Path) -> meshtun_proto::NodeRecord {
+    let (_, cert) = meshtun_proto::cert::SignedCert::from_file_str(&std::fs::read_to_string(cert_file).unwrap()).expect("certificate");
+    meshtun_proto::NodeRecord {
+        network: meshtun_addr::NetworkId(NET),
+        node: identity.node_addr(),
+        identity_key: identity.public_key(),
+        pow_nonce: identity.nonce(),
+        wg_key: *boringtun::x25519::PublicKey::from(&boringtun::x25519::StaticSecret::from([7u8; 32])).as_bytes(),
+        endpoints: vec![SocketAddr::new(Ipv4Addr::new(198, 18, 0, 5).into(), 40001)],
+        hostname: None,
+        capabilities: vec![],
+        groups: vec![],
+        seq: (unix_now_f64() * 1000.0) as u64,
+        wg_key_version: 1,
+        wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
+        cert: Some(cert),
     }
 }
 
@@ -548,6 +576,26 @@ fn private_network_hides_members_enforces_the_firewall_and_ignores_forged_packet
     checks.check(fw[&9191].is_err(), || "(4) unlisted tcp/9191 connected (default policy of a private network is deny)".into());
     checks.check(accepted.get(&9090).copied().unwrap_or(0) <= 1 && !accepted.contains_key(&9191), || format!("(4) beta accepted firewalled connections: {accepted:?}"));
     checks.check(fw_after > fw_before, || format!("(4) beta's stats.dropped.firewall did not grow ({fw_before} -> {fw_after})"));
+    // (4b) the text form of `meshtun status` names the firewall drops too.
+    let text = cli(&b_ns, &["status", "--socket", s(&b.socket)]);
+    let drop_line = text.stdout.lines().find(|l| l.starts_with("dropped: ")).unwrap_or("").to_string();
+    println!("(4b) beta's text status: {drop_line:?}");
+    let fw_text: Option<u64> = drop_line.split(", ").find_map(|c| c.trim_start_matches("dropped: ").strip_prefix("firewall ")).and_then(|n| n.parse().ok());
+    checks.check(text.success() && fw_text.is_some_and(|n| n > fw_before), || format!("(4b) text status should show `firewall N` with N > {fw_before}: {drop_line:?} ({})", text.describe()));
+
+    // (4c) the control socket is 0600, and another user is refused with
+    // `permission_denied` (not a daemon_not_running that hides the cause).
+    {
+        use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+        let meta = std::fs::metadata(&b.socket);
+        let mode = meta.as_ref().map(|m| (m.file_type().is_socket(), m.permissions().mode() & 0o777));
+        println!("(4c) beta's control socket {}: {mode:?}", b.socket.display());
+        checks.check(matches!(mode, Ok((true, 0o600))), || format!("(4c) control socket should be a socket with mode 0600: {mode:?}"));
+        let nobody = b_ns.exec(&["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", bin(), "status", "--socket", s(&b.socket), "--json"]);
+        let reply: Value = serde_json::from_str(nobody.stdout.trim()).unwrap_or_default();
+        println!("(4c) uid 65534: meshtun status --json -> {reply}");
+        checks.check(!nobody.success() && reply["code"] == "permission_denied", || format!("(4c) uid 65534 should get code permission_denied: {}", nobody.describe()));
+    }
 
     // --- (2) the outsider can neither look members up nor reach them.
     let osock = s(&o.socket).to_string();
@@ -841,6 +889,76 @@ fn private_network_hides_members_enforces_the_firewall_and_ignores_forged_packet
     let recs = bb.records().unwrap_or_default();
     let has = |addr: &str| recs.iter().any(|r| r["address"].as_str() == Some(addr));
     checks.check(has(&a.id.address) && has(&b.id.address) && has(&o.id.address) && !has(&rogue.id.address), || format!("(5) backbone records after the injection: {recs:?}"));
+
+    // --- (6) the rogue host attacks the backbone itself: a Register with a
+    // broken signature claiming alpha's hostname, Deregisters for alpha and
+    // beta signed by the wrong key, Lookups in the name of alpha from the
+    // wrong address, and junk.
+    let bb_before = bb.status().unwrap_or_default();
+    let recs_before: Vec<(String, String)> = record_keys(&bb_before);
+    let a_mesh: meshtun_addr::MeshAddr = a.id.address.parse().expect("alpha's mesh address");
+    let b_mesh: meshtun_addr::MeshAddr = b.id.address.parse().expect("beta's mesh address");
+    let mut hijack = intent_record_for_backbone(&rogue_identity, &rogue_cert);
+    hijack.hostname = Some("alpha".into());
+    let mut bad_sig = meshtun_proto::SignedRecord::sign(&rogue_identity, &hijack).expect("sign");
+    bad_sig.signature[0] ^= 0x80;
+    let rogue_ep = SocketAddrV4::new(Ipv4Addr::new(198, 18, 0, 5), 40001);
+    let mut attack: Vec<(&str, Vec<u8>)> = vec![
+        ("register-bad-signature", Message::Register { request_id: 0x5151, record: bad_sig }.encode()),
+        ("deregister-alpha-wrong-key", Message::Deregister { request_id: 0x5152, deregistration: meshtun_proto::message::Deregistration::sign(&rogue_identity, a_mesh, u64::MAX / 2) }.encode()),
+        ("deregister-beta-wrong-key", Message::Deregister { request_id: 0x5153, deregistration: meshtun_proto::message::Deregistration::sign(&rogue_identity, b_mesh, u64::MAX / 2) }.encode()),
+        ("lookup-as-alpha", Message::Lookup { request_id: 0x5154, from: a_mesh, query: meshtun_proto::Query::Hostname { network: meshtun_addr::NetworkId(NET), name: "beta".into() } }.encode()),
+        ("lookup-group-as-beta", Message::Lookup { request_id: 0x5155, from: b_mesh, query: meshtun_proto::Query::Group { network: meshtun_addr::NetworkId(NET), name: "ops".into() } }.encode()),
+    ];
+    for i in 0..10 {
+        let mut m = b"MT\x01".to_vec();
+        m.extend_from_slice(&rng.some(1, 100));
+        m[3] = 0xF0 | i;
+        attack.push(("junk", m));
+    }
+    let bb_replies: Vec<Message> = rogue_ns.in_netns(|| {
+        let sock = UdpSocket::bind(rogue_ep).expect("bind the rogue's socket");
+        sock.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+        for (_, m) in &attack {
+            sock.send_to(m, bb_ep).expect("send to the backbone");
+        }
+        let mut replies = Vec::new();
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut buf = [0u8; 65536];
+        while Instant::now() < until {
+            if let Ok((len, _)) = sock.recv_from(&mut buf) {
+                if let Ok(m) = Message::decode(&buf[..len]) {
+                    replies.push(m);
+                }
+            }
+        }
+        replies
+    });
+    let bb_after = bb.status().unwrap_or_default();
+    let recs_after = record_keys(&bb_after);
+    let bgrew = |p: &str| stat_u64(&bb_after, p).saturating_sub(stat_u64(&bb_before, p));
+    println!("(6) sent {:?}", attack.iter().map(|(w, _)| *w).collect::<Vec<_>>());
+    println!("(6) the backbone answered {:?}", bb_replies.iter().map(|m| format!("{m:?}").chars().take(120).collect::<String>()).collect::<Vec<_>>());
+    println!(
+        "(6) backbone: registrations_rejected +{}, lookups_rejected +{}, dropped_malformed +{}, deregistrations +{}, registrations +{}",
+        bgrew("/stats/registrations_rejected"),
+        bgrew("/stats/lookups_rejected"),
+        bgrew("/stats/dropped_malformed"),
+        bgrew("/stats/deregistrations"),
+        bgrew("/stats/registrations"),
+    );
+    checks.check(recs_after == recs_before, || format!("(6) the backbone's records changed: {recs_before:?} -> {recs_after:?}"));
+    checks.check(bgrew("/stats/registrations_rejected") >= 1, || "(6) the backbone's registrations_rejected did not count the bad signature".into());
+    checks.check(bgrew("/stats/lookups_rejected") >= 2, || "(6) the backbone's lookups_rejected did not count the lookups from the wrong address".into());
+    checks.check(bgrew("/stats/dropped_malformed") >= 10, || "(6) the backbone's dropped_malformed did not count the junk".into());
+    checks.check(bgrew("/stats/deregistrations") == 0, || "(6) the backbone accepted a forged deregistration".into());
+    let rejected = |id: u64| bb_replies.iter().any(|m| matches!(m, Message::Reject { request_id, .. } if *request_id == id));
+    checks.check((0x5151..=0x5155).all(rejected), || format!("(6) every forged request should get a Reject: {bb_replies:?}"));
+    checks.check(!bb_replies.iter().any(|m| matches!(m, Message::LookupReply { .. } | Message::RegisterAck { .. } | Message::DeregisterAck { .. })), || format!("(6) the backbone answered the rogue with data or an ack: {bb_replies:?}"));
+    let res = json_data(&cli(&a_ns, &["resolve", "beta", "--json", "--socket", s(&a.socket)]));
+    println!("(6) alpha resolves beta after the attack: {res:?}");
+    checks.check(res.as_ref().is_ok_and(|d| d.to_string().contains(&b.id.address)), || format!("(6) alpha cannot resolve beta after the backbone attack: {res:?}"));
+    checks.check(a.backbone_state().as_deref() == Ok("registered") && b.backbone_state().as_deref() == Ok("registered"), || "(6) a member lost its registration".into());
     println!("[done] {name} in {:.1?}", t0.elapsed());
     checks.finish();
 }
@@ -903,6 +1021,7 @@ fn expired_and_revoked_members_are_cut_off() {
     for n in [&a, &c, &d] {
         n.wait_registered(Duration::from_secs(15));
     }
+    let c_events = c_ns.spawn("events-c", &[bin(), "events", "--json", "--socket", c.socket.to_str().expect("utf-8 path")]);
     println!("[setup] registered after {:.1?}; charlie's certificate expires in {:.1} s", t0.elapsed(), c_expires - unix_now_f64());
 
     let rc = wait_ping(&a_ns, c.id.ipv6, Duration::from_secs(10), "alpha to ping charlie (certificate still valid)");
@@ -976,6 +1095,14 @@ fn expired_and_revoked_members_are_cut_off() {
     println!("(expiry) charlie's own backbone state now {c_state:?}; alpha's untrusted_peers {}", status(&a).map(|s| stat_u64(&s, "/stats/untrusted_peers")).unwrap_or(0));
     checks.check(gone_after.as_ref().is_ok_and(|g| *g <= (HEARTBEAT + 2) as f64), || {
         format!("(expiry) the backbone should stop listing charlie within one heartbeat of expiry: {gone_after:?} s (limit {} s)", HEARTBEAT + 2)
+    });
+    // Charlie was told, on its event stream, before and at expiry.
+    let seen: Vec<Value> = c_events.log().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
+    let at = |kind: &str| seen.iter().position(|e| e["event"] == kind);
+    let warned = seen.iter().find(|e| e["event"] == "certificate_expiring").map(|e| e["seconds_left"].clone());
+    println!("(expiry) charlie's events: certificate_expiring seconds_left {warned:?}; certificate_expired at line {:?}", at("certificate_expired"));
+    checks.check(warned.as_ref().and_then(Value::as_u64).is_some_and(|left| left <= 20) && at("certificate_expiring") < at("certificate_expired"), || {
+        format!("(expiry) charlie's `meshtun events` should report certificate_expiring, then certificate_expired: {}", c_events.log_tail(20))
     });
     // alpha itself is unaffected.
     checks.check(a.backbone_state().as_deref() == Ok("registered"), || format!("alpha's backbone state: {:?}", a.backbone_state()));

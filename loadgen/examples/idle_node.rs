@@ -9,7 +9,11 @@
 //! own WireGuard timers like real ones (answering data with a keepalive),
 //! so an idle session stays healthy instead of re-handshaking.
 //!
-//! `cargo run --release -p meshtun-loadgen --example idle_node -- 10000 [idle secs]`
+//! Then, with parking on (the third argument, seconds without data before
+//! a session is parked; 0 turns it off), it keeps idling until every
+//! session is parked and measures CPU and heap again.
+//!
+//! `cargo run --release -p meshtun-loadgen --example idle_node -- 10000 [idle secs] [park after secs]`
 //! (identities come from the loadgen cache; see docs/SCALING.md).
 
 use std::collections::HashMap;
@@ -220,9 +224,13 @@ impl Sim {
 fn main() {
     let n: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(10_000);
     let idle_secs: f64 = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(30.0);
+    // Long enough that the sessions are measured awake first (45 s settling
+    // plus the idle measurement).
+    let park_secs: f64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(60.0 + idle_secs);
+    let park_idle_after = (park_secs > 0.0).then(|| Duration::from_secs_f64(park_secs));
     let ids = meshtun_loadgen::identities::load_or_generate(n + 1, 1, Some(&meshtun_loadgen::identities::default_cache(1)), 2).unwrap();
     let t0 = Instant::now();
-    let config = NodeConfig { backbones: vec![BB], local_endpoints: vec![HUB], rng_seed: 1, ..NodeConfig::default() };
+    let config = NodeConfig { backbones: vec![BB], local_endpoints: vec![HUB], rng_seed: 1, park_idle_after, ..NodeConfig::default() };
     let hub_secret = StaticSecret::from([7u8; 32]);
     let hub_public = PublicKey::from(&hub_secret);
     let hub = Node::new(config, ids[0].clone(), hub_secret, t0);
@@ -338,25 +346,65 @@ fn main() {
         (wakeups, sent, probes, received)
     };
     drive(&mut sim, Instant::now() + Duration::from_secs(45));
-    sim.hub_cpu = 0.0;
-    let start = Instant::now();
-    let (wakeups, sent, probes, received) = drive(&mut sim, start + Duration::from_secs_f64(idle_secs));
-    let secs = start.elapsed().as_secs_f64();
+    let measure = |sim: &mut Sim, drive: &mut dyn FnMut(&mut Sim, Instant) -> (u64, u64, u64, u64), what: &str| {
+        sim.hub_cpu = 0.0;
+        let start = Instant::now();
+        let (wakeups, sent, probes, received) = drive(sim, start + Duration::from_secs_f64(idle_secs));
+        let secs = start.elapsed().as_secs_f64();
+        let s = &sim.hub.stats().sessions;
+        println!(
+            "idle {secs:.0} s with {n} peers, {what} ({} parked): node cpu {:.2}% of one core, {:.1} timer wake-ups/s, {:.0} datagrams/s sent ({:.0}/s path probes, the rest WireGuard keepalives and handshakes), {:.0}/s received",
+            s.parked,
+            sim.hub_cpu * 100.0 / secs,
+            wakeups as f64 / secs,
+            sent as f64 / secs,
+            probes as f64 / secs,
+            received as f64 / secs
+        );
+        let heap = node_heap() - heap_before;
+        let rss = meshtun_loadgen::procstat::rss_bytes(std::process::id()).zip(rss_before).map(|(a, b)| a as i64 - b as i64);
+        println!(
+            "node heap for {n} peers, {what}: {:.1} MiB, {:.0} B per peer (boringtun Tunn alone: {} B inline); process RSS grew {} (hub and simulated peers together)",
+            heap as f64 / 1048576.0,
+            heap as f64 / n as f64,
+            std::mem::size_of::<Tunn>(),
+            rss.map_or("?".into(), |r| format!("{:.1} MiB", r as f64 / 1048576.0))
+        );
+    };
+    measure(&mut sim, &mut drive, "sessions awake");
+    let Some(park) = park_idle_after else { return };
+    // The last data went out during set-up and the per-packet test above.
+    let waited = Instant::now();
+    while sim.hub.stats().sessions.parked < n as u64 && waited.elapsed() < park + Duration::from_secs(60) {
+        drive(&mut sim, Instant::now() + Duration::from_secs(5));
+    }
+    let s = sim.hub.stats().sessions.clone();
+    println!("parking after {park:?} without data: {} of {n} parked ({} parks, {} woken) after {:.0} s more", s.parked, s.parks, s.unparks_inbound + s.unparks_outbound, waited.elapsed().as_secs_f64());
+    // Let the parked state settle (the sessions' last timers are gone).
+    drive(&mut sim, Instant::now() + Duration::from_secs(5));
+    measure(&mut sim, &mut drive, "sessions parked");
+    // glibc keeps the freed sessions' pages for reuse (they sit between
+    // live blocks); malloc_trim hands them back, as a daemon could after
+    // parking many at once.
+    let rss = || meshtun_loadgen::procstat::rss_bytes(std::process::id()).map_or(0.0, |b| b as f64 / 1048576.0);
+    let before_trim = rss();
+    // SAFETY: no arguments beyond the pad size; safe to call at any time.
+    unsafe { libc::malloc_trim(0) };
+    println!("malloc_trim after parking: process RSS {before_trim:.1} -> {:.1} MiB", rss());
+    // And the way back: a packet to every peer wakes its session.
+    let now = Instant::now();
+    let before = sim.delivered;
+    let c = thread_cpu();
+    for a in &addrs {
+        let p = udp6(me, a.to_ipv6(), b"again");
+        sim.hub(|h| h.handle_tun_packet(&p, now));
+    }
+    sim.pump(now);
+    let secs = thread_cpu() - c;
     println!(
-        "idle {secs:.0} s with {n} sessions: node cpu {:.2}% of one core, {:.1} timer wake-ups/s, {:.0} datagrams/s sent ({:.0}/s path probes, the rest WireGuard keepalives and handshakes), {:.0}/s received",
-        sim.hub_cpu * 100.0 / secs,
-        wakeups as f64 / secs,
-        sent as f64 / secs,
-        probes as f64 / secs,
-        received as f64 / secs
-    );
-    let heap = node_heap() - heap_before;
-    let rss = meshtun_loadgen::procstat::rss_bytes(std::process::id()).zip(rss_before).map(|(a, b)| a as i64 - b as i64);
-    println!(
-        "node heap for {n} peers: {:.1} MiB, {:.0} B per peer (boringtun Tunn alone: {} B inline); process RSS grew {} (hub and simulated peers together)",
-        heap as f64 / 1048576.0,
-        heap as f64 / n as f64,
-        std::mem::size_of::<Tunn>(),
-        rss.map_or("?".into(), |r| format!("{:.1} MiB", r as f64 / 1048576.0))
+        "one packet to each parked peer: {} delivered after a new handshake ({} unparked), {:.1} us cpu per peer (hub and simulated peer)",
+        sim.delivered - before,
+        sim.hub.stats().sessions.unparks_outbound,
+        secs * 1e6 / n as f64
     );
 }

@@ -85,6 +85,11 @@ pub struct NodeConfig {
     pub initial_seq: u64,
     /// WireGuard persistent keepalive in seconds (keeps NAT mappings open).
     pub persistent_keepalive: Option<u16>,
+    /// A peer with no data in either direction for this long (keepalives
+    /// and probes do not count) has its WireGuard session parked: its ~11
+    /// KB of boringtun state is dropped, and the next packet either way
+    /// handshakes again. `None` keeps every session.
+    pub park_idle_after: Option<Duration>,
     /// Packets held per destination while its lookup and handshake run.
     pub max_queued_per_destination: usize,
     /// Destinations with packets waiting at once.
@@ -116,6 +121,7 @@ impl Default for NodeConfig {
             negative_cache: Duration::from_secs(2),
             initial_seq: 1,
             persistent_keepalive: Some(25),
+            park_idle_after: Some(DEFAULT_PARK_IDLE_AFTER),
             max_queued_per_destination: 64,
             max_pending_destinations: 1024,
             rng_seed: 0,
@@ -281,6 +287,10 @@ pub struct Node {
     shutting_down: bool,
 }
 
+/// Two minutes is WireGuard's REKEY_AFTER_TIME: a session idle that long
+/// since its handshake would need a new one before its next data anyway.
+pub const DEFAULT_PARK_IDLE_AFTER: Duration = Duration::from_secs(120);
+
 /// First handshake retry; later ones back off linearly to 5x this.
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(1);
 /// Handshake initiations per second before cookies are demanded.
@@ -413,13 +423,20 @@ impl Node {
         // unknown key of our next handshake the backbones already have it.
         self.backbones.register_now(now);
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
+        // Parked peers too: one that only sends would otherwise handshake
+        // with the old key, which nobody answers any more.
+        let parked: Vec<PeerId> = self.peers.iter().flatten().filter(|p| p.is_parked()).map(|p| p.id).collect();
+        for id in parked {
+            self.unpark(id, false, now);
+        }
         for peer in self.peers.iter_mut().flatten() {
-            peer.tunn.set_static_private(self.wg_secret.clone(), public, None);
             peer.probe_key = probe::probe_key(&self.wg_secret, &PublicKey::from(peer.record.wg_key));
+            let Some(tunn) = peer.tunn.as_mut() else { continue };
+            tunn.set_static_private(self.wg_secret.clone(), public, None);
             // The old sessions are gone on both sides' account: start the
             // new one now rather than when we next have data to send (a
             // node that only receives would otherwise stall).
-            if let boringtun::noise::TunnResult::WriteToNetwork(init) = peer.tunn.format_handshake_initiation(&mut self.buf, true) {
+            if let boringtun::noise::TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut self.buf, true) {
                 send_wg(&mut self.transmits, &mut self.stats, peer, init);
             }
             peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
@@ -1240,14 +1257,7 @@ impl Node {
         let probe_key = probe::probe_key(&self.wg_secret, &peer_public);
         let candidates: Vec<SocketAddr> = record.endpoints.iter().copied().filter(|e| !own.contains(e)).collect();
         let path = PathAgent::new(&candidates, relay, now);
-        let tunn = Tunn::new(
-            self.wg_secret.clone(),
-            peer_public,
-            None,
-            self.config.persistent_keepalive,
-            id.0,
-            None,
-        );
+        let tunn = self.new_tunn(id, record.wg_key);
         self.events.push_back(Event::PeerAdded {
             peer: addr.to_string(),
             hostname: record.hostname.clone(),
@@ -1257,12 +1267,57 @@ impl Node {
         self.by_addr.insert(addr, id);
         let mut peer = Peer::new(id, record, tunn, path, probe_key, now);
         peer.certified_groups = certified_groups;
+        peer.on_data(now, self.config.park_idle_after);
         self.peers.insert(id.index(), peer, now);
         Some(id)
     }
 
+    /// A WireGuard session for the peer in slot `id`: its index carries
+    /// the slot in the upper 24 bits (how inbound datagrams find the peer).
+    fn new_tunn(&self, id: PeerId, peer_key: [u8; 32]) -> Box<Tunn> {
+        Box::new(Tunn::new(self.wg_secret.clone(), PublicKey::from(peer_key), None, self.config.persistent_keepalive, id.0, None))
+    }
+
+    /// Drops the session of an idle peer (see [`NodeConfig::park_idle_after`]).
+    fn park(&mut self, id: PeerId) {
+        let Some(tunn) = self.peers.park(id.index()) else { return };
+        let (_, tx, rx, _, _) = tunn.stats();
+        drop(tunn);
+        if let Some(peer) = self.peers.get_mut_for_path(id.index()).and_then(Option::as_mut) {
+            peer.parked_bytes.0 += tx as u64;
+            peer.parked_bytes.1 += rx as u64;
+            peer.park_at = None;
+            peer.handshake = None;
+            tracing::debug!(peer = %peer.addr, "idle session parked");
+        }
+        self.stats.sessions.parks += 1;
+        self.stats.sessions.parked += 1;
+    }
+
+    /// Gives a parked peer a new session (with the current static key).
+    fn unpark(&mut self, id: PeerId, inbound: bool, now: Instant) {
+        let Some(key) = self.peers.get(id.index()).and_then(Option::as_ref).filter(|p| p.is_parked()).map(|p| p.record.wg_key) else {
+            return;
+        };
+        let tunn = self.new_tunn(id, key);
+        self.peers.unpark(id.index(), tunn, now);
+        if let Some(peer) = self.peers.get_mut_for_path(id.index()).and_then(Option::as_mut) {
+            peer.on_data(now, self.config.park_idle_after);
+            tracing::debug!(peer = %peer.addr, inbound, "parked session woken");
+        }
+        self.stats.sessions.parked = self.stats.sessions.parked.saturating_sub(1);
+        if inbound {
+            self.stats.sessions.unparks_inbound += 1;
+        } else {
+            self.stats.sessions.unparks_outbound += 1;
+        }
+    }
+
     fn remove_peer(&mut self, id: PeerId) {
         let Some(peer) = self.peers.take(id.index()) else { return };
+        if peer.is_parked() {
+            self.stats.sessions.parked = self.stats.sessions.parked.saturating_sub(1);
+        }
         self.by_addr.remove(&peer.addr);
         if self.by_wg_key.get(&peer.record.wg_key) == Some(&id) {
             self.by_wg_key.remove(&peer.record.wg_key);
@@ -1271,13 +1326,18 @@ impl Node {
     }
 
     fn encapsulate(&mut self, id: PeerId, packet: &[u8], now: Instant) {
-        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
         let need = (packet.len() + WG_OVERHEAD).max(MIN_WG_BUFFER);
         if need > self.buf.len() {
             self.stats.count_drop(DropReason::Malformed);
             return;
         }
-        match peer.tunn.encapsulate(packet, &mut self.buf) {
+        // A parked peer handshakes again; boringtun queues the packet
+        // meanwhile (bounded), as for a new peer.
+        self.unpark(id, false, now);
+        let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
+        peer.on_data(now, self.config.park_idle_after);
+        let Some(tunn) = peer.tunn.as_mut() else { return };
+        match tunn.encapsulate(packet, &mut self.buf) {
             boringtun::noise::TunnResult::WriteToNetwork(out) => {
                 peer.tx_packets += 1;
                 self.stats.tx_packets += 1;
@@ -1353,6 +1413,25 @@ impl Node {
                 return;
             }
         };
+        let message_type = datagram.first().copied();
+        let was_parked = self.peers.get(id.index()).and_then(Option::as_ref).is_some_and(|p| p.is_parked());
+        if was_parked {
+            // An initiation gets a new session and its answer. Data for the
+            // session we parked (the peer still has it) gets a new session
+            // and our initiation, below. A keepalive (an empty data message:
+            // header and tag only, 32 bytes) or a late answer to a handshake
+            // of the parked session wakes nothing.
+            let wakes = match message_type {
+                Some(1) => true,
+                Some(4) => datagram.len() > 32,
+                _ => false,
+            };
+            if !wakes {
+                self.stats.count_drop(DropReason::WireGuard);
+                return;
+            }
+            self.unpark(id, true, now);
+        }
         let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else {
             self.drop_packet(DropReason::UnknownPeer);
             return;
@@ -1362,11 +1441,23 @@ impl Node {
                 peer.path.set_relay(via);
             }
         }
-        let message_type = datagram.first().copied();
+        if was_parked && message_type == Some(4) {
+            // It cannot be read any more. Initiating at once moves the peer
+            // to a new session within about a round trip: its data goes
+            // there once our first packet on it (the keepalive boringtun
+            // sends after the response) arrives.
+            self.stats.count_drop(DropReason::WireGuard);
+            let Some(tunn) = peer.tunn.as_mut() else { return };
+            if let boringtun::noise::TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut self.buf, false) {
+                send_wg(&mut self.transmits, &mut self.stats, peer, init);
+                peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
+            }
+            return;
+        }
         let mut datagram = datagram;
         let mut first = true;
-        loop {
-            let result = peer.tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
+        while let Some(tunn) = peer.tunn.as_mut() {
+            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
             datagram = &[];
             match result {
                 boringtun::noise::TunnResult::Done => {
@@ -1397,6 +1488,7 @@ impl Node {
                 }
                 boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
+                    peer.on_data(now, self.config.park_idle_after);
                     let dst = packet::ipv6_addresses(packet).map(|(_, d)| d);
                     let for_my_group = dst.is_some_and(|d| {
                         meshtun_addr::group_network(d) == Some(self.me.network)
@@ -1435,6 +1527,7 @@ impl Node {
                 }
                 boringtun::noise::TunnResult::WriteToTunnelV4(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
+                    peer.on_data(now, self.config.park_idle_after);
                     let canonical = meshtun_addr::canonical_ipv4(peer.addr);
                     let dst = ipv4::addresses(packet).map(|(_, d)| d);
                     if src != canonical {
@@ -1466,6 +1559,7 @@ impl Node {
 
     fn run_path_timers(&mut self, now: Instant) {
         let mut refresh = Vec::new();
+        let mut park = Vec::new();
         for index in self.peers.due_paths(now) {
             // A handshake retry touches the WireGuard session; the rest of
             // the path timers do not.
@@ -1475,6 +1569,14 @@ impl Node {
             if peer.poll_timeout() > now {
                 continue;
             }
+            if peer.park_at.is_some_and(|t| t <= now) {
+                if peer.handshake.is_some() {
+                    // Not while a handshake is still being retried.
+                    peer.park_at = Some(now + HANDSHAKE_RETRY);
+                } else {
+                    park.push(peer.id);
+                }
+            }
             if let Some(mut h) = peer.handshake.filter(|h| h.next <= now) {
                 if peer.has_session() || now.saturating_duration_since(h.started) > HANDSHAKE_GIVE_UP {
                     if !peer.has_session() {
@@ -1482,8 +1584,8 @@ impl Node {
                     }
                     peer.handshake = None;
                 } else {
-                    if let boringtun::noise::TunnResult::WriteToNetwork(out) =
-                        peer.tunn.format_handshake_initiation(&mut self.buf, true)
+                    if let Some(boringtun::noise::TunnResult::WriteToNetwork(out)) =
+                        peer.tunn.as_mut().map(|t| t.format_handshake_initiation(&mut self.buf, true))
                     {
                         tracing::debug!(peer = %peer.addr, attempt = h.attempts + 1, "retrying handshake");
                         send_wg(&mut self.transmits, &mut self.stats, peer, out);
@@ -1529,6 +1631,9 @@ impl Node {
             if let Some(change) = change {
                 path_changed(peer, change, &mut self.events);
             }
+        }
+        for id in park {
+            self.park(id);
         }
         self.peers.end_pass();
         // Relayed peers: re-fetch the record now and then. It renews the

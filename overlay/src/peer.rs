@@ -1,4 +1,6 @@
-//! One peer: its verified record and its WireGuard session.
+//! One peer: its verified record and its WireGuard session, which is
+//! parked (dropped, 11 KB of boringtun state) while the peer is idle and
+//! recreated on the next packet either way.
 
 use std::net::{Ipv6Addr, SocketAddr};
 use std::time::Instant;
@@ -26,7 +28,15 @@ pub struct Peer {
     pub addr: MeshAddr,
     pub ip: Ipv6Addr,
     pub record: NodeRecord,
-    pub tunn: Tunn,
+    /// The WireGuard session state; `None` while parked. A new one is
+    /// always created with this peer's slot as its index.
+    pub tunn: Option<Box<Tunn>>,
+    /// When to park the session if no data passes before then (`None`:
+    /// parking is off, or the session is parked).
+    pub park_at: Option<Instant>,
+    /// Bytes carried by the sessions parked so far (boringtun's own
+    /// counters go with its `Tunn`).
+    pub parked_bytes: (u64, u64),
     pub path: PathAgent,
     /// Key for authenticating path probes with this peer.
     pub probe_key: [u8; 32],
@@ -74,6 +84,9 @@ pub struct PeerStatus {
     pub candidates: Vec<CandidateStatus>,
     /// Seconds since the last completed WireGuard handshake.
     pub handshake_age_secs: Option<f64>,
+    /// "up" (a WireGuard session exists), "handshaking", or "parked" (idle:
+    /// no session state held; the next packet either way handshakes again).
+    pub session: &'static str,
     pub tx_bytes: u64,
     pub rx_bytes: u64,
     pub tx_packets: u64,
@@ -82,14 +95,16 @@ pub struct PeerStatus {
 }
 
 impl Peer {
-    pub fn new(id: PeerId, record: NodeRecord, tunn: Tunn, path: PathAgent, probe_key: [u8; 32], now: Instant) -> Peer {
+    pub fn new(id: PeerId, record: NodeRecord, tunn: Box<Tunn>, path: PathAgent, probe_key: [u8; 32], now: Instant) -> Peer {
         let addr = record.mesh_addr();
         Peer {
             id,
             addr,
             ip: addr.to_ipv6(),
             record,
-            tunn,
+            tunn: Some(tunn),
+            park_at: None,
+            parked_bytes: (0, 0),
             path,
             probe_key,
             added_at: now,
@@ -112,7 +127,17 @@ impl Peer {
     }
 
     pub fn has_session(&self) -> bool {
-        self.tunn.stats().0.is_some()
+        self.tunn.as_ref().is_some_and(|t| t.stats().0.is_some())
+    }
+
+    pub fn is_parked(&self) -> bool {
+        self.tunn.is_none()
+    }
+
+    /// Data (not a keepalive) went to or came from the peer: the session
+    /// stays for another `idle` at least.
+    pub fn on_data(&mut self, now: Instant, idle: Option<std::time::Duration>) {
+        self.park_at = idle.map(|d| now + d);
     }
 
     /// The next time this peer's own timers need the node.
@@ -124,11 +149,25 @@ impl Peer {
         if let Some(r) = self.next_relay_refresh {
             next = next.min(r);
         }
+        if let Some(p) = self.park_at {
+            next = next.min(p);
+        }
         next
     }
 
     pub fn status(&self, now: Instant) -> PeerStatus {
-        let (handshake, tx_bytes, rx_bytes, _, _) = self.tunn.stats();
+        let (handshake, tx_bytes, rx_bytes) = match &self.tunn {
+            Some(t) => {
+                let (h, tx, rx, _, _) = t.stats();
+                (h, tx as u64, rx as u64)
+            }
+            None => (None, 0, 0),
+        };
+        let session = match &self.tunn {
+            None => "parked",
+            Some(_) if handshake.is_some() => "up",
+            Some(_) => "handshaking",
+        };
         PeerStatus {
             address: self.addr.to_string(),
             ipv6: self.ip,
@@ -146,8 +185,9 @@ impl Peer {
             relay_reason: self.path.relay_reason(),
             candidates: self.path.candidates(),
             handshake_age_secs: handshake.map(|d| d.as_secs_f64()),
-            tx_bytes: tx_bytes as u64,
-            rx_bytes: rx_bytes as u64,
+            session,
+            tx_bytes: self.parked_bytes.0 + tx_bytes,
+            rx_bytes: self.parked_bytes.1 + rx_bytes,
             tx_packets: self.tx_packets,
             rx_packets: self.rx_packets,
             up_for_secs: self.up_since.map(|t| now.saturating_duration_since(t).as_secs_f64()),

@@ -13,6 +13,9 @@
 //! next of its long timers can be due (persistent keepalive, rekey and
 //! expiry counted from the session's handshake), on the same 250 ms grid.
 //!
+//! A parked session (no `Tunn`: see [`PeerTable::park`]) has no WireGuard
+//! timers at all until [`PeerTable::unpark`] gives it a new one.
+//!
 //! Any mutable access to a peer marks it dirty (its deadline is re-filed at
 //! the next timer pass) and wakes a sleeping session first with an
 //! `update_timers` call, so boringtun stamps the packet that follows with a
@@ -163,6 +166,29 @@ impl PeerTable {
     pub fn take(&mut self, index: usize) -> Option<Box<Peer>> {
         let peer = self.peers.get_mut(index)?.take()?;
         self.paths.get_mut().forget(index);
+        self.stop_wireguard_timers(index);
+        Some(peer)
+    }
+
+    /// Drops the WireGuard session of the peer in slot `index` (it keeps
+    /// its record, path agent and keys) and its WireGuard timers. Returns
+    /// the session, or None if there was none.
+    pub fn park(&mut self, index: usize) -> Option<Box<boringtun::noise::Tunn>> {
+        let tunn = self.peers.get_mut(index)?.as_mut()?.tunn.take()?;
+        self.stop_wireguard_timers(index);
+        self.mark_dirty(index);
+        Some(tunn)
+    }
+
+    /// Gives the parked peer in slot `index` a new session, awake.
+    pub fn unpark(&mut self, index: usize, tunn: Box<boringtun::noise::Tunn>, now: Instant) {
+        let Some(peer) = self.peers.get_mut(index).and_then(Option::as_mut) else { return };
+        peer.tunn = Some(tunn);
+        self.set_awake(index, now);
+        self.mark_dirty(index);
+    }
+
+    fn stop_wireguard_timers(&mut self, index: usize) {
         let meta = &mut self.meta[index];
         match meta.wg {
             Wg::Asleep(Some(at)) => {
@@ -172,8 +198,8 @@ impl PeerTable {
             Wg::Awake => self.awake_count -= 1,
         }
         meta.wg = Wg::Asleep(None);
+        meta.keepalive_sent = None;
         self.woken_output.retain(|(i, _)| *i as usize != index);
-        Some(peer)
     }
 
     fn mark_dirty(&mut self, index: usize) {
@@ -205,11 +231,12 @@ impl PeerTable {
         match self.meta[index].wg {
             Wg::Awake => {}
             Wg::Asleep(at) => {
-                let Some(peer) = self.peers[index].as_mut() else { return };
+                // Parked: no timers until a new session is made.
+                let Some(tunn) = self.peers[index].as_mut().and_then(|p| p.tunn.as_mut()) else { return };
                 if let Some(at) = at {
                     self.sleepers.remove(&(at, index as u32));
                 }
-                if let boringtun::noise::TunnResult::WriteToNetwork(out) = peer.tunn.update_timers(&mut self.buf) {
+                if let boringtun::noise::TunnResult::WriteToNetwork(out) = tunn.update_timers(&mut self.buf) {
                     self.woken_output.push((index as u32, out.to_vec()));
                 }
                 self.set_awake(index, now);
@@ -301,9 +328,14 @@ impl PeerTable {
                 self.meta[i].listed = false;
                 continue;
             };
+            let Some(tunn) = peer.tunn.as_mut() else {
+                // Parked (its timers were stopped then; this is a stale entry).
+                self.meta[i].listed = false;
+                continue;
+            };
             let mut keepalive = false;
             let mut expired = false;
-            match peer.tunn.update_timers(&mut self.buf) {
+            match tunn.update_timers(&mut self.buf) {
                 boringtun::noise::TunnResult::WriteToNetwork(out) => {
                     if out.first() == Some(&1) {
                         self.meta[i].active = now;
@@ -418,7 +450,7 @@ fn sleep_until(
         (Some(every), Some(sent)) if sent + every > now => Some(sent + every),
         (Some(_), _) => return None,
     };
-    let session_due = peer.tunn.stats().0.and_then(|age| {
+    let session_due = peer.tunn.as_ref().and_then(|t| t.stats().0).and_then(|age| {
         let established = now.checked_sub(age).unwrap_or(now);
         SESSION_TIMERS.iter().map(|&t| established + t).find(|&t| t > now)
     });
@@ -460,7 +492,7 @@ mod tests {
             wg_key_expires_unix: meshtun_proto::record::NO_EXPIRY,
             cert: None,
         };
-        let tunn = Tunn::new(secret, theirs, None, Some(25), i, None);
+        let tunn = Box::new(Tunn::new(secret, theirs, None, Some(25), i, None));
         Peer::new(PeerId(i), record, tunn, PathAgent::new(&[], None, now), [0; 32], now)
     }
 
@@ -520,6 +552,24 @@ mod tests {
         t.tick_wireguard(now + WG_TICK, |_, _| ticked += 1);
         assert_eq!(t.next_wg_tick(), None);
         assert_eq!(ticked, 0);
+    }
+
+    #[test]
+    fn a_parked_session_has_no_wireguard_ticks_until_it_is_unparked() {
+        let now = Instant::now();
+        let mut t = table(2, now);
+        let tunn = t.park(1).expect("had a session");
+        assert!(t.park(1).is_none(), "already parked");
+        assert!(t.get(1).and_then(Option::as_ref).is_some_and(|p| p.is_parked()), "the peer stays");
+        // Touching a parked peer does not wake timers it no longer has.
+        t.get_mut(1);
+        let mut ticked = Vec::new();
+        t.tick_wireguard(now + WG_TICK, |p, _| ticked.push(p.id));
+        t.take(0);
+        t.tick_wireguard(now + WG_TICK * 2, |p, _| ticked.push(p.id));
+        assert_eq!(t.next_wg_tick(), None, "nothing left to tick: {ticked:?}");
+        t.unpark(1, tunn, now + WG_TICK * 2);
+        assert!(t.next_wg_tick().is_some(), "a new session is ticked again");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct Stats {
     /// included) by the path they took.
     pub wire: Wire,
     pub handshakes: Handshakes,
+    /// Idle WireGuard sessions parked and recreated.
+    pub sessions: Sessions,
     /// Time from the start of a lookup to the backbone's answer.
     #[serde(skip)]
     pub lookup_latency: LatencyHistogram,
@@ -66,6 +68,20 @@ pub struct Stats {
     /// Cookie replies sent to handshake initiations while under load.
     pub handshake_cookies_sent: u64,
     pub dropped: Dropped,
+}
+
+/// Parking: a peer without data traffic for `NodeConfig::park_idle_after`
+/// drops its WireGuard session state and handshakes again on its next packet.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Sessions {
+    /// Sessions parked (since start).
+    pub parks: u64,
+    /// Parked sessions recreated (since start), by what woke them: a
+    /// packet to send, or a datagram from the peer.
+    pub unparks_outbound: u64,
+    pub unparks_inbound: u64,
+    /// Peers parked now.
+    pub parked: u64,
 }
 
 /// Drops by reason.

@@ -1,5 +1,6 @@
-//! Private networks, certificate expiry and revocation, the firewall and
-//! key rotation, in the simulator.
+//! Private networks, certificate expiry and revocation, the firewall (and
+//! certified versus declared groups), key rotation and WireGuard key expiry,
+//! and the hop limit of group broadcasts, in the simulator.
 
 mod netsim;
 
@@ -214,4 +215,115 @@ fn a_handshake_flood_is_answered_with_cookies_not_work() {
     assert!(stats.handshake_cookies_sent >= 150, "{stats:?}");
     assert!(replies >= 150);
     let _ = target;
+}
+
+#[test]
+fn a_peer_whose_wireguard_key_certification_has_expired_is_refused() {
+    let mut net = Net::new(44);
+    let expires = net.unix_time() + 5;
+    let a = net.add_host_with(0, None, |c| c.wg_key_expires_unix = expires);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    let a_addr = net.hosts[a].node.mesh_addr().to_string();
+    assert!(net.ping(b, a, Duration::from_secs(2)).is_some(), "a's key is still certified");
+    net.run_for(Duration::from_secs(6)); // unix time passes `expires`
+    assert!(net.unix_time() > expires);
+    assert!(net.ping(b, a, Duration::from_secs(2)).is_none(), "b still talks to a after a's key expired");
+    assert!(!net.status(b).peers.iter().any(|p| p.address == a_addr), "b keeps a as a peer");
+    assert!(
+        net.hosts[b].events.iter().any(|e| matches!(e, meshtun_overlay::Event::PeerRemoved { peer, reason } if *peer == a_addr && reason.contains("expired"))),
+        "b did not drop a for its expired key: {:?}",
+        net.hosts[b].events
+    );
+    // A freshly signed record whose key expired a second ago, pushed
+    // straight to b (as a replaying backbone would): refused, not admitted.
+    let refused_before = net.hosts[b].node.stats().untrusted_peers;
+    let mut stale = net.hosts[a].node.record().clone();
+    stale.wg_key_expires_unix = net.unix_time() - 1;
+    stale.seq += 100;
+    let signed = meshtun_proto::SignedRecord::sign(&netsim::identity(0), &stale).unwrap();
+    let now = net.now;
+    net.hosts[b].node.handle_udp(netsim::BACKBONE, &meshtun_proto::Message::PeerIntent { record: signed }.encode(), now);
+    assert_eq!(net.hosts[b].node.stats().untrusted_peers, refused_before + 1);
+    assert!(!net.status(b).peers.iter().any(|p| p.address == a_addr));
+}
+
+#[test]
+fn a_group_rule_admits_a_certified_member_but_not_one_that_only_declares_the_group() {
+    let mut net = Net::new(45);
+    let owner = owner();
+    let mut config = DirectoryConfig::default();
+    config.network_owners.insert(NET, owner.public_key());
+    net.backbone = Directory::new(config);
+    let rules: Vec<Rule> = vec!["allow udp/8080 from group:ops".parse().unwrap(), "allow icmp".parse().unwrap()];
+    // Host 0 is the server; host 1 is certified for ops; host 2's
+    // certificate names no group, but its record declares ops.
+    let mut hosts = Vec::new();
+    for (i, certified) in [(0usize, vec![]), (1, vec!["ops".to_string()]), (2, vec![])] {
+        let cert = owner.sign_membership(netsim::identity(i).node_addr(), certified, 10_000, i as u64 + 1);
+        let fw = FirewallConfig { default_inbound: None, rules: rules.clone() };
+        hosts.push(net.add_host_with(i, None, |c| {
+            c.network = NET;
+            c.network_owner = Some(owner.public_key());
+            c.certificate = Some(cert);
+            c.firewall = fw;
+        }));
+    }
+    let (server, member, pretender) = (hosts[0], hosts[1], hosts[2]);
+    net.set_tags(member, None, &[], &["ops"]);
+    net.set_tags(pretender, None, &[], &["ops"]);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.ping(member, server, Duration::from_secs(2)).is_some());
+    assert!(net.ping(pretender, server, Duration::from_secs(2)).is_some(), "icmp is allowed for everyone");
+    let pretender_addr = net.hosts[pretender].node.mesh_addr().to_string();
+    assert!(
+        net.status(server).peers.iter().any(|p| p.address == pretender_addr),
+        "the pretender is a member of the network, only not of ops"
+    );
+    let dropped_before = net.hosts[server].node.stats().dropped.firewall;
+    let from_member = udp6(&net, member, server, 8080);
+    let from_pretender = udp6(&net, pretender, server, 8080);
+    net.inject(member, &from_member);
+    net.inject(pretender, &from_pretender);
+    net.run_for(Duration::from_secs(1));
+    assert!(net.hosts[server].delivered.contains(&from_member), "the certified ops member is allowed");
+    assert!(!net.hosts[server].delivered.contains(&from_pretender), "a group declared in the record but not certified passed the rule");
+    assert!(net.hosts[server].node.stats().dropped.firewall > dropped_before);
+}
+
+#[test]
+fn a_group_broadcast_with_hop_limit_zero_is_not_fanned_out_and_is_counted() {
+    let mut net = Net::new(46);
+    let sender = net.add_host(0, None);
+    let members = [net.add_host(1, None), net.add_host(2, None)];
+    net.set_tags(sender, None, &[], &["research"]);
+    for &m in &members {
+        net.set_tags(m, None, &[], &["research"]);
+    }
+    net.run_for(Duration::from_secs(1));
+    let group = meshtun_addr::group_multicast_addr(NetworkId::PUBLIC, "research");
+    let src = net.mesh_ip(sender);
+    let packet = |hop_limit: u8, body: &[u8]| {
+        let mut out = Vec::new();
+        PacketBuilder::ipv6(src.octets(), group.octets(), hop_limit).udp(5000, 5000).write(&mut out, body).unwrap();
+        out
+    };
+    // Hop limit 1 (link-local scope, what the kernel sends) goes out...
+    let live = packet(1, b"hop limit one");
+    net.inject(sender, &live);
+    net.run_for(Duration::from_secs(2));
+    for &m in &members {
+        assert!(net.hosts[m].delivered.contains(&live), "the control broadcast did not reach member {m}");
+    }
+    // ...hop limit 0 may not be forwarded anywhere.
+    let before = net.hosts[sender].node.stats().clone();
+    let dead = packet(0, b"hop limit zero");
+    net.inject(sender, &dead);
+    net.run_for(Duration::from_secs(2));
+    let after = net.hosts[sender].node.stats().clone();
+    for &m in &members {
+        assert!(!net.hosts[m].delivered.contains(&dead), "member {m} got a hop-limit-0 broadcast");
+    }
+    assert_eq!(after.broadcasts_sent, before.broadcasts_sent, "a hop-limit-0 packet counted as fanned out");
+    assert_eq!(after.dropped.no_route, before.dropped.no_route + 1, "the drop is not counted");
 }

@@ -54,22 +54,50 @@ pub fn is_root() -> bool {
     unsafe { libc::geteuid() == 0 }
 }
 
+/// Environment variables that turn a missing-root skip into a failure: CI
+/// runs the suite as root, so a skip there means the lab silently did not run.
+pub const REQUIRE_ROOT_VARS: [&str; 2] = ["CI", "MESHTUN_REQUIRE_ROOT"];
+
+/// The variable (from [`REQUIRE_ROOT_VARS`]) that forbids skipping, if any is
+/// set to something other than empty, `0` or `false`.
+pub fn skip_forbidden_by(lookup: impl Fn(&str) -> Option<String>) -> Option<&'static str> {
+    REQUIRE_ROOT_VARS.into_iter().find(|var| match lookup(var) {
+        Some(v) => {
+            let v = v.trim();
+            !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
+        }
+        None => false,
+    })
+}
+
 /// Returns `true` when the test can run. When not root it prints a clear
 /// "skipping: needs root" line and returns `false`: the caller returns and
-/// the test passes. When root, missing tools are a failure, not a skip.
+/// the test passes, unless `CI` or `MESHTUN_REQUIRE_ROOT` is set, where it
+/// panics instead. When root, missing tools are a failure, not a skip.
 pub fn require_root(test: &str) -> bool {
     if !is_root() {
+        if let Some(var) = skip_forbidden_by(|v| std::env::var(v).ok()) {
+            panic!("{test}: needs root (network namespaces, veth, TUN) and {var} is set, so it may not skip; run as root or unset {var}");
+        }
         println!("skipping {test}: needs root (network namespaces, veth, TUN)");
         eprintln!("skipping {test}: needs root (network namespaces, veth, TUN)");
         return false;
     }
-    for tool in ["ip"] {
-        let found = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
-            .unwrap_or(false);
-        assert!(found, "{test}: running as root but `{tool}` is not on PATH (install iproute2)");
-    }
+    let found = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join("ip").is_file()))
+        .unwrap_or(false);
+    assert!(found, "{test}: running as root but `ip` is not on PATH (install iproute2)");
     true
+}
+
+#[test]
+fn ci_or_meshtun_require_root_forbids_skipping_but_unset_or_false_allows_it() {
+    let env = |pairs: &'static [(&'static str, &'static str)]| move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string());
+    assert_eq!(skip_forbidden_by(env(&[])), None);
+    assert_eq!(skip_forbidden_by(env(&[("CI", "true")])), Some("CI"));
+    assert_eq!(skip_forbidden_by(env(&[("MESHTUN_REQUIRE_ROOT", "1")])), Some("MESHTUN_REQUIRE_ROOT"));
+    assert_eq!(skip_forbidden_by(env(&[("CI", "false"), ("MESHTUN_REQUIRE_ROOT", "")])), None);
+    assert_eq!(skip_forbidden_by(env(&[("CI", "0"), ("MESHTUN_REQUIRE_ROOT", "yes")])), Some("MESHTUN_REQUIRE_ROOT"));
 }
 
 /// Panics with a clear message unless `tool` is on PATH.
