@@ -338,6 +338,8 @@ pub struct Directory {
     relay_traffic: HashMap<(MeshAddr, MeshAddr), RelayPair>,
     /// Socket of the datagram being handled.
     local: usize,
+    /// Size of the datagram being handled.
+    request_len: usize,
     /// Wall-clock time (unix seconds), for certificate and key expiry.
     unix_now: u64,
     revocations: HashMap<NetworkId, (meshtun_proto::cert::Revocations, meshtun_proto::cert::SignedRevocations)>,
@@ -376,6 +378,7 @@ impl Directory {
             relay_buckets: HashMap::new(),
             relay_traffic: HashMap::new(),
             local: 0,
+            request_len: 0,
             unix_now: 0,
             revocations: HashMap::new(),
             register_buckets: HashMap::new(),
@@ -393,6 +396,7 @@ impl Directory {
     /// so clients can tell how their NAT maps).
     pub fn handle_datagram_on(&mut self, local: usize, from: SocketAddr, datagram: &[u8], now: Instant) {
         self.local = local;
+        self.request_len = datagram.len();
         self.expire(now);
         match classify(datagram) {
             DatagramKind::Stun => self.handle_stun(local, from, datagram),
@@ -1249,7 +1253,15 @@ impl Directory {
 
     /// A reply, from the socket the request came in on.
     fn send(&mut self, dst: SocketAddr, message: &Message) {
-        self.transmits.push_back(Transmit { local: self.local, dst, payload: message.encode() });
+        let mut payload = message.encode();
+        // Rejects go to unverified (spoofable) sources: never larger than
+        // the request, so the human-readable detail is dropped first.
+        if let Message::Reject { request_id, code, detail } = message {
+            if payload.len() > self.request_len && !detail.is_empty() {
+                payload = Message::Reject { request_id: *request_id, code: *code, detail: String::new() }.encode();
+            }
+        }
+        self.transmits.push_back(Transmit { local: self.local, dst, payload });
     }
 }
 
@@ -1642,6 +1654,18 @@ mod tests {
         let request = meshtun_nat::binding_request_with_change([1; 12], meshtun_nat::Change { ip: false, port: true });
         dir.handle_datagram_on(1, from, &request, Instant::now());
         assert_eq!(dir.poll_transmit().map(|t| t.local), Some(0));
+    }
+
+    #[test]
+    fn a_short_forged_deregistration_draws_no_reply_larger_than_itself() {
+        // Found by the nat_stun fuzz target: a 13-byte Deregister of an
+        // unknown node drew a 43-byte reject with its detail text.
+        let request = [0x4d, 0x54, 0x01, 0x02, 0x80, 0x27, 0x0c, 0x3c, 0x9a, 0xca, 0x00, 0x01, 0x02];
+        let mut dir = Directory::new(DirectoryConfig::default());
+        dir.handle_datagram(sock("198.18.7.7:4000"), &request, Instant::now());
+        let reply = dir.poll_transmit().expect("a short reject");
+        assert!(reply.payload.len() <= request.len(), "{} bytes", reply.payload.len());
+        assert!(matches!(Message::decode(&reply.payload), Ok(Message::Reject { code: RejectCode::UnknownNode, .. })));
     }
 
     #[test]
