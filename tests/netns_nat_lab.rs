@@ -98,9 +98,9 @@ struct PairResult {
 
 impl PairResult {
     /// The first-packet target of issue 3 (ms): backbone RTT (A's lookup)
-    /// + peer RTT + handshake (one peer round trip), where the peer RTT is
-    /// that of the relay path the first packet takes (A to the backbone
-    /// and the backbone to B).
+    /// plus peer RTT plus handshake (one peer round trip), where the peer
+    /// RTT is that of the relay path the first packet takes (A to the
+    /// backbone and the backbone to B).
     fn first_packet_bound_ms(&self) -> Option<f64> {
         let (a, b) = (self.bb_rtt_a?, self.bb_rtt_b?);
         Some(a + 2.0 * (a + b))
