@@ -79,6 +79,7 @@ pub async fn run(options: BackboneOptions, json: bool) -> anyhow::Result<()> {
     let role = if options.relay_only { "relay" } else { "backbone" };
     config.network_owners.extend(options.network_owners.iter().copied());
     let mut directory = Directory::new(config);
+    directory.set_listen_addrs(options.listen.iter().zip(&sockets).map(|(a, s)| SocketAddr::new(a.ip(), s.local_port())).collect());
     directory.set_unix_time(unix_now());
     let mut revocation_files = RevocationFiles::new(options.revocations.clone());
     revocation_files.reload(&mut directory, &options.network_owners)?;
@@ -292,6 +293,7 @@ fn status(directory: &Directory, listen: &[SocketAddr], role: &str) -> serde_jso
             },
             "lookups_rejected": s.lookups_rejected,
             "stun_requests": s.stun_requests,
+            "stun_refused": s.stun_refused,
             "dropped_malformed": s.dropped_malformed,
             "dropped_unknown": s.dropped_unknown,
             "intents_pushed": s.intents_pushed,

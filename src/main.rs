@@ -286,7 +286,8 @@ struct BackboneArgs {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// UDP address to serve nodes on. Repeat it (another port or address
-    /// of this host) so `meshtun netcheck` can tell how clients' NATs map.
+    /// of this host) so `meshtun netcheck` can tell how clients' NATs map
+    /// and, from STUN CHANGE-REQUEST answers sent by the others, filter.
     #[arg(long, default_value = "0.0.0.0:7400")]
     listen: Vec<SocketAddr>,
     /// Seconds a record lives without a heartbeat.

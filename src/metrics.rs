@@ -446,6 +446,7 @@ fn backbone_metrics(m: &mut Exposition, snap: &BackboneSnapshot) -> std::fmt::Re
     )?;
     m.counter1("meshtun_backbone_lookups_rejected", "Lookups refused because the asker is not registered from that address.", None, s.lookups_rejected)?;
     m.counter1("meshtun_backbone_stun_requests", "STUN binding requests answered.", None, s.stun_requests)?;
+    m.counter1("meshtun_backbone_stun_refused", "STUN binding requests not answered: the answer would be larger than the request and the source is no registered node's IP.", None, s.stun_refused)?;
     m.counter1("meshtun_backbone_intents_pushed", "Peer intents pushed (a node was told who is about to connect).", None, s.intents_pushed)?;
     m.counter(
         "meshtun_backbone_dropped",

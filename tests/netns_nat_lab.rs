@@ -3,7 +3,7 @@
 //! the field (see `tests/harness/nat.rs` for the topology and rules).
 //!
 //! Needs root (namespaces, veth, TUN) and the Debian packages iproute2,
-//! nftables, iputils-ping and stun-client (conntrack optionally, for failure
+//! nftables, iputils-ping, stun-client and coturn (conntrack optionally, for failure
 //! diagnostics). Without root every test prints a skip line and passes; as
 //! root a missing tool is a failure naming its package. Run with:
 //!
@@ -12,6 +12,9 @@
 //! `NAT_LAB_JOBS` sets how many pairs of the matrix run at once (default 4);
 //! `NAT_LAB_PAIRS=prc>sym,pub>fc` runs only those pairs (tags: pub, fc, prc,
 //! sym); `NAT_LAB_NODE_ARGS="--dns-port 0"` adds arguments to every `meshtun up`.
+//! The matrix ends with one `NAT_FIGURES key=value ...` line per pair (the
+//! issue's targets; `bench/nat.sh` tabulates them); `NAT_LAB_FAILOVER=1`
+//! also cuts each direct pair's path and measures the failover to the relay.
 
 mod harness;
 
@@ -78,8 +81,58 @@ struct PairResult {
     transfer: Option<Duration>,
     relayed: Option<u64>,
     relayed_in_window: Option<u64>,
+    /// Average ping RTT (ms) from A and from B to the backbone.
+    bb_rtt_a: Option<f64>,
+    bb_rtt_b: Option<f64>,
+    /// RTT of A's path to B (ms) as its status shows it when judged.
+    peer_rtt: Option<f64>,
+    /// With NAT_LAB_FAILOVER=1, direct pairs: from cutting UDP between the
+    /// two public addresses until both sides are on the relay.
+    failover: Option<Duration>,
+    /// TCP connect attempts until the first succeeded (more than one: the
+    /// first packet did not get through, or was refused).
+    attempts: Option<u32>,
     failures: Vec<String>,
     details: String,
+}
+
+impl PairResult {
+    /// The first-packet target of issue 3 (ms): backbone RTT (A's lookup)
+    /// plus peer RTT plus handshake (one peer round trip), where the peer
+    /// RTT is that of the relay path the first packet takes (A to the
+    /// backbone and the backbone to B).
+    fn first_packet_bound_ms(&self) -> Option<f64> {
+        let (a, b) = (self.bb_rtt_a?, self.bb_rtt_b?);
+        Some(a + 2.0 * (a + b))
+    }
+
+    /// One parseable line of figures (ms; "-" when not measured), for
+    /// bench/nat.sh.
+    fn figures_line(&self) -> String {
+        let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{:.1}", d.as_secs_f64() * 1000.0));
+        let f = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.2}"));
+        let direct = match (self.direct_a, self.direct_b) {
+            (Some(a), Some(b)) => Some(a.max(b)),
+            _ => None,
+        };
+        let after_first = direct.zip(self.first_byte).map(|(d, fb)| d.saturating_sub(fb));
+        format!(
+            "NAT_FIGURES pair={}>{} expect={} first_packet_ms={} bound_ms={} bb_rtt_a_ms={} bb_rtt_b_ms={} peer_rtt_ms={} direct_ms={} direct_after_first_ms={} failover_ms={} connect_attempts={} result={}",
+            self.a.tag(),
+            self.b.tag(),
+            if direct_expected(self.a, self.b) { "direct" } else { "relay" },
+            ms(self.first_byte),
+            f(self.first_packet_bound_ms()),
+            f(self.bb_rtt_a),
+            f(self.bb_rtt_b),
+            f(self.peer_rtt),
+            ms(direct),
+            ms(after_first),
+            ms(self.failover),
+            self.attempts.map_or("-".into(), |a| a.to_string()),
+            if self.failures.is_empty() { "ok" } else { "FAIL" }
+        )
+    }
 }
 
 fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
@@ -93,6 +146,8 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
     let na = lab.start_node(&ha, "alpha", &bb);
     let nb = lab.start_node(&hb, "beta", &bb);
     let mut checks = Checks::new();
+    let bb_rtt_a = harness::nat::ping_rtt_ms(&ha.ns, BB_IP, 3);
+    let bb_rtt_b = harness::nat::ping_rtt_ms(&hb.ns, BB_IP, 3);
 
     let data = payload(SMALL_TRANSFER, 0x6e61_7400 ^ (a_kind as u64) << 8 ^ b_kind as u64);
     let sink = start_sink(&hb.ns, nb.id.ipv6, SINK_PORT, Duration::from_secs(40));
@@ -136,9 +191,23 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
     let direct_a = watch.first_at(0, "direct", Duration::ZERO);
     let direct_b = watch.first_at(1, "direct", Duration::ZERO);
     let relayed = relayed_2.as_ref().ok().copied();
+    let peer_rtt = watch.last_json(0).and_then(|p| p.get("rtt_ms")?.as_f64());
     if let Some(p) = pinger.lock().unwrap().take() {
         let _ = p.join();
     }
+    // Figures only (bench/nat.sh); the failover test asserts the limit.
+    let failover = if expect_direct && std::env::var("NAT_LAB_FAILOVER").is_ok_and(|v| v == "1") && both(&watch, "direct") {
+        let traffic = keep_traffic(&ha.ns, nb.id.ipv6, Duration::from_secs(8));
+        let cut = t0.elapsed();
+        harness::nat::block_udp_between(&ha, &hb);
+        watch.wait_for(Duration::from_secs(10), |w| both(w, "relay"));
+        let _ = traffic.join();
+        let fo_a = watch.first_at(0, "relay", cut).map(|t| t - cut);
+        let fo_b = watch.first_at(1, "relay", cut).map(|t| t - cut);
+        fo_a.zip(fo_b).map(|(x, y)| x.max(y))
+    } else {
+        None
+    };
     watch.stop();
 
     for (i, (side, path)) in [("A->B", &path_ab), ("B->A", &path_ba)].into_iter().enumerate() {
@@ -208,6 +277,11 @@ fn run_pair(a_kind: NatKind, b_kind: NatKind) -> PairResult {
         transfer,
         relayed,
         relayed_in_window,
+        bb_rtt_a,
+        bb_rtt_b,
+        peer_rtt,
+        failover,
+        attempts: sent.as_ref().ok().map(|s| s.connect_attempts),
         failures,
         details,
     };
@@ -293,6 +367,11 @@ fn nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible() {
                         transfer: None,
                         relayed: None,
                         relayed_in_window: None,
+                        bb_rtt_a: None,
+                        bb_rtt_b: None,
+                        peer_rtt: None,
+                        failover: None,
+                        attempts: None,
                         failures: vec![format!("{}>{}: setup panicked: {msg}", a.tag(), b.tag())],
                         details: String::new(),
                     }
@@ -347,6 +426,9 @@ fn nat_matrix_every_pair_connects_and_goes_direct_exactly_when_possible() {
     }
     for r in &results {
         println!("{} -> {}:\n{}", r.a.label(), r.b.label(), r.details);
+    }
+    for r in &results {
+        println!("{}", r.figures_line());
     }
     assert_no_namespaces_left(&format!("mt-{}-", std::process::id()));
     assert!(all.is_empty(), "{} check(s) failed:\n- {}", all.len(), all.join("\n- "));
@@ -604,7 +686,12 @@ fn failover_to_relay_when_the_direct_path_dies_and_tcp_survives() {
 // 5. STUN and netcheck
 // ---------------------------------------------------------------------------
 
-fn netcheck(h: &Host) -> Result<Value, String> {
+/// The backbone's second port (on both of its addresses).
+const BB_PORT2: u16 = 7401;
+
+/// `meshtun netcheck` from `h`, from local UDP `port` (0: any), against the
+/// backbone's first socket and its socket on the other address.
+fn netcheck(h: &Host, port: u16) -> Result<Value, String> {
     let out = harness::meshtun::cli_timeout(
         &h.ns,
         &[
@@ -612,12 +699,18 @@ fn netcheck(h: &Host) -> Result<Value, String> {
             "--backbone",
             &format!("{BB_IP}:{BB_PORT}"),
             "--backbone",
-            &format!("{BB_IP2}:7401"),
+            &format!("{BB_IP2}:{BB_PORT2}"),
+            "--port",
+            &port.to_string(),
             "--json",
         ],
         Duration::from_secs(20),
     );
     json_data(&out)
+}
+
+fn stun_stat(bb: &Backbone, key: &str) -> Option<u64> {
+    control_status(&bb.socket).ok().and_then(|d| d.pointer(&format!("/stats/{key}"))?.as_u64())
 }
 
 fn reflexive_ips(v: &Value) -> Vec<Ipv4Addr> {
@@ -643,21 +736,45 @@ fn stun_answers_satisfy_a_real_client_and_netcheck_sees_the_nat() {
     }
     require_nat_tools();
     require_tool("stun", "stun-client");
+    require_tool("turnutils_stunclient", "coturn");
     let lab = NatLab::new("stun");
+    // Three sockets, RFC 5780 style: netcheck's CHANGE-REQUEST tests are
+    // answered from the other address and port (test II) and from the
+    // other port of the same address (test III).
     let bb: Backbone = lab.start_backbone(&[
         SocketAddr::new(BB_IP.into(), BB_PORT),
-        SocketAddr::new(BB_IP2.into(), 7401),
+        SocketAddr::new(BB_IP2.into(), BB_PORT2),
+        SocketAddr::new(BB_IP.into(), BB_PORT2),
     ]);
     let hp = lab.host(NatKind::PortRestricted, "prc");
     let hs = lab.host(NatKind::Symmetric, "sym");
+    let hfc = lab.host(NatKind::FullCone, "fc");
     let hpub = lab.public_host("pub");
     let mut checks = Checks::new();
 
+    // Debian's stun-client sends a 28-byte RFC 3489 request, smaller than
+    // the 32-byte answer, so the backbone answers it only for the IP of a
+    // registered node: from behind the symmetric router (no node) it is
+    // refused and counted; behind the port-restricted router a node runs,
+    // registered from the router's WAN address, so the client is answered
+    // there.
+    let refused_before = stun_stat(&bb, "stun_refused");
+    let out = hs.ns.exec_timeout(&["stun", &format!("{BB_IP}:{BB_PORT}"), "1", "-v"], Duration::from_secs(3));
+    let refused_after = stun_stat(&bb, "stun_refused");
+    println!("stun-client from an unregistered IP ({}): backbone stun_refused {refused_before:?} -> {refused_after:?}", hs.public_ip);
+    checks.check(!format!("{}{}", out.stdout, out.stderr).contains("MappedAddress ="), || {
+        format!("an unregistered IP's small request was answered (amplification):\n{}", out.describe())
+    });
+    checks.check(matches!((refused_before, refused_after), (Some(a), Some(b)) if b > a), || {
+        format!("stun_refused did not count the refused request: {refused_before:?} -> {refused_after:?}")
+    });
+    let _node = lab.start_node(&hp, "prc", &bb);
+
     // A third-party STUN client (Debian's stun-client, RFC 3489 test I:
     // a plain Binding request) behind the port-restricted router.
-    let stun_before = control_status(&bb.socket).ok().and_then(|d| d.pointer("/stats/stun_requests")?.as_u64());
+    let stun_before = stun_stat(&bb, "stun_requests");
     let out = hp.ns.exec_timeout(&["stun", &format!("{BB_IP}:{BB_PORT}"), "1", "-v"], Duration::from_secs(30));
-    let stun_after = control_status(&bb.socket).ok().and_then(|d| d.pointer("/stats/stun_requests")?.as_u64());
+    let stun_after = stun_stat(&bb, "stun_requests");
     let text = format!("{}\n{}", out.stdout, out.stderr);
     let mapped: Vec<&str> = text.lines().filter(|l| l.contains("MappedAddress")).collect();
     println!(
@@ -675,45 +792,51 @@ fn stun_answers_satisfy_a_real_client_and_netcheck_sees_the_nat() {
         format!("stun-client reported the private address {}:\n{}", hp.ip, out.describe())
     });
 
-    // turnutils_stunclient (coturn) too, when installed.
-    if harness::nat::on_path("turnutils_stunclient") {
-        let out = hp.ns.exec_timeout(&["turnutils_stunclient", "-p", &BB_PORT.to_string(), &BB_IP.to_string()], Duration::from_secs(30));
-        println!("turnutils_stunclient: {}", out.stdout.trim().replace('\n', " | "));
-        checks.check(out.stdout.contains(&hp.public_ip.to_string()), || {
-            format!("turnutils_stunclient did not report {}:\n{}", hp.public_ip, out.describe())
-        });
-    } else {
-        println!("turnutils_stunclient not installed (package coturn): skipped that client");
-    }
+    // coturn's turnutils_stunclient (RFC 8489) must accept the
+    // XOR-MAPPED-ADDRESS answer; it too runs beside the registered node.
+    let out = hp.ns.exec_timeout(&["turnutils_stunclient", "-p", &BB_PORT.to_string(), &BB_IP.to_string()], Duration::from_secs(30));
+    let reflexive: Vec<&str> = out.stdout.lines().filter(|l| l.contains("UDP reflexive addr")).collect();
+    println!("turnutils_stunclient: {}", reflexive.join(" | "));
+    checks.check(reflexive.iter().any(|l| l.contains(&format!("{}:", hp.public_ip))), || {
+        format!("turnutils_stunclient did not report the reflexive address {}:\n{}", hp.public_ip, out.describe())
+    });
 
-    // meshtun netcheck from behind each kind of NAT.
-    let cases: [(&Host, &[&str]); 3] = [
-        (&hp, &["endpoint_independent"]),
-        (&hs, &["address_and_port_dependent", "address_dependent"]),
-        (&hpub, &["none"]),
+    // meshtun netcheck from behind each kind of NAT: mapping from the two
+    // addresses, filtering from the CHANGE-REQUEST tests. Behind the full
+    // cone only UDP 51820 has the static mapping; other ports are plain
+    // masquerade.
+    let cases: [(&Host, u16, &[&str], &str); 4] = [
+        (&hp, 0, &["endpoint_independent"], "address_and_port_dependent"),
+        (&hs, 0, &["address_and_port_dependent", "address_dependent"], "address_and_port_dependent"),
+        (&hfc, harness::nat::NODE_PORT, &["endpoint_independent"], "endpoint_independent"),
+        (&hpub, 0, &["none"], "endpoint_independent"),
     ];
-    for (h, want) in cases {
+    for (h, port, want, want_filtering) in cases {
         let who = format!("netcheck behind {}", h.kind.label());
-        match netcheck(h) {
+        match netcheck(h, port) {
             Err(e) => {
                 checks.check(false, || format!("{who}: {e}"));
             }
             Ok(v) => {
                 println!(
-                    "{who}: udp={} mapping={} reflexive={} (expected mapping {want:?}, public ip {})",
+                    "{who}: udp={} mapping={} filtering={} ({}) reflexive={} (expected mapping {want:?}, filtering {want_filtering}, public ip {})",
                     v.get("udp").unwrap_or(&Value::Null),
                     v.get("mapping").unwrap_or(&Value::Null),
+                    v.get("filtering").unwrap_or(&Value::Null),
+                    v.get("filtering_reason").unwrap_or(&Value::Null),
                     v.get("reflexive").unwrap_or(&Value::Null),
                     h.public_ip
                 );
                 checks.check(v.get("udp") == Some(&Value::Bool(true)), || format!("{who}: udp is not true: {v}"));
                 let mapping = v.get("mapping").and_then(Value::as_str).unwrap_or("null");
                 checks.check(want.contains(&mapping), || format!("{who}: mapping {mapping:?}, expected one of {want:?}: {v}"));
+                let filtering = v.get("filtering").and_then(Value::as_str).unwrap_or("null");
+                checks.check(filtering == want_filtering, || format!("{who}: filtering {filtering:?}, expected {want_filtering:?}: {v}"));
                 let ips = reflexive_ips(&v);
                 checks.check(!ips.is_empty() && ips.iter().all(|ip| *ip == h.public_ip), || {
                     format!("{who}: reflexive addresses {ips:?} should all be {}: {v}", h.public_ip)
                 });
-                if h.kind == NatKind::PortRestricted {
+                if matches!(h.kind, NatKind::PortRestricted | NatKind::FullCone) {
                     checks.check(ips.len() == 1, || format!("{who}: an endpoint-independent NAT should show one reflexive endpoint: {v}"));
                 }
             }

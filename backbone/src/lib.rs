@@ -247,6 +247,9 @@ pub struct DirectoryStats {
     pub lookups: u64,
     pub lookups_rejected: u64,
     pub stun_requests: u64,
+    /// STUN Binding requests not answered because the answer would be
+    /// larger than the request and the source IP is no registered node's.
+    pub stun_refused: u64,
     pub dropped_malformed: u64,
     pub dropped_unknown: u64,
     pub intents_pushed: u64,
@@ -320,6 +323,11 @@ pub struct Directory {
     wheel_base: u64,
     wheel_epoch: Option<Instant>,
     by_observed: HashTable<u32>,
+    /// How many live records were registered from each source IP (STUN
+    /// answers larger than the request go only to these).
+    registered_ips: HashMap<std::net::IpAddr, u32>,
+    /// The driver's sockets, by number, for answering CHANGE-REQUEST.
+    listen: Vec<SocketAddr>,
     persist_enabled: bool,
     persist: VecDeque<PersistOp>,
     /// Pairs allowed to relay to each other, until when (both directions).
@@ -340,6 +348,8 @@ pub struct Directory {
     relay_traffic: HashMap<(MeshAddr, MeshAddr), RelayPair>,
     /// Socket of the datagram being handled.
     local: usize,
+    /// Size of the datagram being handled.
+    request_len: usize,
     /// Wall-clock time (unix seconds), for certificate and key expiry.
     unix_now: u64,
     revocations: HashMap<NetworkId, (meshtun_proto::cert::Revocations, meshtun_proto::cert::SignedRevocations)>,
@@ -367,6 +377,8 @@ impl Directory {
             wheel_base: 0,
             wheel_epoch: None,
             by_observed: HashTable::new(),
+            registered_ips: HashMap::new(),
+            listen: Vec::new(),
             persist_enabled: false,
             persist: VecDeque::new(),
             relay_permissions: HashSet::new(),
@@ -376,6 +388,7 @@ impl Directory {
             relay_buckets: HashMap::new(),
             relay_traffic: HashMap::new(),
             local: 0,
+            request_len: 0,
             unix_now: 0,
             revocations: HashMap::new(),
             register_buckets: HashMap::new(),
@@ -393,15 +406,10 @@ impl Directory {
     /// so clients can tell how their NAT maps).
     pub fn handle_datagram_on(&mut self, local: usize, from: SocketAddr, datagram: &[u8], now: Instant) {
         self.local = local;
+        self.request_len = datagram.len();
         self.expire(now);
         match classify(datagram) {
-            DatagramKind::Stun => match meshtun_nat::binding_response(datagram, from) {
-                Ok(payload) => {
-                    self.stats.stun_requests += 1;
-                    self.transmits.push_back(Transmit { local, dst: from, payload });
-                }
-                Err(_) => self.stats.dropped_malformed += 1,
-            },
+            DatagramKind::Stun => self.handle_stun(local, from, datagram),
             DatagramKind::Backbone => match Message::decode(datagram) {
                 Ok(message) => self.handle_message(from, message, now),
                 Err(error) => {
@@ -412,6 +420,69 @@ impl Directory {
             DatagramKind::Relay => self.handle_relay(from, datagram, now),
             DatagramKind::WireGuard | DatagramKind::Probe | DatagramKind::Unknown => {
                 self.stats.dropped_unknown += 1
+            }
+        }
+    }
+
+    /// Tells the core which address each of the driver's sockets (by
+    /// number, as in [`Directory::handle_datagram_on`]) listens on, so a
+    /// STUN CHANGE-REQUEST can be answered from another one.
+    pub fn set_listen_addrs(&mut self, listen: Vec<SocketAddr>) {
+        self.listen = listen;
+    }
+
+    /// Binding requests: answered from socket `local`, or from another one
+    /// for a CHANGE-REQUEST (error 420 when there is none). An answer larger
+    /// than the request goes only to a registered node's IP, so a spoofed
+    /// request cannot make this server an amplifier.
+    fn handle_stun(&mut self, local: usize, from: SocketAddr, datagram: &[u8]) {
+        let Ok(answer) = meshtun_nat::binding_response(datagram, from) else {
+            self.stats.dropped_malformed += 1;
+            return;
+        };
+        let change = meshtun_nat::change_request(datagram);
+        let (out, payload) = if change.any() {
+            match self.alternate_socket(local, change) {
+                Some(other) => (other, answer),
+                None => match meshtun_nat::change_unavailable_response(datagram) {
+                    Ok(refusal) => (local, refusal),
+                    Err(_) => {
+                        self.stats.stun_refused += 1;
+                        return;
+                    }
+                },
+            }
+        } else {
+            (local, answer)
+        };
+        if payload.len() > datagram.len() && !self.registered_ips.contains_key(&from.ip().to_canonical()) {
+            tracing::trace!(%from, request = datagram.len(), answer = payload.len(), "STUN answer would amplify");
+            self.stats.stun_refused += 1;
+            return;
+        }
+        self.stats.stun_requests += 1;
+        self.transmits.push_back(Transmit { local: out, dst: from, payload });
+    }
+
+    /// A socket other than `local` whose address differs as `change` asks:
+    /// another IP when the IP is to change (and the same IP otherwise),
+    /// another port when the port is to change.
+    fn alternate_socket(&self, local: usize, change: meshtun_nat::Change) -> Option<usize> {
+        let here = *self.listen.get(local)?;
+        self.listen.iter().position(|there| {
+            let ip_differs = there.ip().to_canonical() != here.ip().to_canonical();
+            ip_differs == change.ip && (!change.port || there.port() != here.port())
+        })
+    }
+
+    fn note_registered_ip(&mut self, observed: SocketAddr, delta: i32) {
+        let ip = observed.ip().to_canonical();
+        if delta > 0 {
+            *self.registered_ips.entry(ip).or_default() += 1;
+        } else if let Some(n) = self.registered_ips.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.registered_ips.remove(&ip);
             }
         }
     }
@@ -938,6 +1009,7 @@ impl Directory {
         };
         let (addr, expires_at) = (slot.addr, slot.expires_at);
         let has_name = slot.host_len > 0;
+        self.note_registered_ip(slot.observed, 1);
         self.slots[id as usize] = Some(slot);
         self.live += 1;
         let Directory { slots, hasher, records, hostnames, wg_keys, ipv4s, by_observed, .. } = self;
@@ -986,6 +1058,8 @@ impl Directory {
             if let Ok(e) = self.by_observed.find_entry(self.hasher.hash_one(old.observed), |&i| i == id) {
                 e.remove();
             }
+            self.note_registered_ip(old.observed, -1);
+            self.note_registered_ip(slot.observed, 1);
         }
         // Tags: only a diff, and only when the tags may differ at all.
         let old_record = old.decode();
@@ -1055,6 +1129,7 @@ impl Directory {
         if let Ok(e) = self.by_observed.find_entry(self.hasher.hash_one(old.observed), |&i| i == id) {
             e.remove();
         }
+        self.note_registered_ip(old.observed, -1);
         if let Some(record) = old.decode() {
             for (index, tags) in [(&mut self.capabilities, &record.capabilities), (&mut self.groups, &record.groups)] {
                 for tag in tags {
@@ -1198,7 +1273,15 @@ impl Directory {
 
     /// A reply, from the socket the request came in on.
     fn send(&mut self, dst: SocketAddr, message: &Message) {
-        self.transmits.push_back(Transmit { local: self.local, dst, payload: message.encode() });
+        let mut payload = message.encode();
+        // Rejects go to unverified (spoofable) sources: never larger than
+        // the request, so the human-readable detail is dropped first.
+        if let Message::Reject { request_id, code, detail } = message {
+            if payload.len() > self.request_len && !detail.is_empty() {
+                payload = Message::Reject { request_id: *request_id, code: *code, detail: String::new() }.encode();
+            }
+        }
+        self.transmits.push_back(Transmit { local: self.local, dst, payload });
     }
 }
 
@@ -1501,6 +1584,108 @@ mod tests {
         dir.handle_datagram(sock(NODE_A), &request, Instant::now());
         let reply = dir.poll_transmit().unwrap();
         assert_eq!(meshtun_nat::parse_binding_response(&reply.payload, &[5; 12]).unwrap(), sock(NODE_A));
+    }
+
+    /// A valid RFC 8489 Binding request of exactly `len` bytes (a multiple
+    /// of 4, at least 20): the header plus a SOFTWARE attribute as filler.
+    fn stun_request_of(len: usize, tid: [u8; 12]) -> Vec<u8> {
+        let mut out = vec![0x00, 0x01];
+        out.extend_from_slice(&u16::try_from(len - 20).unwrap().to_be_bytes());
+        out.extend_from_slice(&[0x21, 0x12, 0xA4, 0x42]);
+        out.extend_from_slice(&tid);
+        if len > 20 {
+            out.extend_from_slice(&[0x80, 0x22]);
+            out.extend_from_slice(&u16::try_from(len - 24).unwrap().to_be_bytes());
+            out.resize(len, b'x');
+        }
+        out
+    }
+
+    #[test]
+    fn an_unregistered_source_never_gets_a_stun_answer_larger_than_its_request() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        let mut answered = 0;
+        for from in ["198.18.7.7:4000", "[2001:db8::7]:4000"] {
+            for len in (20..=256).step_by(4) {
+                let request = stun_request_of(len, [len as u8; 12]);
+                dir.handle_datagram(sock(from), &request, now);
+                for reply in std::iter::from_fn(|| dir.poll_transmit()) {
+                    assert!(reply.payload.len() <= request.len(), "{len}-byte request from {from} drew {} bytes", reply.payload.len());
+                    answered += 1;
+                }
+            }
+        }
+        // Large enough requests are still answered (88 bytes covers IPv6).
+        assert_eq!(answered, (88..=256).step_by(4).count() + (64..=256).step_by(4).count());
+        assert_eq!(dir.stats().stun_refused, 2 * (20..=256).step_by(4).count() as u64 - answered as u64);
+    }
+
+    #[test]
+    fn padded_requests_from_anyone_are_answered() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        dir.set_listen_addrs(vec![sock("198.18.0.1:3478")]);
+        for from in ["198.18.7.7:4000", "[2001:db8::7]:4000"] {
+            dir.handle_datagram(sock(from), &meshtun_nat::binding_request([3; 12]), Instant::now());
+            let reply = dir.poll_transmit().expect("answered");
+            assert_eq!(meshtun_nat::parse_binding_response(&reply.payload, &[3; 12]).unwrap(), sock(from));
+            let change = meshtun_nat::binding_request_with_change([4; 12], meshtun_nat::Change { ip: false, port: true });
+            dir.handle_datagram(sock(from), &change, Instant::now());
+            let reply = dir.poll_transmit().expect("answered");
+            assert!(matches!(
+                meshtun_nat::parse_binding_response(&reply.payload, &[4; 12]),
+                Err(meshtun_nat::StunError::ErrorResponse { code: meshtun_nat::CHANGE_UNAVAILABLE, .. })
+            ));
+        }
+        assert_eq!(dir.stats().stun_refused, 0);
+    }
+
+    #[test]
+    fn a_registered_nodes_ip_gets_answers_to_small_stun_requests_from_any_port() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        let now = Instant::now();
+        let small = stun_request_of(20, [9; 12]);
+        dir.handle_datagram(sock("198.18.0.2:3333"), &small, now);
+        assert!(dir.poll_transmit().is_none(), "unregistered: refused");
+        let (a, _) = identities();
+        assert!(matches!(register(&mut dir, NODE_A, record(&a, 1, None), now), Message::RegisterAck { .. }));
+        dir.handle_datagram(sock("198.18.0.2:3333"), &small, now);
+        let reply = dir.poll_transmit().expect("registered IP: answered");
+        assert!(reply.payload.len() > small.len());
+        assert_eq!(meshtun_nat::parse_binding_response(&reply.payload, &[9; 12]).unwrap(), sock("198.18.0.2:3333"));
+        dir.handle_datagram(sock(NODE_B), &small, now);
+        assert!(dir.poll_transmit().is_none(), "another IP: refused");
+        assert_eq!(dir.stats().stun_refused, 2);
+    }
+
+    #[test]
+    fn a_change_request_is_answered_from_the_socket_that_differs_as_asked() {
+        let mut dir = Directory::new(DirectoryConfig::default());
+        dir.set_listen_addrs(vec![sock("198.18.0.1:3478"), sock("198.18.0.1:3479"), sock("198.18.0.9:3479")]);
+        let from = sock("198.18.7.7:4000");
+        for (ip, port, expected) in [(false, true, 1), (true, false, 2), (true, true, 2), (false, false, 0)] {
+            let request = meshtun_nat::binding_request_with_change([1; 12], meshtun_nat::Change { ip, port });
+            dir.handle_datagram_on(0, from, &request, Instant::now());
+            let reply = dir.poll_transmit().expect("answered");
+            assert_eq!(reply.local, expected, "change ip {ip} port {port}");
+            assert_eq!(meshtun_nat::parse_binding_response(&reply.payload, &[1; 12]).unwrap(), from);
+        }
+        // From the second socket, a port change goes back to the first.
+        let request = meshtun_nat::binding_request_with_change([1; 12], meshtun_nat::Change { ip: false, port: true });
+        dir.handle_datagram_on(1, from, &request, Instant::now());
+        assert_eq!(dir.poll_transmit().map(|t| t.local), Some(0));
+    }
+
+    #[test]
+    fn a_short_forged_deregistration_draws_no_reply_larger_than_itself() {
+        // Found by the nat_stun fuzz target: a 13-byte Deregister of an
+        // unknown node drew a 43-byte reject with its detail text.
+        let request = [0x4d, 0x54, 0x01, 0x02, 0x80, 0x27, 0x0c, 0x3c, 0x9a, 0xca, 0x00, 0x01, 0x02];
+        let mut dir = Directory::new(DirectoryConfig::default());
+        dir.handle_datagram(sock("198.18.7.7:4000"), &request, Instant::now());
+        let reply = dir.poll_transmit().expect("a short reject");
+        assert!(reply.payload.len() <= request.len(), "{} bytes", reply.payload.len());
+        assert!(matches!(Message::decode(&reply.payload), Ok(Message::Reject { code: RejectCode::UnknownNode, .. })));
     }
 
     #[test]

@@ -76,6 +76,35 @@ pub fn infer_mapping(observations: &[(SocketAddr, SocketAddr)]) -> Option<Mappin
     }
 }
 
+/// What came back for one RFC 5780 filtering test (a Binding request with
+/// CHANGE-REQUEST, answered from another address or port).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChangeProbe {
+    /// The answer from the other address or port got through the NAT.
+    Answered,
+    /// The server said it cannot answer from such an address (error 420,
+    /// which comes from the address the request went to).
+    Unavailable,
+    /// Nothing came back in time: the NAT filtered the answer (given that
+    /// the plain request to the same server was answered).
+    NoAnswer,
+}
+
+/// RFC 5780 §4.4 filtering inference from test II (change IP and port)
+/// and test III (change port only), both asked of a server that answered a
+/// plain request. `Err` says why it cannot be told.
+pub fn infer_filtering(change_ip_and_port: ChangeProbe, change_port: ChangeProbe) -> Result<FilteringBehavior, &'static str> {
+    use ChangeProbe::*;
+    match (change_ip_and_port, change_port) {
+        (Answered, _) => Ok(FilteringBehavior::EndpointIndependent),
+        (NoAnswer, Answered) => Ok(FilteringBehavior::AddressDependent),
+        (NoAnswer, NoAnswer) | (Unavailable, NoAnswer) => Ok(FilteringBehavior::AddressAndPortDependent),
+        (Unavailable, Answered) => Err("answers from another port get through, but telling endpoint-independent from address-dependent filtering needs a backbone --listen socket on a second IP address"),
+        (NoAnswer, Unavailable) => Err("answers from another address are filtered, but telling address-dependent from address-and-port-dependent filtering needs a backbone --listen socket on a second port of the same IP"),
+        (Unavailable, Unavailable) => Err("the backbone has a single --listen socket; give it a second port or address (RFC 5780 CHANGE-REQUEST) to learn the NAT's filtering"),
+    }
+}
+
 fn canonical_ip(addr: &SocketAddr) -> IpAddr {
     addr.ip().to_canonical()
 }
@@ -210,6 +239,19 @@ mod oracle {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn filtering_is_inferred_from_which_changed_answers_get_through() {
+        use super::ChangeProbe::*;
+        assert_eq!(infer_filtering(Answered, Answered), Ok(FilteringBehavior::EndpointIndependent));
+        assert_eq!(infer_filtering(Answered, Unavailable), Ok(FilteringBehavior::EndpointIndependent));
+        assert_eq!(infer_filtering(NoAnswer, Answered), Ok(FilteringBehavior::AddressDependent));
+        assert_eq!(infer_filtering(NoAnswer, NoAnswer), Ok(FilteringBehavior::AddressAndPortDependent));
+        assert_eq!(infer_filtering(Unavailable, NoAnswer), Ok(FilteringBehavior::AddressAndPortDependent));
+        for (ii, iii) in [(Unavailable, Answered), (NoAnswer, Unavailable), (Unavailable, Unavailable)] {
+            assert!(infer_filtering(ii, iii).unwrap_err().contains("--listen"), "{ii:?} {iii:?}");
+        }
+    }
+
     use super::*;
     use FilteringBehavior as F;
     use MappingBehavior as M;

@@ -14,8 +14,13 @@ mod behavior;
 mod classify;
 mod stun;
 
-pub use behavior::{direct_path_possible, infer_mapping, FilteringBehavior, MappingBehavior};
+pub use behavior::{
+    direct_path_possible, infer_filtering, infer_mapping, ChangeProbe, FilteringBehavior,
+    MappingBehavior,
+};
 pub use classify::{classify, DatagramKind, BACKBONE_MAGIC, PROBE_MAGIC, RELAY_MAGIC};
 pub use stun::{
-    binding_request, binding_response, parse_binding_response, StunError, TransactionId,
+    binding_request, binding_request_with_change, binding_response, change_request,
+    change_unavailable_response, parse_binding_response, Change, StunError, TransactionId,
+    CHANGE_UNAVAILABLE, PADDED_REQUEST_LEN,
 };

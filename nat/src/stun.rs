@@ -21,6 +21,10 @@ const BINDING_REQUEST: u16 = 0x0001;
 const BINDING_SUCCESS: u16 = 0x0101;
 const BINDING_ERROR: u16 = 0x0111;
 const ATTR_MAPPED_ADDRESS: u16 = 0x0001;
+const ATTR_CHANGE_REQUEST: u16 = 0x0003;
+const ATTR_SOFTWARE: u16 = 0x8022;
+const ATTR_FINGERPRINT: u16 = 0x8028;
+const FINGERPRINT_XOR: u32 = 0x5354_554E;
 const ATTR_HEADER_LEN: usize = 4;
 const FINGERPRINT_ATTR_LEN: usize = 8;
 const SOFTWARE: &str = "meshtun";
@@ -127,18 +131,122 @@ fn message_type(header: &[u8]) -> u16 {
 }
 
 /// Encodes a STUN Binding request with transaction id `tid`, carrying
-/// SOFTWARE "meshtun" and a FINGERPRINT.
+/// SOFTWARE "meshtun" (padded, see [`PADDED_REQUEST_LEN`]) and a
+/// FINGERPRINT.
 pub fn binding_request(tid: TransactionId) -> Vec<u8> {
-    let msg =
-        StunMessageBuilder::new(BINDING, MessageClass::Request).with_transaction_id(tid.into());
-    let msg = match software() {
-        Ok(software) => msg.with_attribute(software),
-        Err(_) => msg,
-    };
-    let msg = msg.with_attribute(Fingerprint::default()).build();
-    // Encoding a fixed, tiny message cannot fail; should the library ever
-    // refuse, a bare header is still a valid Binding request.
-    encode(&msg).unwrap_or_else(|_| bare_header(BINDING_REQUEST, &tid))
+    build_request(tid, Change::default())
+}
+
+/// A Binding request asking the server to answer from another address
+/// and/or port (RFC 5780 CHANGE-REQUEST), padded like [`binding_request`].
+/// A server that cannot do it answers with error 420
+/// ([`CHANGE_UNAVAILABLE`]) from the socket the request came to.
+pub fn binding_request_with_change(tid: TransactionId, change: Change) -> Vec<u8> {
+    build_request(tid, change)
+}
+
+/// Every request this crate builds is this long, at least the size of any
+/// answer [`binding_response`] or [`change_unavailable_response`] can give
+/// (88 bytes at most), so a server that refuses to amplify (answers never
+/// larger than the request) still answers us.
+pub const PADDED_REQUEST_LEN: usize = 96;
+
+/// The error code a server sends when it cannot honour a CHANGE-REQUEST.
+pub const CHANGE_UNAVAILABLE: u16 = 420;
+
+/// RFC 5780 CHANGE-REQUEST flags.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Answer from another IP address.
+    pub ip: bool,
+    /// Answer from another port.
+    pub port: bool,
+}
+
+impl Change {
+    /// Whether any change is asked for.
+    pub fn any(self) -> bool {
+        self.ip || self.port
+    }
+}
+
+fn build_request(tid: TransactionId, change: Change) -> Vec<u8> {
+    let mut out = bare_header(BINDING_REQUEST, &tid);
+    let change_len = if change.any() { ATTR_HEADER_LEN + 4 } else { 0 };
+    // The padding rides in SOFTWARE (comprehension-optional) rather than
+    // PADDING, which a plain RFC 8489 server would answer with 420.
+    let software_len = PADDED_REQUEST_LEN - HEADER_LEN - change_len - FINGERPRINT_ATTR_LEN - ATTR_HEADER_LEN;
+    let mut software = SOFTWARE.as_bytes().to_vec();
+    software.resize(software_len, b' ');
+    push_attribute(&mut out, ATTR_SOFTWARE, &software);
+    if change.any() {
+        let flags = u32::from(change.ip) << 2 | u32::from(change.port) << 1;
+        push_attribute(&mut out, ATTR_CHANGE_REQUEST, &flags.to_be_bytes());
+    }
+    let with_fingerprint = out.len() - HEADER_LEN + FINGERPRINT_ATTR_LEN;
+    out[2..4].copy_from_slice(&u16::try_from(with_fingerprint).unwrap_or(u16::MAX).to_be_bytes());
+    let crc = crc32(&out) ^ FINGERPRINT_XOR;
+    push_attribute(&mut out, ATTR_FINGERPRINT, &crc.to_be_bytes());
+    out
+}
+
+/// Appends one attribute (value padded to 4 bytes) without touching the
+/// header's length field.
+fn push_attribute(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+    out.extend_from_slice(&kind.to_be_bytes());
+    out.extend_from_slice(&u16::try_from(value.len()).unwrap_or(u16::MAX).to_be_bytes());
+    out.extend_from_slice(value);
+    out.resize(out.len().div_ceil(4) * 4, 0);
+}
+
+/// CRC-32 (IEEE 802.3, as FINGERPRINT uses).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in bytes {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
+        }
+    }
+    !crc
+}
+
+/// The CHANGE-REQUEST flags of a datagram that [`binding_response`]
+/// accepted (either framing); none when the attribute is absent.
+pub fn change_request(request: &[u8]) -> Change {
+    let mut attrs = request.get(HEADER_LEN..).unwrap_or_default();
+    while let Some((header, rest)) = attrs.split_at_checked(ATTR_HEADER_LEN) {
+        let kind = u16::from_be_bytes([header[0], header[1]]);
+        let len = usize::from(u16::from_be_bytes([header[2], header[3]]));
+        if kind == ATTR_CHANGE_REQUEST {
+            if let Some(&[.., flags]) = rest.get(..len) {
+                return Change { ip: flags & 0x04 != 0, port: flags & 0x02 != 0 };
+            }
+            break;
+        }
+        let Some(rest) = rest.get(len.div_ceil(4) * 4..) else { break };
+        attrs = rest;
+    }
+    Change::default()
+}
+
+/// The error response (420, [`CHANGE_UNAVAILABLE`]) for an RFC 8489
+/// Binding request whose CHANGE-REQUEST the server cannot honour (it has
+/// no socket on another address or port). Cookie-less RFC 3489 requests
+/// get none (an error, so the caller drops them).
+pub fn change_unavailable_response(request: &[u8]) -> Result<Vec<u8>, StunError> {
+    if framing(request)? != Framing::Rfc8489 {
+        return Err(StunError::NotStun("the magic cookie is missing"));
+    }
+    let tid = transaction_id(request)?;
+    let code = stun_rs::ErrorCode::new(CHANGE_UNAVAILABLE, "no alternate").map_err(|e| StunError::Encode(e.to_string()))?;
+    let msg = StunMessageBuilder::new(BINDING, MessageClass::ErrorResponse)
+        .with_transaction_id(tid.into())
+        .with_attribute(ErrorCode::new(code))
+        .with_attribute(software()?)
+        .with_attribute(Fingerprint::default())
+        .build();
+    encode(&msg)
 }
 
 /// Server side of a Binding transaction.
@@ -155,18 +263,19 @@ pub fn binding_request(tid: TransactionId) -> Vec<u8> {
 /// only, because such clients reject any unknown comprehension-required
 /// attribute, XOR-MAPPED-ADDRESS included.
 ///
-/// A CHANGE-REQUEST attribute (RFC 3489 / RFC 5780) is ignored: answering
-/// from another address or port needs a second socket and address that a
-/// meshtun node does not have, so such clients simply see the response
-/// come from the primary address. RESPONSE-ADDRESS and other unknown
-/// attributes are ignored as well; the answer always goes back to the
-/// caller's source. MESSAGE-INTEGRITY is not checked (the reflector has no
-/// credentials), a FINGERPRINT, if present, is.
+/// A CHANGE-REQUEST attribute (RFC 3489 / RFC 5780) is not acted on here:
+/// the caller reads it with [`change_request`] and sends this answer from
+/// another socket, or sends [`change_unavailable_response`] instead.
+/// RESPONSE-ADDRESS and other unknown attributes are ignored; the answer
+/// always goes back to the caller's source. MESSAGE-INTEGRITY is not
+/// checked (the reflector has no credentials), a FINGERPRINT, if present, is.
 ///
-/// Amplification: only datagrams of at least 20 bytes (a full header) are
-/// answered, and nothing from the request except its transaction id is
+/// Amplification: nothing from the request except its transaction id is
 /// reflected, so the response has a fixed size of at most 88 bytes (64 for
-/// IPv4). A spoofed request can thus make us send at most 4.4 times its size.
+/// IPv4), which can be larger than a small request. A server facing the
+/// open network should send it only when it is no larger than the request
+/// (or the requester is known); requests built here are padded to
+/// [`PADDED_REQUEST_LEN`] so they always qualify.
 ///
 /// Returns an error for anything else: not STUN, not a Binding request,
 /// malformed attributes or a wrong FINGERPRINT.
@@ -388,7 +497,7 @@ mod tests {
         assert_eq!(&request[8..20], &TID);
         let msg = decode_checked(&request).unwrap();
         let software = msg.get::<Software>().unwrap().as_software().unwrap();
-        assert_eq!(software.as_str(), "meshtun");
+        assert_eq!(software.as_str().trim_end(), "meshtun");
         assert!(msg.get::<Fingerprint>().is_some());
     }
 
@@ -481,18 +590,67 @@ mod tests {
     }
 
     #[test]
-    fn a_change_request_attribute_is_ignored() {
+    fn a_change_request_is_read_from_either_framing_and_does_not_alter_the_answer() {
         // CHANGE-REQUEST asking for both a new IP and a new port.
         let request = message(
             0x0001,
             &TID,
             &[0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x00, 0x06],
         );
+        assert_eq!(change_request(&request), Change { ip: true, port: true });
         let response = binding_response(&request, addr("198.18.0.2:4242")).unwrap();
         assert_eq!(
             parse_binding_response(&response, &TID).unwrap(),
             addr("198.18.0.2:4242")
         );
+        let mut classic = vec![0x00, 0x01, 0x00, 0x08];
+        classic.extend_from_slice(&[7; 16]);
+        classic.extend_from_slice(&[0x00, 0x03, 0x00, 0x04, 0x00, 0x00, 0x00, 0x02]);
+        assert_eq!(change_request(&classic), Change { ip: false, port: true });
+        assert_eq!(change_request(&binding_request(TID)), Change::default());
+    }
+
+    #[test]
+    fn requests_built_here_carry_the_change_flags_and_a_valid_fingerprint() {
+        for change in [
+            Change { ip: true, port: false },
+            Change { ip: false, port: true },
+            Change { ip: true, port: true },
+        ] {
+            let request = binding_request_with_change(TID, change);
+            assert_eq!(request.len(), PADDED_REQUEST_LEN);
+            assert!(decode_checked(&request).unwrap().get::<Fingerprint>().is_some());
+            assert_eq!(change_request(&request), change);
+            assert!(binding_response(&request, addr("198.18.0.2:4242")).is_ok());
+        }
+    }
+
+    #[test]
+    fn padded_requests_are_at_least_as_large_as_any_answer() {
+        for observed in [addr("198.18.0.2:4242"), addr("[2001:db8:ffff:ffff:ffff:ffff:ffff:ffff]:65535")] {
+            for request in [
+                binding_request(TID),
+                binding_request_with_change(TID, Change { ip: true, port: true }),
+            ] {
+                let answer = binding_response(&request, observed).unwrap();
+                assert!(answer.len() <= request.len(), "{} > {}", answer.len(), request.len());
+                let refusal = change_unavailable_response(&request).unwrap();
+                assert!(refusal.len() <= request.len(), "{} > {}", refusal.len(), request.len());
+            }
+        }
+    }
+
+    #[test]
+    fn an_unavailable_change_is_reported_as_error_420() {
+        let request = binding_request_with_change(TID, Change { ip: false, port: true });
+        let refusal = change_unavailable_response(&request).unwrap();
+        assert!(matches!(
+            parse_binding_response(&refusal, &TID),
+            Err(StunError::ErrorResponse { code: CHANGE_UNAVAILABLE, .. })
+        ));
+        let mut classic = vec![0x00, 0x01, 0x00, 0x00];
+        classic.extend_from_slice(&[7; 16]);
+        assert!(change_unavailable_response(&classic).is_err());
     }
 
     #[test]

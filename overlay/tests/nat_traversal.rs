@@ -201,3 +201,114 @@ fn lossy_links_still_connect_every_kind_of_pair() {
     }
 }
 
+
+/// How long traffic may stall after the underlay changes under a session:
+/// the fallback to the relay (within 5 s) plus one heartbeat (5 s in the
+/// simulator) for the backbone to learn the new source address, which the
+/// relay only forwards from.
+const ROAM_LIMIT: Duration = Duration::from_secs(10);
+
+/// B's view of its peer A: (up since how long, packets received).
+fn session_seen_by(net: &Net, b: usize, a: usize) -> (f64, u64) {
+    let a_addr = net.hosts[a].node.mesh_addr().to_string();
+    let status = net.status(b);
+    let peers: Vec<_> = status.peers.iter().filter(|p| p.address == a_addr).collect();
+    assert_eq!(peers.len(), 1, "B has exactly one peer entry for A");
+    (peers[0].up_for_secs.expect("session up"), peers[0].rx_packets)
+}
+
+/// Pings both ways until a round gets through both ways; how long it took.
+fn resumes_both_ways(net: &mut Net, a: usize, b: usize, limit: Duration) -> Option<Duration> {
+    let started = net.now;
+    while net.now - started < limit {
+        let ab = net.ping(a, b, Duration::from_millis(500)).is_some();
+        let ba = net.ping(b, a, Duration::from_millis(500)).is_some();
+        if ab && ba {
+            return Some(net.now - started);
+        }
+    }
+    None
+}
+
+/// After roaming: the session B holds for A is the one from before, the
+/// backbone holds A's record with the new source address as an endpoint,
+/// and the pair punches a direct path again through the new mapping.
+fn check_roamed(net: &mut Net, a: usize, b: usize, old_observed: std::net::SocketAddr, before: (f64, u64), roamed_at: std::time::Instant) {
+    let a_addr = net.hosts[a].node.mesh_addr();
+    let (up_for, rx) = session_seen_by(net, b, a);
+    let since_roam = (net.now - roamed_at).as_secs_f64();
+    assert!(up_for >= before.0 + since_roam - 1e-6, "B's session with A restarted: up {up_for:.1}s, was {:.1}s {since_roam:.1}s ago", before.0);
+    assert!(rx > before.1, "B received nothing from A after roaming");
+    let limit = net.now + Duration::from_secs(10);
+    net.run_until(limit, |net| net.backbone.get(&a_addr).is_some_and(|e| e.observed != old_observed && e.record.record.endpoints.contains(&e.observed)));
+    let entry = net.backbone.get(&a_addr).expect("A is still registered");
+    assert_ne!(entry.observed, old_observed, "the backbone never saw A's new source address");
+    assert!(entry.record.record.endpoints.contains(&entry.observed), "A's record does not carry its new reflexive endpoint {}: {:?}", entry.observed, entry.record.record.endpoints);
+    let new_observed = entry.observed;
+    let started = net.now;
+    let mut direct = false;
+    while net.now - started < DIRECT_LIMIT + Duration::from_secs(10) {
+        net.ping(a, b, Duration::from_millis(500));
+        net.ping(b, a, Duration::from_millis(500));
+        if net.path(a, b) == "direct" && net.path(b, a) == "direct" {
+            direct = true;
+            break;
+        }
+    }
+    assert!(direct, "no direct path again after roaming: A->B {}, B->A {}", net.path(a, b), net.path(b, a));
+    let a_str = a_addr.to_string();
+    let endpoint = net.status(b).peers.iter().find(|p| p.address == a_str).and_then(|p| p.endpoint);
+    assert_eq!(endpoint, Some(new_observed), "B reaches A at its new mapping");
+    println!("direct again {:?} after the record update", net.now - started);
+}
+
+#[test]
+fn a_nat_reboot_onto_new_ports_mid_session_resumes_traffic_in_the_same_session_and_updates_the_record() {
+    let mut net = Net::new(21);
+    let a = net.add_host_behind(0, PORT_RESTRICTED);
+    let b = net.add_host_behind(1, PORT_RESTRICTED);
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    for _ in 0..4 {
+        net.ping(a, b, Duration::from_secs(1));
+    }
+    assert_eq!(net.path(a, b), "direct");
+    let a_addr = net.hosts[a].node.mesh_addr();
+    let old_observed = net.backbone.get(&a_addr).expect("A registered").observed;
+    let before = session_seen_by(&net, b, a);
+    // The router reboots: every mapping is gone and new ones get new ports.
+    let nat = net.hosts[a].nat.expect("behind a NAT");
+    net.nats[nat].flush();
+    let roamed_at = net.now;
+    let resumed = resumes_both_ways(&mut net, a, b, ROAM_LIMIT).expect("traffic resumed after the NAT reboot");
+    println!("traffic resumed {resumed:?} after the NAT reboot");
+    check_roamed(&mut net, a, b, old_observed, before, roamed_at);
+}
+
+#[test]
+fn a_host_moving_behind_another_nat_mid_session_resumes_traffic_in_the_same_session_and_updates_the_record() {
+    let mut net = Net::new(22);
+    let a = net.add_host_behind(0, PORT_RESTRICTED);
+    let b = net.add_host_behind(1, PORT_RESTRICTED);
+    net.run_for(Duration::from_millis(500));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    for _ in 0..4 {
+        net.ping(a, b, Duration::from_secs(1));
+    }
+    assert_eq!(net.path(a, b), "direct");
+    let a_addr = net.hosts[a].node.mesh_addr();
+    let old_observed = net.backbone.get(&a_addr).expect("A registered").observed;
+    let before = session_seen_by(&net, b, a);
+    // A's laptop goes from one home network to another: new LAN address,
+    // another router with another public address.
+    let (m, f) = PORT_RESTRICTED.expect("a NAT type");
+    let other = net.add_nat(m, f);
+    net.move_host(a, Some(other));
+    let roamed_at = net.now;
+    let resumed = resumes_both_ways(&mut net, a, b, ROAM_LIMIT).expect("traffic resumed after the move");
+    println!("traffic resumed {resumed:?} after the move");
+    check_roamed(&mut net, a, b, old_observed, before, roamed_at);
+    assert_eq!(net.backbone.get(&a_addr).map(|e| e.observed.ip()), Some(net.nats[other].public_ip));
+    let old_lan = net.backbone.get(&a_addr).map(|e| e.record.record.endpoints.clone()).unwrap_or_default();
+    assert!(!old_lan.iter().any(|e| e.ip() == old_observed.ip()), "the old network's endpoints are gone from the record: {old_lan:?}");
+}

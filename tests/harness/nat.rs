@@ -141,12 +141,7 @@ impl Router {
     /// directions, before NAT, whatever the ports): traffic to and from any
     /// other address, such as the backbone, is untouched.
     pub fn block_udp_with(&self, peer: Ipv4Addr) {
-        let p = peer.to_string();
-        self.nft(&["add", "table", "ip", "cut"]);
-        self.nft(&["add chain ip cut pre { type filter hook prerouting priority -300; policy accept; }"]);
-        self.nft(&["add chain ip cut post { type filter hook postrouting priority 300; policy accept; }"]);
-        self.nft(&["add", "rule", "ip", "cut", "pre", "ip", "saddr", &p, "meta", "l4proto", "udp", "counter", "drop"]);
-        self.nft(&["add", "rule", "ip", "cut", "post", "ip", "daddr", &p, "meta", "l4proto", "udp", "counter", "drop"]);
+        block_udp(&self.ns, peer);
     }
 
     /// `nft list ruleset` and (if conntrack is installed) the UDP conntrack
@@ -892,4 +887,38 @@ pub fn keep_traffic(ns: &Ns, dst: Ipv6Addr, dur: Duration) -> JoinHandle<CmdOutp
             dur + Duration::from_secs(10),
         )
     })
+}
+
+/// Drops every UDP datagram between namespace `ns` and `peer` (both
+/// directions, before NAT, whatever the ports).
+pub fn block_udp(ns: &Ns, peer: Ipv4Addr) {
+    let p = peer.to_string();
+    let nft = |args: &[&str]| {
+        ns.exec(&[&["nft"][..], args].concat()).ok();
+    };
+    nft(&["add", "table", "ip", "cut"]);
+    nft(&["add chain ip cut pre { type filter hook prerouting priority -300; policy accept; }"]);
+    nft(&["add chain ip cut post { type filter hook postrouting priority 300; policy accept; }"]);
+    nft(&["add", "rule", "ip", "cut", "pre", "ip", "saddr", &p, "meta", "l4proto", "udp", "counter", "drop"]);
+    nft(&["add", "rule", "ip", "cut", "post", "ip", "daddr", &p, "meta", "l4proto", "udp", "counter", "drop"]);
+}
+
+/// Kills the direct path between two hosts of the lab: UDP between their
+/// public addresses is dropped at `a`'s router (or `b`'s, or in `a` itself
+/// when both are public); the backbone stays reachable for both.
+pub fn block_udp_between(a: &Host, b: &Host) {
+    match (&a.router, &b.router) {
+        (Some(r), _) => r.block_udp_with(b.public_ip),
+        (None, Some(r)) => r.block_udp_with(a.public_ip),
+        (None, None) => block_udp(&a.ns, b.public_ip),
+    }
+}
+
+/// Average round-trip time in ms from `ns` to `ip` over `count` ICMP
+/// echoes (ping's own summary), or None if nothing came back.
+pub fn ping_rtt_ms(ns: &Ns, ip: Ipv4Addr, count: u32) -> Option<f64> {
+    let out = ns.exec_timeout(&["ping", "-n", "-q", "-c", &count.to_string(), "-i", "0.2", "-W", "1", &ip.to_string()], Duration::from_secs(10));
+    // "rtt min/avg/max/mdev = 0.041/0.052/0.066/0.010 ms"
+    let line = out.stdout.lines().find(|l| l.contains("min/avg/max"))?;
+    line.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok()
 }

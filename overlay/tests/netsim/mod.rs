@@ -210,6 +210,22 @@ impl Net {
         i
     }
 
+    /// Moves host `i` to another network (behind NAT `nat`, or public) with
+    /// a fresh underlay address, and tells its node, as the driver does
+    /// when the interfaces change. Its node, identity and sessions stay.
+    pub fn move_host(&mut self, i: usize, nat: Option<usize>) {
+        let ip = match nat {
+            Some(n) => Ipv4Addr::new(198, 19, n as u8, 100 + i as u8),
+            None => Ipv4Addr::new(198, 18, 2, 10 + i as u8),
+        };
+        let internal = SocketAddr::new(IpAddr::V4(ip), PORT);
+        let now = self.now;
+        let host = &mut self.hosts[i];
+        host.internal = internal;
+        host.nat = nat;
+        host.node.set_local_endpoints(vec![internal], now);
+    }
+
     /// Adds a second backbone; hosts added afterwards register with both.
     pub fn add_second_backbone(&mut self) {
         self.extra.push(ExtraBackbone { addr: BACKBONE2, dir: Directory::new(DirectoryConfig::default()), up: true });
