@@ -17,7 +17,7 @@
 //! fails if a key is missing there).
 
 use std::fmt;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 
@@ -609,7 +609,7 @@ pub struct MetricsListen(pub SocketAddr);
 impl TryFrom<String> for MetricsListen {
     type Error = String;
     fn try_from(text: String) -> Result<Self, String> {
-        crate::metrics::parse_listen(&text).map(MetricsListen)
+        parse_listen(&text).map(MetricsListen)
     }
 }
 
@@ -1299,5 +1299,19 @@ mod tests {
     #[test]
     fn the_shipped_backbone_config_is_valid_and_documents_every_key() {
         check_shipped_example::<BackboneFile>("packaging/backbone.toml");
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `:PORT` or just `PORT`
+/// (the last three on 127.0.0.1).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    let text = text.trim();
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok(addr);
+    }
+    let port_text = text.strip_prefix("localhost:").or_else(|| text.strip_prefix(':')).unwrap_or(text);
+    match port_text.parse::<u16>() {
+        Ok(port) => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+        Err(_) => Err(format!("{text:?} is not IP:PORT (e.g. 127.0.0.1:9474 or [::1]:9474) or a port")),
     }
 }

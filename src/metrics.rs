@@ -8,7 +8,7 @@
 //! labels are documented in docs/OBSERVABILITY.md.
 
 use std::fmt::Write as _;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use meshtun_backbone::DirectoryStats;
@@ -35,19 +35,7 @@ pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; char
 const MAX_REQUEST_HEAD: usize = 8 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// `IP:PORT`, `[IPv6]:PORT`, `localhost:PORT`, `:PORT` or just `PORT`
-/// (the last three on 127.0.0.1).
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    let text = text.trim();
-    if let Ok(addr) = text.parse::<SocketAddr>() {
-        return Ok(addr);
-    }
-    let port_text = text.strip_prefix("localhost:").or_else(|| text.strip_prefix(':')).unwrap_or(text);
-    match port_text.parse::<u16>() {
-        Ok(port) => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
-        Err(_) => Err(format!("{text:?} is not IP:PORT (e.g. 127.0.0.1:9474 or [::1]:9474) or a port")),
-    }
-}
+pub use crate::config::parse_listen;
 
 /// An HTTP request waiting for the main loop's answer.
 pub struct HttpRequest {

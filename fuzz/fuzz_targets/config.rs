@@ -23,24 +23,6 @@ enum LogFormat {
     Json,
 }
 
-mod metrics {
-    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-    /// A copy of `src/metrics.rs`'s `parse_listen` (that module needs the
-    /// daemon's runtime); keep the two the same.
-    pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-        let text = text.trim();
-        if let Ok(addr) = text.parse::<SocketAddr>() {
-            return Ok(addr);
-        }
-        let port_text = text.strip_prefix("localhost:").or_else(|| text.strip_prefix(':')).unwrap_or(text);
-        match port_text.parse::<u16>() {
-            Ok(port) => Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
-            Err(_) => Err(format!("{text:?} is not IP:PORT (e.g. 127.0.0.1:9474 or [::1]:9474) or a port")),
-        }
-    }
-}
-
 fn check_error(text: &str, e: &config::ConfigError) {
     let shown = e.to_string();
     assert!(shown.starts_with(&e.file.display().to_string()), "error does not name the file: {shown}");

@@ -517,17 +517,7 @@ impl Node {
     /// network, no valid certificate (private networks), an expired or
     /// superseded WireGuard key. Ok carries its certified groups.
     fn admit(&self, record: &NodeRecord) -> Result<Vec<String>, String> {
-        if record.network != self.me.network {
-            return Err(format!("belongs to network {}", record.network.0));
-        }
-        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
-            return Err("its WireGuard key certification has expired".into());
-        }
-        if let Some(known) = self.newest.get(&record.mesh_addr()) {
-            if known.wg_key_version > record.wg_key_version {
-                return Err(format!("WireGuard key version {} is superseded by {}", record.wg_key_version, known.wg_key_version));
-            }
-        }
+        self.check_network_and_key(record)?;
         if record.network == NetworkId::PUBLIC {
             return Ok(Vec::new());
         }
@@ -540,6 +530,24 @@ impl Node {
         cert.verify(owner, record.network, record.node, self.unix_now, self.revocations.as_ref())
             .map(|m| m.groups)
             .map_err(|e| e.to_string())
+    }
+
+    /// The rules that do not involve a certificate: same network, a
+    /// WireGuard key certification that has not expired and is not
+    /// superseded by a newer version we have seen.
+    fn check_network_and_key(&self, record: &NodeRecord) -> Result<(), String> {
+        if record.network != self.me.network {
+            return Err(format!("belongs to network {}", record.network.0));
+        }
+        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+            return Err("its WireGuard key certification has expired".into());
+        }
+        if let Some(known) = self.newest.get(&record.mesh_addr()) {
+            if known.wg_key_version > record.wg_key_version {
+                return Err(format!("WireGuard key version {} is superseded by {}", record.wg_key_version, known.wg_key_version));
+            }
+        }
+        Ok(())
     }
 
     /// [`Node::admit`] for a peer already admitted, without checking its
@@ -557,17 +565,7 @@ impl Node {
             };
             return Ok(cert.map(|m| (m.not_after_unix, m.serial)));
         };
-        if record.network != self.me.network {
-            return Err(format!("belongs to network {}", record.network.0));
-        }
-        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
-            return Err("its WireGuard key certification has expired".into());
-        }
-        if let Some(known) = self.newest.get(&record.mesh_addr()) {
-            if known.wg_key_version > record.wg_key_version {
-                return Err(format!("WireGuard key version {} is superseded by {}", record.wg_key_version, known.wg_key_version));
-            }
-        }
+        self.check_network_and_key(record)?;
         if self.unix_now > not_after {
             return Err(meshtun_proto::cert::CertError::Expired(not_after).to_string());
         }
