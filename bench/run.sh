@@ -173,6 +173,10 @@ for t in ${TUNNELS//,/ }; do
     wait_ping "$A" "${PEER[$t]}" || { echo "tunnel $t: ${PEER[$t]} does not answer"; tail -5 "$RUN"/$t-*.log 2>/dev/null; exit 1; }
 done
 
+if has mt "$TUNNELS"; then
+    # Which path meshtun's traffic takes (a relayed path would add a hop).
+    ip netns exec "$A" "$BIN" status --socket "$RUN/mt-a.sock" 2>/dev/null | grep -iE '^ *peer|path|direct|relay' | head -3 | sed 's/^/== meshtun a: /'
+fi
 ip netns exec "$B" iperf3 -s >"$RUN/iperf3-server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 50); do inA bash -c 'exec 3<>/dev/tcp/10.99.0.2/5201' 2>/dev/null && break; sleep 0.1; done
