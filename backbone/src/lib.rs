@@ -683,39 +683,39 @@ impl Directory {
     /// [`Directory::authorize`] for a record whose certificate is the one
     /// the stored `slot` holds (same address, signature checked then).
     fn authorize_known_cert(&self, record: &meshtun_proto::NodeRecord, slot: &Slot) -> Result<(), (RejectCode, String)> {
+        self.time_rules(record.network, record.wg_key_expires_unix, slot)
+    }
+
+    /// [`Directory::authorize`] for a stored record, whose signatures were
+    /// checked when it arrived.
+    fn still_authorized(&self, slot: &Slot) -> bool {
+        self.time_rules(slot.addr.network, slot.key_expires_unix, slot).is_ok()
+    }
+
+    /// The rules that depend on time or on the revocation list, for a
+    /// record whose signatures were checked already: its WireGuard key's
+    /// expiry, and (private networks) whether the network is served and the
+    /// certificate kept in `slot` has expired or been revoked, compared by
+    /// number.
+    fn time_rules(&self, network: NetworkId, key_expires_unix: u64, slot: &Slot) -> Result<(), (RejectCode, String)> {
         use meshtun_proto::cert::CertError;
-        if self.unix_now > 0 && record.wg_key_expires_unix < self.unix_now {
+        if self.unix_now > 0 && key_expires_unix < self.unix_now {
             return Err((RejectCode::KeyExpired, "the WireGuard key's certification has expired".into()));
         }
-        if !self.config.network_owners.contains_key(&record.network) {
-            return Err((RejectCode::Unauthorized, format!("network {} is not served by this backbone", record.network.0)));
+        if network == NetworkId::PUBLIC {
+            return Ok(());
+        }
+        if !self.config.network_owners.contains_key(&network) {
+            return Err((RejectCode::Unauthorized, format!("network {} is not served by this backbone", network.0)));
         }
         if self.unix_now > slot.cert_not_after {
             return Err((RejectCode::Unauthorized, CertError::Expired(slot.cert_not_after).to_string()));
         }
-        let revoked = self.revocations.get(&record.network).map(|(r, _)| r);
-        if revoked.is_some_and(|r| r.network == record.network && r.serials.contains(&slot.cert_serial)) {
+        let revoked = self.revocations.get(&network).map(|(r, _)| r);
+        if revoked.is_some_and(|r| r.network == network && r.serials.contains(&slot.cert_serial)) {
             return Err((RejectCode::Unauthorized, CertError::Revoked(slot.cert_serial).to_string()));
         }
         Ok(())
-    }
-
-    /// [`Directory::authorize`] for a stored record, whose signatures were
-    /// checked when it arrived: only the rules that depend on time or on
-    /// the revocation list, compared by number.
-    fn still_authorized(&self, slot: &Slot) -> bool {
-        if self.unix_now > 0 && slot.key_expires_unix < self.unix_now {
-            return false;
-        }
-        let network = slot.addr.network;
-        if network == NetworkId::PUBLIC {
-            return true;
-        }
-        if !self.config.network_owners.contains_key(&network) || self.unix_now > slot.cert_not_after {
-            return false;
-        }
-        let revoked = self.revocations.get(&network).map(|(r, _)| r);
-        !revoked.is_some_and(|r| r.network == network && r.serials.contains(&slot.cert_serial))
     }
 
     fn rate_limit_registration(&mut self, from: SocketAddr, now: Instant) -> bool {
