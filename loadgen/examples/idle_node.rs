@@ -351,7 +351,7 @@ fn main() {
         let start = Instant::now();
         let (wakeups, sent, probes, received) = drive(sim, start + Duration::from_secs_f64(idle_secs));
         let secs = start.elapsed().as_secs_f64();
-        let s = &sim.hub.stats().sessions;
+        let s = sim.hub.status(Instant::now()).stats.sessions;
         println!(
             "idle {secs:.0} s with {n} peers, {what} ({} parked): node cpu {:.2}% of one core, {:.1} timer wake-ups/s, {:.0} datagrams/s sent ({:.0}/s path probes, the rest WireGuard keepalives and handshakes), {:.0}/s received",
             s.parked,
@@ -375,10 +375,10 @@ fn main() {
     let Some(park) = park_idle_after else { return };
     // The last data went out during set-up and the per-packet test above.
     let waited = Instant::now();
-    while sim.hub.stats().sessions.parked < n as u64 && waited.elapsed() < park + Duration::from_secs(60) {
+    while sim.hub.status(Instant::now()).stats.sessions.parked < n as u64 && waited.elapsed() < park + Duration::from_secs(60) {
         drive(&mut sim, Instant::now() + Duration::from_secs(5));
     }
-    let s = sim.hub.stats().sessions.clone();
+    let s = sim.hub.status(Instant::now()).stats.sessions;
     println!("parking after {park:?} without data: {} of {n} parked ({} parks, {} woken) after {:.0} s more", s.parked, s.parks, s.unparks_inbound + s.unparks_outbound, waited.elapsed().as_secs_f64());
     // Let the parked state settle (the sessions' last timers are gone).
     drive(&mut sim, Instant::now() + Duration::from_secs(5));

@@ -847,6 +847,8 @@ impl Node {
     }
 
     pub fn status(&self, now: Instant) -> NodeStatus {
+        let mut stats = self.stats.clone();
+        stats.sessions.parked = self.peers.iter().flatten().filter(|p| p.is_parked()).count() as u64;
         NodeStatus {
             address: self.me.to_string(),
             ipv6: self.my_ip,
@@ -866,7 +868,7 @@ impl Node {
                     status
                 })
                 .collect(),
-            stats: self.stats.clone(),
+            stats,
             capabilities: self.config.capabilities.clone(),
             groups: self.config.groups.clone(),
         }
@@ -1457,7 +1459,6 @@ impl Node {
             tracing::debug!(peer = %peer.addr, "idle session parked");
         }
         self.stats.sessions.parks += 1;
-        self.stats.sessions.parked += 1;
     }
 
     /// Gives a parked peer a new session (with the current static key).
@@ -1471,7 +1472,6 @@ impl Node {
             peer.on_data(now, self.config.park_idle_after);
             tracing::debug!(peer = %peer.addr, inbound, "parked session woken");
         }
-        self.stats.sessions.parked = self.stats.sessions.parked.saturating_sub(1);
         if inbound {
             self.stats.sessions.unparks_inbound += 1;
         } else {
@@ -1481,9 +1481,6 @@ impl Node {
 
     fn remove_peer(&mut self, id: PeerId) {
         let Some(peer) = self.peers.take(id.index()) else { return };
-        if peer.is_parked() {
-            self.stats.sessions.parked = self.stats.sessions.parked.saturating_sub(1);
-        }
         self.by_addr.remove(&peer.addr);
         if self.by_wg_key.get(&peer.record.wg_key) == Some(&id) {
             self.by_wg_key.remove(&peer.record.wg_key);

@@ -80,7 +80,7 @@ pub struct Sessions {
     /// packet to send, or a datagram from the peer.
     pub unparks_outbound: u64,
     pub unparks_inbound: u64,
-    /// Peers parked now.
+    /// Peers parked now (counted by `Node::status`).
     pub parked: u64,
 }
 

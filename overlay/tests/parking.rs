@@ -94,7 +94,7 @@ fn an_idle_peer_is_parked_after_the_idle_period_and_its_session_memory_is_freed(
         assert_eq!(session(&net, 0, b), "parked");
         assert_eq!(session(&net, b, 0), "parked", "the other side parks too");
     }
-    let s = &net.hosts[0].node.stats().sessions;
+    let s = net.hosts[0].node.status(net.now).stats.sessions;
     assert_eq!((s.parks, s.parked), (3, 3));
     // Host 0 parked three sessions, hosts 1-3 one each.
     let tunn = std::mem::size_of::<boringtun::noise::Tunn>() as i64;
@@ -102,7 +102,7 @@ fn an_idle_peer_is_parked_after_the_idle_period_and_its_session_memory_is_freed(
     // Idle far longer: nothing wakes the parked sessions (path keepalives
     // and the peers' own parking keep them parked).
     net.run_for(Duration::from_secs(120));
-    let s = &net.hosts[0].node.stats().sessions;
+    let s = net.hosts[0].node.status(net.now).stats.sessions;
     assert_eq!((s.parked, s.unparks_inbound + s.unparks_outbound), (3, 0));
 }
 
@@ -186,7 +186,7 @@ fn an_active_flow_is_never_parked_in_either_direction() {
     }
     // Once the flows stop, both sessions park.
     net.run_for(IDLE + Duration::from_secs(2));
-    assert_eq!(net.hosts[0].node.stats().sessions.parked, 2);
+    assert_eq!(net.hosts[0].node.status(net.now).stats.sessions.parked, 2);
 }
 
 #[test]
@@ -203,7 +203,7 @@ fn a_key_rotation_reaches_parked_peers_and_traffic_flows_both_ways() {
     assert!(net.ping(0, 1, Duration::from_secs(1)).is_some(), "a -> b after the rotation");
     let b_view = net.hosts[1].node.status(net.now);
     assert_eq!(b_view.peers.len(), 1, "the peer was replaced, not duplicated");
-    assert_eq!(net.hosts[1].node.stats().sessions.parked, 0);
+    assert_eq!(net.hosts[1].node.status(net.now).stats.sessions.parked, 0);
     // Parked again later, and woken again with the new key.
     net.run_for(IDLE + Duration::from_secs(5));
     assert_eq!(session(&net, 1, 0), "parked");
@@ -237,7 +237,7 @@ fn a_revoked_member_is_dropped_while_parked() {
     net.run_for(net.heartbeat + Duration::from_secs(1));
     assert!(net.hosts[0].events.iter().any(|e| matches!(e, meshtun_overlay::Event::PeerRemoved { .. })));
     assert_eq!(net.status(0).peers.len(), 0);
-    assert_eq!(net.hosts[0].node.stats().sessions.parked, 0, "the removed peer is no longer counted as parked");
+    assert_eq!(net.hosts[0].node.status(net.now).stats.sessions.parked, 0, "the removed peer is no longer counted as parked");
     assert!(net.ping(0, 1, Duration::from_secs(2)).is_none());
 }
 
