@@ -158,15 +158,6 @@ impl BackboneClient {
         }
     }
 
-    pub fn set_relays(&mut self, addrs: Vec<SocketAddr>, now: Instant) {
-        self.backbones.retain(|b| !b.relay || addrs.contains(&b.addr));
-        for addr in addrs {
-            if !self.is_backbone(addr) {
-                self.backbones.push(Backbone::new(addr, true, now, self.request_timeout));
-            }
-        }
-    }
-
     /// Every backbone we are registered with (relays excluded: they are
     /// never asked discovery lookups).
     pub fn registered(&self) -> Vec<SocketAddr> {

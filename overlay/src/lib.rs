@@ -454,12 +454,6 @@ impl Node {
         self.backbones.set_backbones(backbones, now);
     }
 
-    /// Replaces the standalone relay list (addresses re-resolved by the driver).
-    pub fn set_relays(&mut self, relays: Vec<SocketAddr>, now: Instant) {
-        self.config.relays = relays.clone();
-        self.backbones.set_relays(relays, now);
-    }
-
     /// Wall-clock time (unix seconds) for certificate and key expiry; the
     /// driver sets it before handing in events.
     pub fn set_unix_time(&mut self, unix_secs: u64) {
