@@ -7,6 +7,7 @@ mod cli_mesh;
 mod config;
 mod control;
 mod daemon;
+mod engine;
 mod events;
 mod graph;
 mod metrics;

@@ -166,7 +166,7 @@ impl Waiting {
         let expired: Vec<Token> = self
             .waiters
             .iter()
-            .filter(|(_, (_, since))| now.saturating_duration_since(*since) > GIVE_UP)
+            .filter(|(_, (_, since))| now.saturating_duration_since(*since) >= GIVE_UP)
             .map(|(t, _)| *t)
             .collect();
         let mut replies = Vec::new();

@@ -49,7 +49,8 @@ const TUN_F_TSO6: libc::c_ulong = 0x04;
 /// (`IFF_VNET_HDR`, see [`meshtun_overlay::offload`]); with `offload` the
 /// kernel may also hand over TCP super-packets to split.
 pub struct MeshTun {
-    pub device: tun::AsyncDevice,
+    /// Non-blocking; the packet engine waits on it with epoll(7).
+    pub device: tun::Device,
     pub offload: bool,
 }
 
@@ -75,7 +76,8 @@ pub fn create(name: &str, mtu: u16, address: Ipv6Addr, prefix_len: u8, ipv4: std
     config.platform_config(|c| {
         c.vnet_hdr(true);
     });
-    let device = tun::create_as_async(&config).map_err(|e| tun_error(e, name))?;
+    let device = tun::create(&config).map_err(|e| tun_error(e, name))?;
+    device.set_nonblock().with_context(|| format!("cannot make {name} non-blocking"))?;
     let offload = offload && {
         use std::os::fd::AsRawFd;
         let raw: &tun::Device = &device;

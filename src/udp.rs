@@ -2,17 +2,16 @@
 //! addresses normalised so the cores only ever see plain IPv4 or IPv6.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
 use crate::cli_error::CliError;
 
-pub struct MeshSocket {
-    socket: UdpSocket,
+pub struct MeshSocket<S = UdpSocket> {
+    socket: S,
     dual_stack: bool,
     /// Send runs of equal-sized datagrams to one destination as one
     /// `UDP_SEGMENT` message (switched off for good if the kernel refuses).
@@ -35,6 +34,10 @@ impl Received {
     }
 }
 
+/// The socket as the packet engine's thread owns it: non-blocking, outside
+/// any reactor, waited on with epoll(7) by its owner.
+pub type EngineSocket = MeshSocket<std::net::UdpSocket>;
+
 /// Most segments the kernel takes in one `UDP_SEGMENT` send (UDP_MAX_SEGMENTS).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one `UDP_SEGMENT` send: one IP datagram's worth.
@@ -42,7 +45,7 @@ const GSO_MAX_BYTES: usize = 65000;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
-impl MeshSocket {
+impl MeshSocket<UdpSocket> {
     /// Binds `ip:port`; for the unspecified address, `[::]` dual-stack first,
     /// falling back to `0.0.0.0` on hosts without IPv6.
     pub fn bind(ip: Option<IpAddr>, port: u16) -> anyhow::Result<MeshSocket> {
@@ -72,21 +75,51 @@ impl MeshSocket {
         Err(CliError::new("port_busy", format!("cannot bind UDP {addr}: {e}")).hint(hint).into())
     }
 
+    pub fn local_port(&self) -> u16 {
+        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.socket.recv_from(buf).await?;
+        Ok((n, normalise(from)))
+    }
+
+    /// A non-blocking receive: `WouldBlock` when nothing is queued.
+    pub fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
+        let (n, from) = self.socket.try_recv_from(buf)?;
+        Ok((n, normalise(from)))
+    }
+
+    pub fn try_send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
+        let dst = match (self.dual_stack, dst) {
+            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+            _ => dst,
+        };
+        self.socket.try_send_to(payload, dst)
+    }
+
+    pub async fn send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
+        loop {
+            self.socket.writable().await?;
+            match self.try_send_to(payload, dst) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                other => return other,
+            }
+        }
+    }
+    /// Hands the socket to the packet engine's thread: out of tokio's
+    /// reactor, so its readiness wakes nobody but the engine.
+    pub fn into_engine(self) -> std::io::Result<EngineSocket> {
+        Ok(MeshSocket { socket: self.socket.into_std()?, dual_stack: self.dual_stack, gso: AtomicBool::new(self.gso.into_inner()) })
+    }
+}
+
+impl<S: AsRawFd> MeshSocket<S> {
     /// Turns on UDP GRO for receiving and GSO for sending. Returns whether
-    /// the kernel took GRO; receivers then read with [`MeshSocket::recv_segments`].
+    /// the kernel took GRO; receivers then read with [`EngineSocket::recv_now`].
     pub fn enable_offloads(&self) -> bool {
         self.gso.store(true, Ordering::Relaxed);
         setsockopt_int(&self.socket, libc::SOL_UDP, UDP_GRO, 1).is_ok()
-    }
-
-    /// Receives one datagram, or with GRO several from one sender.
-    pub async fn recv_segments(&self, buf: &mut [u8]) -> std::io::Result<Received> {
-        self.socket.async_io(Interest::READABLE, || self.recvmsg(buf)).await
-    }
-
-    /// [`MeshSocket::recv_segments`] without waiting: `WouldBlock` when nothing is queued.
-    pub fn try_recv_segments(&self, buf: &mut [u8]) -> std::io::Result<Received> {
-        self.socket.try_io(Interest::READABLE, || self.recvmsg(buf))
     }
 
     fn recvmsg(&self, buf: &mut [u8]) -> std::io::Result<Received> {
@@ -125,34 +158,11 @@ impl MeshSocket {
         Ok(Received { len, from: normalise(from), segment })
     }
 
-    pub fn local_port(&self) -> u16 {
-        self.socket.local_addr().map(|a| a.port()).unwrap_or(0)
-    }
-
-    pub async fn recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        let (n, from) = self.socket.recv_from(buf).await?;
-        Ok((n, normalise(from)))
-    }
-
-    /// A non-blocking receive: `WouldBlock` when nothing is queued.
-    pub fn try_recv_from(&self, buf: &mut [u8]) -> std::io::Result<(usize, SocketAddr)> {
-        let (n, from) = self.socket.try_recv_from(buf)?;
-        Ok((n, normalise(from)))
-    }
-
-    pub fn try_send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
-        let dst = match (self.dual_stack, dst) {
-            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-            _ => dst,
-        };
-        self.socket.try_send_to(payload, dst)
-    }
-
     /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
     /// (without waiting) and returns how many went; `WouldBlock` when none
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
-    pub fn try_send_batch(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+    fn send_batch_now(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -253,16 +263,40 @@ impl MeshSocket {
         }
         Ok(sent_datagrams)
     }
+}
 
-    pub async fn send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
-        loop {
-            self.socket.writable().await?;
-            match self.try_send_to(payload, dst) {
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                other => return other,
-            }
-        }
+impl AsFd for EngineSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
     }
+}
+
+impl EngineSocket {
+    /// One receive without waiting: `WouldBlock` when nothing is queued.
+    pub fn recv_now(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+        self.recvmsg(buf)
+    }
+
+    /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
+    /// (without waiting) and returns how many went; `WouldBlock` when none did.
+    pub fn send_batch(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+        self.send_batch_now(batch)
+    }
+
+    /// Waits up to `timeout` for room in the send buffer; whether there is.
+    pub fn wait_writable(&self, timeout: std::time::Duration) -> bool {
+        wait_writable(self.socket.as_raw_fd(), timeout)
+    }
+}
+
+/// poll(2) for POLLOUT on `fd`, at most `timeout`: the engine's one
+/// blocking wait besides epoll, for a full socket or TUN queue.
+pub fn wait_writable(fd: std::os::fd::RawFd, timeout: std::time::Duration) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLOUT, revents: 0 };
+    let ms = timeout.as_millis().clamp(1, i32::MAX as u128) as libc::c_int;
+    // SAFETY: one valid pollfd for the duration of the call.
+    let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+    rc > 0 && pfd.revents & libc::POLLOUT != 0
 }
 
 fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
@@ -383,18 +417,28 @@ mod tests {
         let receiver = MeshSocket::bind(localhost, 0).unwrap();
         sender.enable_offloads();
         receiver.enable_offloads();
-        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), receiver.local_port());
-        let elsewhere = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sender.local_port());
+        let (sender_port, receiver_port) = (sender.local_port(), receiver.local_port());
+        let (sender, receiver) = (sender.into_engine().unwrap(), receiver.into_engine().unwrap());
+        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), receiver_port);
+        let elsewhere = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sender_port);
         let datagrams: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; if i == 39 { 300 } else { 1452 }]).collect();
         let mut batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
         batch.insert(10, (elsewhere, b"to someone else"));
-        assert_eq!(sender.try_send_batch(&batch).unwrap(), batch.len());
+        assert_eq!(sender.send_batch(&batch).unwrap(), batch.len());
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while got.len() < datagrams.len() {
-            let r = tokio::time::timeout(std::time::Duration::from_secs(5), receiver.recv_segments(&mut buf)).await.unwrap().unwrap();
-            assert_eq!(r.from.port(), sender.local_port());
-            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
+            match receiver.recv_now(&mut buf) {
+                Ok(r) => {
+                    assert_eq!(r.from.port(), sender_port);
+                    got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+                Err(e) => panic!("receive failed: {e}"),
+            }
         }
         assert_eq!(got, datagrams);
     }

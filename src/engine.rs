@@ -1,0 +1,606 @@
+//! The packet engine: one thread that owns the [`Node`], the TUN and the
+//! UDP socket and waits for them in epoll(7). Packets never pass through
+//! tokio: a wake-up for a packet is one `epoll_wait`, the reads, the core's
+//! work and one batched send, with no scheduler, wakers or futures in
+//! between (the reactor's bookkeeping cost more than the core itself, and
+//! all of it sat on the path of every ping). The daemon's tokio side
+//! (control socket, metrics, signals, ticks) reaches the engine through
+//! [`EngineHandle`]: a channel and an eventfd in the same epoll set.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use meshtun_addr::NetworkId;
+use meshtun_overlay::{offload, Node};
+use nix::errno::Errno;
+use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::control::{self, Request};
+use crate::events::Hub;
+use crate::requests::{DnsReply, Waiting};
+use crate::state::StateDir;
+use crate::udp::{self, EngineSocket};
+
+/// Packets read from the TUN or the UDP socket per wake-up before what they
+/// produced is flushed (and the other sources get their turn).
+const DRAIN_BATCH: usize = 64;
+/// How long a send waits for room in a full socket or TUN queue before the
+/// rest of the batch is dropped (as a router drops on a full queue).
+const SEND_STALL: Duration = Duration::from_millis(100);
+/// How long a stopping daemon waits for backbones to confirm deregistration.
+const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
+
+/// What reaches the engine other than packets and the core's timer.
+pub enum Slow {
+    Control(control::Pending),
+    Metrics(crate::metrics::HttpRequest),
+    /// Once a second: events derived from status, certificate expiry.
+    Watch,
+    /// Re-read the interface addresses.
+    Refresh,
+    /// SIGTERM or SIGINT.
+    Stop(&'static str),
+}
+
+/// The tokio side's way in: a message, then a write to the eventfd the
+/// engine's epoll set holds.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::Sender<Slow>,
+    wake: Arc<EventFd>,
+    /// Set while a `Watch` is queued: a busy engine skips ticks rather than
+    /// queueing them.
+    watch_queued: Arc<AtomicBool>,
+}
+
+impl EngineHandle {
+    /// Whether the engine is still there to take it.
+    pub fn send(&self, slow: Slow) -> bool {
+        if matches!(slow, Slow::Watch) && self.watch_queued.swap(true, Ordering::AcqRel) {
+            return true;
+        }
+        if self.tx.send(slow).is_err() {
+            return false;
+        }
+        let _ = self.wake.write(1);
+        true
+    }
+}
+
+/// The receiving end of [`EngineHandle`], for [`Engine::run`].
+pub struct Inbox {
+    rx: mpsc::Receiver<Slow>,
+    wake: Arc<EventFd>,
+    watch_queued: Arc<AtomicBool>,
+}
+
+pub fn channel() -> anyhow::Result<(EngineHandle, Inbox)> {
+    let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);
+    let watch_queued = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = mpsc::channel();
+    Ok((EngineHandle { tx, wake: wake.clone(), watch_queued: watch_queued.clone() }, Inbox { rx, wake, watch_queued }))
+}
+
+/// Everything the engine owns while the daemon runs.
+pub struct Engine {
+    pub node: Node,
+    pub socket: EngineSocket,
+    pub tun: tun::Device,
+    /// TUN segmentation offload and coalescing in use.
+    pub tun_offload: bool,
+    pub udp_gro: bool,
+    /// The mesh DNS server's socket (non-blocking), if it is on.
+    pub dns: Option<std::net::UdpSocket>,
+    pub dns_domain: String,
+    pub hub: Hub,
+    pub network: NetworkId,
+    pub interface: String,
+    pub listen_port: u16,
+    pub state: StateDir,
+    pub wg_key: crate::state::WireguardKey,
+    /// Automatic key rotation interval (zero: never) and when it is next due.
+    pub rotation: Duration,
+    pub next_rotation: Option<Instant>,
+    pub aliases_file: PathBuf,
+    pub saved_aliases: Vec<(meshtun_addr::MeshAddr, std::net::Ipv4Addr)>,
+    pub cert_not_after: Option<u64>,
+    pub started_unix: f64,
+}
+
+/// How the engine stopped.
+pub struct Exit {
+    /// The `meshtun down` to answer once the interface is gone.
+    pub down: Option<control::Pending>,
+    /// Dropping it removes the interface: the caller does, after undoing
+    /// what refers to it.
+    pub tun: tun::Device,
+}
+
+const TUN: u64 = 0;
+const UDP: u64 = 1;
+const DNS: u64 = 2;
+const WAKE: u64 = 3;
+
+/// Buffers reused for the whole run.
+struct Scratch {
+    tun_read: Vec<u8>,
+    udp_read: Vec<u8>,
+    dns_read: Vec<u8>,
+    batch: Vec<meshtun_overlay::Transmit>,
+}
+
+impl Engine {
+    /// Runs until a signal or `meshtun down`, then deregisters (bounded
+    /// wait) and hands the TUN back. Errors only when the TUN fails.
+    pub fn run(mut self, inbox: Inbox) -> anyhow::Result<Exit> {
+        let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create an epoll instance")?;
+        // SAFETY: the TUN fd stays open for as long as `self.tun` lives,
+        // which is longer than the epoll set it is registered with.
+        let tun_fd = unsafe { BorrowedFd::borrow_raw(self.tun.as_raw_fd()) };
+        epoll.add(tun_fd, EpollEvent::new(EpollFlags::EPOLLIN, TUN)).context("cannot watch the TUN")?;
+        epoll.add(self.socket.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, UDP)).context("cannot watch the UDP socket")?;
+        if let Some(dns) = &self.dns {
+            epoll.add(dns.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, DNS)).context("cannot watch the DNS socket")?;
+        }
+        epoll.add(inbox.wake.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, WAKE)).context("cannot watch the eventfd")?;
+
+        let mut tun_io = TunIo::new(self.tun_offload);
+        let mut waiting = Waiting::default();
+        let mut scratch = Scratch {
+            tun_read: vec![0u8; offload::MAX_READ],
+            udp_read: vec![0u8; 1 << 16],
+            dns_read: vec![0u8; 4096],
+            batch: Vec::with_capacity(DRAIN_BATCH),
+        };
+        let mut events = [EpollEvent::empty(); 8];
+        let down = 'run: loop {
+            self.flush(&mut tun_io, &mut scratch.batch);
+            let now = Instant::now();
+            let mut answered = false;
+            while let Some(answer) = self.node.poll_answer() {
+                answered = true;
+                if let Some(reply) = waiting.answer(&mut self.node, answer, now) {
+                    self.send_dns(reply);
+                }
+            }
+            if waiting.next_expiry().is_some_and(|at| at <= now) {
+                for reply in waiting.expire(now) {
+                    self.send_dns(reply);
+                }
+            }
+            self.node.set_unix_time(unix_now());
+            if self.next_rotation.is_some_and(|at| at <= now) {
+                if let Err(e) = self.rotate() {
+                    tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed; retrying in an hour");
+                }
+                let fresh = self.wg_key.issued_unix + 60 >= unix_now();
+                self.next_rotation = Some(Instant::now() + if fresh { self.rotation } else { Duration::from_secs(3600) });
+            }
+            if answered {
+                // Answers may have queued packets (pings): send them before sleeping.
+                self.flush(&mut tun_io, &mut scratch.batch);
+            }
+            let deadline = [self.node.poll_timeout(), waiting.next_expiry(), self.next_rotation]
+                .into_iter()
+                .flatten()
+                .min()
+                .unwrap_or(now + Duration::from_secs(1));
+            if deadline <= now {
+                self.node.handle_timeout(now);
+                continue;
+            }
+            let n = match epoll.wait(&mut events, epoll_timeout(deadline - now)) {
+                Ok(n) => n,
+                Err(Errno::EINTR) => 0,
+                Err(e) => return Err(e).context("epoll_wait failed"),
+            };
+            if n == 0 {
+                self.node.handle_timeout(Instant::now());
+                continue;
+            }
+            let ready = |token: u64| events[..n].iter().any(|e| e.data() == token);
+            let (tun_ready, udp_ready, dns_ready, woken) = (ready(TUN), ready(UDP), ready(DNS), ready(WAKE));
+            if tun_ready {
+                self.drain_tun(&mut tun_io, &mut scratch.tun_read)?;
+            }
+            if udp_ready {
+                self.drain_udp(&mut tun_io, &mut scratch.udp_read);
+            }
+            if dns_ready {
+                self.drain_dns(&mut waiting, &mut scratch.dns_read);
+            }
+            if woken {
+                let _ = inbox.wake.read();
+                while let Ok(slow) = inbox.rx.try_recv() {
+                    if matches!(slow, Slow::Watch) {
+                        inbox.watch_queued.store(false, Ordering::Release);
+                    }
+                    match self.handle_slow(slow, &mut waiting, &tun_io) {
+                        Some(stop) => break 'run stop,
+                        None => continue,
+                    }
+                }
+            }
+        };
+        self.leave(&mut tun_io, &mut scratch, &epoll);
+        Ok(Exit { down, tun: self.tun })
+    }
+
+    /// `Some` to stop, with the `meshtun down` to answer if that was why.
+    fn handle_slow(&mut self, slow: Slow, waiting: &mut Waiting, tun_io: &TunIo) -> Option<Option<control::Pending>> {
+        let now = Instant::now();
+        match slow {
+            Slow::Stop(signal) => {
+                tracing::info!("{signal}: leaving the mesh");
+                return Some(None);
+            }
+            Slow::Watch => {
+                self.hub.tick(&self.node.status(now), now);
+                if let Some(not_after) = self.cert_not_after {
+                    self.hub.certificate(not_after, unix_now());
+                }
+            }
+            Slow::Refresh => {
+                self.node.set_local_endpoints(udp::local_endpoints(self.listen_port, &self.interface), now);
+                let aliases = self.node.ipv4_aliases();
+                if aliases != self.saved_aliases {
+                    crate::state::save_ipv4_aliases(&self.aliases_file, &aliases);
+                    self.saved_aliases = aliases;
+                }
+            }
+            Slow::Metrics(request) => {
+                let response = crate::metrics::node_response(&request.path, self.node.status(now), self.hub.counters(), self.started_unix);
+                let _ = request.reply.send(response);
+            }
+            Slow::Control(pending) => match pending.request {
+                Request::Status => {
+                    let reply = match serde_json::to_value(self.node.status(now)) {
+                        Ok(mut data) => {
+                            data["role"] = "node".into();
+                            data["interface"] = self.interface.clone().into();
+                            data["listen_port"] = self.listen_port.into();
+                            data["offload"] = serde_json::json!({
+                                "tun": self.tun_offload,
+                                "udp_gro": self.udp_gro,
+                                "counters": tun_io.stats,
+                            });
+                            control::ok_envelope(data)
+                        }
+                        Err(e) => control::error_envelope("internal", &format!("cannot encode the status: {e}"), None),
+                    };
+                    let _ = pending.reply.send(reply);
+                }
+                Request::Down => return Some(Some(pending)),
+                Request::RotateKeys => {
+                    let reply = match self.rotate() {
+                        Ok(()) => control::ok_envelope(serde_json::json!({ "version": self.wg_key.version })),
+                        Err(e) => control::error_envelope("io_error", &format!("{e:#}"), None),
+                    };
+                    if let Some(at) = self.next_rotation.as_mut() {
+                        *at = Instant::now() + self.rotation;
+                    }
+                    let _ = pending.reply.send(reply);
+                }
+                Request::Set { hostname, capabilities, groups } => {
+                    let status = self.node.status(now);
+                    let hostname = hostname.or(status.hostname);
+                    let capabilities = capabilities.unwrap_or(status.capabilities);
+                    let groups = groups.unwrap_or(status.groups);
+                    let invalid = hostname
+                        .iter()
+                        .chain(capabilities.iter())
+                        .chain(groups.iter())
+                        .find_map(|t| meshtun_proto::record::validate_hostname(t).err());
+                    let reply = match invalid {
+                        Some(e) => control::error_envelope("invalid_argument", &e, Some("names and tags are lowercase DNS labels: a-z, 0-9 and '-'")),
+                        None => {
+                            self.node.set_tags(hostname.clone(), capabilities.clone(), groups.clone(), now);
+                            control::ok_envelope(serde_json::json!({ "hostname": hostname, "capabilities": capabilities, "groups": groups }))
+                        }
+                    };
+                    let _ = pending.reply.send(reply);
+                }
+                _ => {
+                    if let Some(unhandled) = waiting.control(&mut self.node, self.network, pending, now) {
+                        let _ = unhandled.reply.send(control::error_envelope("bad_request", "not a node request", None));
+                    }
+                }
+            },
+        }
+        None
+    }
+
+    /// A new WireGuard key: saved first (so a crash never loses it), then used.
+    fn rotate(&mut self) -> anyhow::Result<()> {
+        let next = self.state.rotate_wireguard_key(&self.wg_key)?;
+        let expires = key_expiry(self.rotation, next.issued_unix);
+        self.node.rotate_wg_key(next.secret.clone(), next.version, expires, Instant::now());
+        self.wg_key = next;
+        Ok(())
+    }
+
+    /// Reads what the TUN holds, up to a batch.
+    fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8]) -> anyhow::Result<()> {
+        for _ in 0..DRAIN_BATCH {
+            match self.tun.recv(buf) {
+                Ok(n) => tun_io.handle_read(&mut self.node, &mut buf[..n], Instant::now()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("reading from the TUN interface failed"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Receives what the UDP socket holds, up to a batch.
+    fn drain_udp(&mut self, tun_io: &mut TunIo, buf: &mut [u8]) {
+        for _ in 0..DRAIN_BATCH {
+            match self.socket.recv_now(buf) {
+                Ok(r) => {
+                    tun_io.stats.count_udp(&r);
+                    let now = Instant::now();
+                    r.datagrams(buf).for_each(|d| self.node.handle_udp(r.from, d, now));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                // ICMP port unreachable surfaces as ECONNREFUSED on the
+                // next read; it is not fatal for a connectionless socket.
+                Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+            }
+        }
+    }
+
+    fn drain_dns(&mut self, waiting: &mut Waiting, buf: &mut [u8]) {
+        let Some(dns) = &self.dns else { return };
+        for _ in 0..DRAIN_BATCH {
+            match dns.recv_from(buf) {
+                Ok((n, from)) => {
+                    if let Some(reply) = waiting.dns(&mut self.node, self.network, from, &buf[..n], &self.dns_domain, Instant::now()) {
+                        self.send_dns(reply);
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => tracing::debug!(error = %e, "DNS receive error"),
+            }
+        }
+    }
+
+    fn send_dns(&self, reply: DnsReply) {
+        if let Some(dns) = &self.dns {
+            // A full socket drops the reply; the resolver asks again.
+            if let Err(e) = dns.send_to(&reply.bytes, reply.to) {
+                tracing::debug!(to = %reply.to, error = %e, "DNS reply failed");
+            }
+        }
+    }
+
+    /// Sends what the core produced: datagrams DRAIN_BATCH at a time in one
+    /// sendmmsg(2), then the TUN's packets, then the events.
+    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>) {
+        loop {
+            batch.clear();
+            while batch.len() < DRAIN_BATCH {
+                match self.node.poll_transmit() {
+                    Some(t) => batch.push(t),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                break;
+            }
+            self.send_all(batch);
+        }
+        tun_io.write_all(&mut self.node, &self.tun);
+        while let Some(event) = self.node.poll_event() {
+            crate::events::log(&event);
+            self.hub.core_event(&event, Instant::now());
+        }
+    }
+
+    /// One batch out, waiting (bounded) for room when the socket is full.
+    fn send_all(&self, batch: &[meshtun_overlay::Transmit]) {
+        let mut views: [(SocketAddr, &[u8]); DRAIN_BATCH] = [(SocketAddr::from(([0, 0, 0, 0], 0)), &[]); DRAIN_BATCH];
+        for (view, t) in views.iter_mut().zip(batch) {
+            *view = (t.dst, t.payload.as_slice());
+        }
+        let mut rest = &views[..batch.len()];
+        while !rest.is_empty() {
+            match self.socket.send_batch(rest) {
+                Ok(sent) => rest = &rest[sent..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if !self.socket.wait_writable(SEND_STALL) {
+                        tracing::debug!(dropped = rest.len(), "UDP socket stayed full; dropping the rest of a batch");
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::trace!(error = %e, "UDP send failed");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Deregisters from the backbones, waiting at most DEREGISTER_GRACE for
+    /// their confirmation, and saves what must outlive the process.
+    fn leave(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, epoll: &Epoll) {
+        self.node.shutdown(Instant::now());
+        let give_up = Instant::now() + DEREGISTER_GRACE;
+        let mut events = [EpollEvent::empty(); 8];
+        while !self.node.is_deregistered() && Instant::now() < give_up {
+            self.flush(tun_io, &mut scratch.batch);
+            let _ = epoll.wait(&mut events, epoll_timeout(give_up.saturating_duration_since(Instant::now())));
+            self.drain_udp(tun_io, &mut scratch.udp_read);
+            let _ = self.drain_tun(tun_io, &mut scratch.tun_read);
+        }
+        if !self.node.is_deregistered() {
+            tracing::warn!("not every backbone confirmed deregistration; it forgets this node when the record expires");
+        }
+        let aliases = self.node.ipv4_aliases();
+        if aliases != self.saved_aliases {
+            crate::state::save_ipv4_aliases(&self.aliases_file, &aliases);
+        }
+    }
+}
+
+/// When a key issued at `issued` expires: two rotations later, or never.
+pub fn key_expiry(rotation: Duration, issued: u64) -> u64 {
+    if rotation.is_zero() { meshtun_proto::record::NO_EXPIRY } else { issued + 2 * rotation.as_secs() }
+}
+
+/// epoll's timeout is in milliseconds: round up, so a timer is never woken
+/// for early and spun on.
+fn epoll_timeout(wait: Duration) -> EpollTimeout {
+    let ms = wait.as_nanos().div_ceil(1_000_000).min(60_000) as u16;
+    EpollTimeout::from(ms)
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// What the offloads did, for `meshtun status` (and the tests that check
+/// they are in use).
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct OffloadStats {
+    tun_super_packets_read: u64,
+    tun_segments_split: u64,
+    tun_super_packets_written: u64,
+    udp_gro_receives: u64,
+    udp_gro_datagrams: u64,
+    /// Writes the TUN refused (each may hold many segments).
+    tun_write_errors: u64,
+}
+
+impl OffloadStats {
+    fn count_udp(&mut self, r: &udp::Received) {
+        if r.len > r.segment {
+            self.udp_gro_receives += 1;
+            self.udp_gro_datagrams += r.len.div_ceil(r.segment.max(1)) as u64;
+        }
+    }
+}
+
+/// The TUN side of the engine: every read and write carries a virtio-net
+/// header; with offload on, reads may be TCP super-packets to split and
+/// writes coalesce segments of one flow. Buffers are reused.
+struct TunIo {
+    offload: bool,
+    stats: OffloadStats,
+    coalescer: offload::Coalescer,
+    split_scratch: Vec<u8>,
+    single: Vec<u8>,
+    blocked: Vec<Vec<u8>>,
+}
+
+impl TunIo {
+    fn new(offload: bool) -> TunIo {
+        TunIo {
+            offload,
+            stats: OffloadStats::default(),
+            coalescer: offload::Coalescer::new(),
+            split_scratch: Vec::with_capacity(meshtun_overlay::MAX_PACKET),
+            single: Vec::with_capacity(offload::MAX_READ),
+            blocked: Vec::new(),
+        }
+    }
+
+    fn handle_read(&mut self, node: &mut Node, read: &mut [u8], now: Instant) {
+        match offload::split(read, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
+            Ok(1) => {}
+            Ok(segments) => {
+                self.stats.tun_super_packets_read += 1;
+                self.stats.tun_segments_split += segments as u64;
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, len = read.len(), "dropping a TUN read");
+                node.handle_malformed_tun_read();
+            }
+        }
+    }
+
+    /// Writes what the node has for the TUN; what the device will not take
+    /// now is written once it has room (bounded wait).
+    fn write_all(&mut self, node: &mut Node, device: &tun::Device) {
+        let blocked = &mut self.blocked;
+        let stats = &mut self.stats;
+        let mut write = |buf: &[u8]| match device.send(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
+            Err(e) => {
+                stats.tun_write_errors += 1;
+                tracing::trace!(error = %e, len = buf.len(), "TUN write failed");
+            }
+            Ok(_) => {
+                if offload::VnetHdr::parse(buf).is_some_and(|h| h.gso_size != 0) {
+                    stats.tun_super_packets_written += 1;
+                }
+            }
+        };
+        while let Some(packet) = node.poll_tun() {
+            if self.offload {
+                self.coalescer.push(&packet, &mut write);
+            } else {
+                self.single.clear();
+                self.single.extend_from_slice(&[0; offload::VNET_HDR_LEN]);
+                self.single.extend_from_slice(&packet);
+                write(&self.single);
+            }
+        }
+        self.coalescer.finish(&mut write);
+        for buf in self.blocked.drain(..) {
+            loop {
+                match device.send(&buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        if udp::wait_writable(device.as_raw_fd(), SEND_STALL) {
+                            continue;
+                        }
+                        tracing::debug!("TUN stayed full; dropping a packet");
+                    }
+                    Err(e) => {
+                        self.stats.tun_write_errors += 1;
+                        tracing::trace!(error = %e, "TUN write failed");
+                    }
+                    Ok(_) => {}
+                }
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoll_timeouts_round_up_to_whole_milliseconds_and_are_capped() {
+        assert_eq!(epoll_timeout(Duration::from_micros(1)), EpollTimeout::from(1u16));
+        assert_eq!(epoll_timeout(Duration::from_micros(1000)), EpollTimeout::from(1u16));
+        assert_eq!(epoll_timeout(Duration::from_micros(1001)), EpollTimeout::from(2u16));
+        assert_eq!(epoll_timeout(Duration::from_secs(3600)), EpollTimeout::from(60_000u16));
+    }
+
+    #[test]
+    fn a_queued_watch_tick_is_not_queued_twice_and_the_engine_wakes() {
+        let (handle, inbox) = channel().unwrap();
+        assert!(handle.send(Slow::Watch));
+        assert!(handle.send(Slow::Watch));
+        assert!(handle.send(Slow::Refresh));
+        assert_eq!(inbox.wake.read().unwrap(), 2, "one wake-up per queued message");
+        let queued: Vec<_> = inbox.rx.try_iter().collect();
+        assert!(matches!(queued.as_slice(), [Slow::Watch, Slow::Refresh]));
+    }
+
+    #[test]
+    fn a_handle_reports_an_engine_that_is_gone() {
+        let (handle, inbox) = channel().unwrap();
+        drop(inbox);
+        assert!(!handle.send(Slow::Refresh));
+    }
+}
