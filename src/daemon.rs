@@ -123,7 +123,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         true => Vec::new(),
         false => resolve_backbones(&options.relays).await?,
     };
-    let socket = MeshSocket::bind(None, options.listen_port)?;
+    let (socket, connect_peers) = MeshSocket::bind_shared(options.listen_port)?;
     let port = socket.local_port();
     let listener = control::bind(&options.socket).await?;
     let metrics_listener = match options.metrics_listen {
@@ -207,6 +207,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         tun,
         tun_offload: offload,
         udp_gro,
+        connect_peers,
         dns: dns_socket,
         dns_domain: options.dns_domain.clone(),
         hub,

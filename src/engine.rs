@@ -36,6 +36,13 @@ const DRAIN_BATCH: usize = 64;
 const SEND_STALL: Duration = Duration::from_millis(100);
 /// How long a stopping daemon waits for backbones to confirm deregistration.
 const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
+/// Most sockets connected to single peers at once: each is a file
+/// descriptor and a kernel socket, so only the peers in use get one.
+const MAX_CONNECTED: usize = 64;
+/// A connected socket unused (no send, no receive) this long is closed.
+const CONNECTED_IDLE: Duration = Duration::from_secs(30);
+/// How long after a failed connect(2) a destination is not tried again.
+const CONNECT_RETRY: Duration = Duration::from_secs(60);
 
 /// What reaches the engine other than packets and the core's timer.
 pub enum Slow {
@@ -96,6 +103,9 @@ pub struct Engine {
     /// TUN segmentation offload and coalescing in use.
     pub tun_offload: bool,
     pub udp_gro: bool,
+    /// The node's socket was bound with `SO_REUSEPORT`: busy peers get
+    /// sockets of their own (see [`ConnectedSockets`]).
+    pub connect_peers: bool,
     /// The mesh DNS server's socket (non-blocking), if it is on.
     pub dns: Option<std::net::UdpSocket>,
     pub dns_domain: String,
@@ -127,6 +137,107 @@ const TUN: u64 = 0;
 const UDP: u64 = 1;
 const DNS: u64 = 2;
 const WAKE: u64 = 3;
+/// Tokens from here on are connected sockets, by slot.
+const CONNECTED: u64 = 16;
+
+impl udp::Outgoing for meshtun_overlay::Transmit {
+    fn dst(&self) -> SocketAddr {
+        self.dst
+    }
+    fn bytes(&self) -> &[u8] {
+        &self.payload
+    }
+}
+
+/// Sockets connected to the peers WireGuard data goes to, on the node's
+/// port (`SO_REUSEPORT`), as boringtun keeps one per peer: a send on one
+/// skips the route lookup and cgroup hooks an addressed send pays, and the
+/// kernel steers the peer's datagrams to it by early demux. Everything
+/// else (backbones, relays, punching, peers beyond the cap) uses the node's
+/// one unconnected socket.
+struct ConnectedSockets {
+    epoll: Epoll,
+    /// Off when the node's socket could not be bound shareable.
+    enabled: bool,
+    gro: bool,
+    slots: Vec<Option<Connected>>,
+    by_dst: std::collections::HashMap<SocketAddr, usize>,
+    refused: std::collections::HashMap<SocketAddr, Instant>,
+}
+
+struct Connected {
+    socket: EngineSocket,
+    dst: SocketAddr,
+    last_used: Instant,
+}
+
+impl ConnectedSockets {
+    fn in_use(&self) -> usize {
+        self.by_dst.len()
+    }
+
+    /// The socket for a run of datagrams to `dst`, opening a connected one
+    /// for WireGuard data when there is room.
+    fn slot_for(&mut self, main: &EngineSocket, dst: SocketAddr, first: &[u8], now: Instant) -> Option<usize> {
+        if let Some(&slot) = self.by_dst.get(&dst) {
+            if let Some(c) = self.slots[slot].as_mut() {
+                c.last_used = now;
+            }
+            return Some(slot);
+        }
+        if !self.enabled || !is_wireguard_data(first) || self.in_use() >= MAX_CONNECTED {
+            return None;
+        }
+        if self.refused.get(&dst).is_some_and(|&until| until > now) {
+            return None;
+        }
+        let socket = match main.connected_to(dst, self.gro) {
+            Ok(socket) => socket,
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "cannot open a connected socket; this peer's traffic stays on the node's socket");
+                self.refused.insert(dst, now + CONNECT_RETRY);
+                return None;
+            }
+        };
+        let slot = self.slots.iter().position(Option::is_none).unwrap_or_else(|| {
+            self.slots.push(None);
+            self.slots.len() - 1
+        });
+        if let Err(e) = self.epoll.add(socket.as_fd(), EpollEvent::new(EpollFlags::EPOLLIN, CONNECTED + slot as u64)) {
+            tracing::debug!(%dst, error = %e, "cannot watch a connected socket");
+            self.refused.insert(dst, now + CONNECT_RETRY);
+            return None;
+        }
+        tracing::debug!(%dst, "opened a socket connected to a peer");
+        self.slots[slot] = Some(Connected { socket, dst, last_used: now });
+        self.by_dst.insert(dst, slot);
+        Some(slot)
+    }
+
+    fn socket<'a>(&'a self, main: &'a EngineSocket, slot: Option<usize>) -> &'a EngineSocket {
+        slot.and_then(|s| self.slots.get(s)).and_then(Option::as_ref).map_or(main, |c| &c.socket)
+    }
+
+    /// Closes the connected sockets unused for CONNECTED_IDLE (what they
+    /// still held is lost, as on any socket closed with data queued).
+    fn expire(&mut self, now: Instant) {
+        for slot in self.slots.iter_mut() {
+            if slot.as_ref().is_some_and(|c| now.saturating_duration_since(c.last_used) >= CONNECTED_IDLE) {
+                if let Some(c) = slot.take() {
+                    let _ = self.epoll.delete(c.socket.as_fd());
+                    self.by_dst.remove(&c.dst);
+                    tracing::debug!(dst = %c.dst, "closed an idle connected socket");
+                }
+            }
+        }
+        self.refused.retain(|_, until| *until > now);
+    }
+}
+
+/// A WireGuard transport-data message (type 4, at least header and tag).
+fn is_wireguard_data(datagram: &[u8]) -> bool {
+    datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0]
+}
 
 /// Buffers reused for the whole run.
 struct Scratch {
@@ -159,9 +270,17 @@ impl Engine {
             dns_read: vec![0u8; 4096],
             batch: Vec::with_capacity(DRAIN_BATCH),
         };
-        let mut events = [EpollEvent::empty(); 8];
+        let mut conns = ConnectedSockets {
+            epoll,
+            enabled: self.connect_peers,
+            gro: self.udp_gro,
+            slots: Vec::new(),
+            by_dst: Default::default(),
+            refused: Default::default(),
+        };
+        let mut events = [EpollEvent::empty(); 16];
         let down = 'run: loop {
-            self.flush(&mut tun_io, &mut scratch.batch);
+            self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
             let now = Instant::now();
             let mut answered = false;
             while let Some(answer) = self.node.poll_answer() {
@@ -185,7 +304,7 @@ impl Engine {
             }
             if answered {
                 // Answers may have queued packets (pings): send them before sleeping.
-                self.flush(&mut tun_io, &mut scratch.batch);
+                self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
             }
             let deadline = [self.node.poll_timeout(), waiting.next_expiry(), self.next_rotation]
                 .into_iter()
@@ -196,7 +315,7 @@ impl Engine {
                 self.node.handle_timeout(now);
                 continue;
             }
-            let n = match epoll.wait(&mut events, epoll_timeout(deadline - now)) {
+            let n = match conns.epoll.wait(&mut events, epoll_timeout(deadline - now)) {
                 Ok(n) => n,
                 Err(Errno::EINTR) => 0,
                 Err(e) => return Err(e).context("epoll_wait failed"),
@@ -211,7 +330,15 @@ impl Engine {
                 self.drain_tun(&mut tun_io, &mut scratch.tun_read)?;
             }
             if udp_ready {
-                self.drain_udp(&mut tun_io, &mut scratch.udp_read);
+                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read);
+            }
+            for event in &events[..n] {
+                let Some(slot) = event.data().checked_sub(CONNECTED) else { continue };
+                if let Some(c) = conns.slots.get_mut(slot as usize).and_then(Option::as_mut) {
+                    if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read) {
+                        c.last_used = Instant::now();
+                    }
+                }
             }
             if dns_ready {
                 self.drain_dns(&mut waiting, &mut scratch.dns_read);
@@ -222,19 +349,19 @@ impl Engine {
                     if matches!(slow, Slow::Watch) {
                         inbox.watch_queued.store(false, Ordering::Release);
                     }
-                    match self.handle_slow(slow, &mut waiting, &tun_io) {
+                    match self.handle_slow(slow, &mut waiting, &tun_io, &mut conns) {
                         Some(stop) => break 'run stop,
                         None => continue,
                     }
                 }
             }
         };
-        self.leave(&mut tun_io, &mut scratch, &epoll);
+        self.leave(&mut tun_io, &mut scratch, &mut conns);
         Ok(Exit { down, tun: self.tun })
     }
 
     /// `Some` to stop, with the `meshtun down` to answer if that was why.
-    fn handle_slow(&mut self, slow: Slow, waiting: &mut Waiting, tun_io: &TunIo) -> Option<Option<control::Pending>> {
+    fn handle_slow(&mut self, slow: Slow, waiting: &mut Waiting, tun_io: &TunIo, conns: &mut ConnectedSockets) -> Option<Option<control::Pending>> {
         let now = Instant::now();
         match slow {
             Slow::Stop(signal) => {
@@ -242,6 +369,7 @@ impl Engine {
                 return Some(None);
             }
             Slow::Watch => {
+                conns.expire(now);
                 self.hub.tick(&self.node.status(now), now);
                 if let Some(not_after) = self.cert_not_after {
                     self.hub.certificate(not_after, unix_now());
@@ -269,6 +397,7 @@ impl Engine {
                             data["offload"] = serde_json::json!({
                                 "tun": self.tun_offload,
                                 "udp_gro": self.udp_gro,
+                                "connected_sockets": conns.in_use(),
                                 "counters": tun_io.stats,
                             });
                             control::ok_envelope(data)
@@ -339,23 +468,6 @@ impl Engine {
         Ok(())
     }
 
-    /// Receives what the UDP socket holds, up to a batch.
-    fn drain_udp(&mut self, tun_io: &mut TunIo, buf: &mut [u8]) {
-        for _ in 0..DRAIN_BATCH {
-            match self.socket.recv_now(buf) {
-                Ok(r) => {
-                    tun_io.stats.count_udp(&r);
-                    let now = Instant::now();
-                    r.datagrams(buf).for_each(|d| self.node.handle_udp(r.from, d, now));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                // ICMP port unreachable surfaces as ECONNREFUSED on the
-                // next read; it is not fatal for a connectionless socket.
-                Err(e) => tracing::trace!(error = %e, "UDP receive error"),
-            }
-        }
-    }
-
     fn drain_dns(&mut self, waiting: &mut Waiting, buf: &mut [u8]) {
         let Some(dns) = &self.dns else { return };
         for _ in 0..DRAIN_BATCH {
@@ -382,7 +494,7 @@ impl Engine {
 
     /// Sends what the core produced: datagrams DRAIN_BATCH at a time in one
     /// sendmmsg(2), then the TUN's packets, then the events.
-    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>) {
+    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets) {
         loop {
             batch.clear();
             while batch.len() < DRAIN_BATCH {
@@ -394,7 +506,17 @@ impl Engine {
             if batch.is_empty() {
                 break;
             }
-            self.send_all(batch);
+            let now = Instant::now();
+            let mut start = 0;
+            // Runs to one destination leave together, on its connected
+            // socket when it has one.
+            while start < batch.len() {
+                let dst = batch[start].dst;
+                let end = batch[start..].iter().position(|t| t.dst != dst).map_or(batch.len(), |n| start + n);
+                let slot = conns.slot_for(&self.socket, dst, &batch[start].payload, now);
+                send_all(conns.socket(&self.socket, slot), &batch[start..end]);
+                start = end;
+            }
         }
         tun_io.write_all(&mut self.node, &self.tun);
         while let Some(event) = self.node.poll_event() {
@@ -403,40 +525,19 @@ impl Engine {
         }
     }
 
-    /// One batch out, waiting (bounded) for room when the socket is full.
-    fn send_all(&self, batch: &[meshtun_overlay::Transmit]) {
-        let mut views: [(SocketAddr, &[u8]); DRAIN_BATCH] = [(SocketAddr::from(([0, 0, 0, 0], 0)), &[]); DRAIN_BATCH];
-        for (view, t) in views.iter_mut().zip(batch) {
-            *view = (t.dst, t.payload.as_slice());
-        }
-        let mut rest = &views[..batch.len()];
-        while !rest.is_empty() {
-            match self.socket.send_batch(rest) {
-                Ok(sent) => rest = &rest[sent..],
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if !self.socket.wait_writable(SEND_STALL) {
-                        tracing::debug!(dropped = rest.len(), "UDP socket stayed full; dropping the rest of a batch");
-                        return;
-                    }
-                }
-                Err(e) => {
-                    tracing::trace!(error = %e, "UDP send failed");
-                    return;
-                }
-            }
-        }
-    }
-
     /// Deregisters from the backbones, waiting at most DEREGISTER_GRACE for
     /// their confirmation, and saves what must outlive the process.
-    fn leave(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, epoll: &Epoll) {
+    fn leave(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets) {
         self.node.shutdown(Instant::now());
         let give_up = Instant::now() + DEREGISTER_GRACE;
         let mut events = [EpollEvent::empty(); 8];
         while !self.node.is_deregistered() && Instant::now() < give_up {
-            self.flush(tun_io, &mut scratch.batch);
-            let _ = epoll.wait(&mut events, epoll_timeout(give_up.saturating_duration_since(Instant::now())));
-            self.drain_udp(tun_io, &mut scratch.udp_read);
+            self.flush(tun_io, &mut scratch.batch, conns);
+            let _ = conns.epoll.wait(&mut events, epoll_timeout(give_up.saturating_duration_since(Instant::now())));
+            drain_socket(&mut self.node, &self.socket, tun_io, &mut scratch.udp_read);
+            for c in conns.slots.iter().flatten() {
+                drain_socket(&mut self.node, &c.socket, tun_io, &mut scratch.udp_read);
+            }
             let _ = self.drain_tun(tun_io, &mut scratch.tun_read);
         }
         if !self.node.is_deregistered() {
@@ -445,6 +546,46 @@ impl Engine {
         let aliases = self.node.ipv4_aliases();
         if aliases != self.saved_aliases {
             crate::state::save_ipv4_aliases(&self.aliases_file, &aliases);
+        }
+    }
+}
+
+/// Receives what `socket` holds, up to a batch; whether anything came.
+fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf: &mut [u8]) -> bool {
+    let mut any = false;
+    for _ in 0..DRAIN_BATCH {
+        match socket.recv_now(buf) {
+            Ok(r) => {
+                any = true;
+                tun_io.stats.count_udp(&r);
+                let now = Instant::now();
+                r.datagrams(buf).for_each(|d| node.handle_udp(r.from, d, now));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            // ICMP port unreachable surfaces as ECONNREFUSED on the next
+            // read; it is not fatal for a connectionless socket.
+            Err(e) => tracing::trace!(error = %e, "UDP receive error"),
+        }
+    }
+    any
+}
+
+/// One run out, waiting (bounded) for room when the socket is full.
+fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) {
+    let mut rest = run;
+    while !rest.is_empty() {
+        match socket.send_batch(rest) {
+            Ok(sent) => rest = &rest[sent..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if !socket.wait_writable(SEND_STALL) {
+                    tracing::debug!(dropped = rest.len(), "UDP socket stayed full; dropping the rest of a batch");
+                    return;
+                }
+            }
+            Err(e) => {
+                tracing::trace!(error = %e, "UDP send failed");
+                return;
+            }
         }
     }
 }

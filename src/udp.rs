@@ -13,6 +13,9 @@ use crate::cli_error::CliError;
 pub struct MeshSocket<S = UdpSocket> {
     socket: S,
     dual_stack: bool,
+    /// Connected to one peer: sends carry no address (the kernel keeps the
+    /// route, skips the per-datagram lookup and cgroup hooks).
+    connected: bool,
     /// Send runs of equal-sized datagrams to one destination as one
     /// `UDP_SEGMENT` message (switched off for good if the kernel refuses).
     gso: AtomicBool,
@@ -38,6 +41,21 @@ impl Received {
 /// any reactor, waited on with epoll(7) by its owner.
 pub type EngineSocket = MeshSocket<std::net::UdpSocket>;
 
+/// A datagram to send: where to and its bytes.
+pub trait Outgoing {
+    fn dst(&self) -> SocketAddr;
+    fn bytes(&self) -> &[u8];
+}
+
+impl Outgoing for (SocketAddr, &[u8]) {
+    fn dst(&self) -> SocketAddr {
+        self.0
+    }
+    fn bytes(&self) -> &[u8] {
+        self.1
+    }
+}
+
 /// Most segments the kernel takes in one `UDP_SEGMENT` send (UDP_MAX_SEGMENTS).
 const GSO_MAX_SEGMENTS: usize = 64;
 /// Most bytes in one `UDP_SEGMENT` send: one IP datagram's worth.
@@ -49,6 +67,28 @@ impl MeshSocket<UdpSocket> {
     /// Binds `ip:port`; for the unspecified address, `[::]` dual-stack first,
     /// falling back to `0.0.0.0` on hosts without IPv6.
     pub fn bind(ip: Option<IpAddr>, port: u16) -> anyhow::Result<MeshSocket> {
+        Self::bind_with(ip, port, false)
+    }
+
+    /// [`MeshSocket::bind`] with `SO_REUSEPORT`, so the engine can open
+    /// sockets connected to busy peers on the same port. A plain bind
+    /// first proves nothing else holds the port: with `SO_REUSEPORT` alone
+    /// a second daemon of the same user would share it without a word.
+    /// Says whether it got `SO_REUSEPORT` (else it is a plain bind).
+    pub fn bind_shared(port: u16) -> anyhow::Result<(MeshSocket, bool)> {
+        let probe = Self::bind(None, port)?;
+        let port = probe.local_port();
+        drop(probe);
+        match Self::bind_with(None, port, true) {
+            Ok(socket) => Ok((socket, true)),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "no SO_REUSEPORT; every peer shares the node's socket");
+                Ok((Self::bind(None, port)?, false))
+            }
+        }
+    }
+
+    fn bind_with(ip: Option<IpAddr>, port: u16, reuse_port: bool) -> anyhow::Result<MeshSocket> {
         let attempts: Vec<SocketAddr> = match ip {
             Some(ip) => vec![SocketAddr::new(ip, port)],
             None => vec![
@@ -58,10 +98,16 @@ impl MeshSocket<UdpSocket> {
         };
         let mut last_error = None;
         for addr in attempts {
-            match bind_one(addr) {
+            match bind_one(addr, reuse_port) {
                 Ok(socket) => {
                     let dual_stack = addr.is_ipv6() && ip.is_none();
-                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack, gso: AtomicBool::new(false) });
+                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack, connected: false, gso: AtomicBool::new(false) });
+                }
+                // Taken is taken in either family: say so, rather than
+                // what the IPv4 fallback then reports.
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                    last_error = Some((addr, e));
+                    break;
                 }
                 Err(e) => last_error = Some((addr, e)),
             }
@@ -110,7 +156,7 @@ impl MeshSocket<UdpSocket> {
     /// Hands the socket to the packet engine's thread: out of tokio's
     /// reactor, so its readiness wakes nobody but the engine.
     pub fn into_engine(self) -> std::io::Result<EngineSocket> {
-        Ok(MeshSocket { socket: self.socket.into_std()?, dual_stack: self.dual_stack, gso: AtomicBool::new(self.gso.into_inner()) })
+        Ok(MeshSocket { socket: self.socket.into_std()?, dual_stack: self.dual_stack, connected: false, gso: AtomicBool::new(self.gso.into_inner()) })
     }
 }
 
@@ -162,7 +208,7 @@ impl<S: AsRawFd> MeshSocket<S> {
     /// (without waiting) and returns how many went; `WouldBlock` when none
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
-    fn send_batch_now(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+    fn send_batch_now<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -172,18 +218,18 @@ impl<S: AsRawFd> MeshSocket<S> {
         let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
         let mut i = 0;
         while i < batch.len() {
-            let (dst, first) = batch[i];
+            let (dst, first) = (batch[i].dst(), batch[i].bytes());
             let mut end = i + 1;
             let mut bytes = first.len();
             while gso
                 && end < batch.len()
                 && end - i < GSO_MAX_SEGMENTS
-                && batch[end].0 == dst
-                && batch[end].1.len() <= first.len()
-                && batch[end - 1].1.len() == first.len()
-                && bytes + batch[end].1.len() <= GSO_MAX_BYTES
+                && batch[end].dst() == dst
+                && batch[end].bytes().len() <= first.len()
+                && batch[end - 1].bytes().len() == first.len()
+                && bytes + batch[end].bytes().len() <= GSO_MAX_BYTES
             {
-                bytes += batch[end].1.len();
+                bytes += batch[end].bytes().len();
                 end += 1;
             }
             runs.push(i..end);
@@ -191,14 +237,14 @@ impl<S: AsRawFd> MeshSocket<S> {
         }
         let addrs: Vec<socket2::SockAddr> = runs
             .iter()
-            .map(|run| match (self.dual_stack, batch[run.start].0) {
+            .map(|run| match (self.dual_stack, batch[run.start].dst()) {
                 (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
                 (_, dst) => dst,
             })
             .map(socket2::SockAddr::from)
             .collect();
         let mut iovs: Vec<libc::iovec> =
-            batch.iter().map(|(_, p)| libc::iovec { iov_base: p.as_ptr() as *mut libc::c_void, iov_len: p.len() }).collect();
+            batch.iter().map(|d| libc::iovec { iov_base: d.bytes().as_ptr() as *mut libc::c_void, iov_len: d.bytes().len() }).collect();
         // One cmsg (UDP_SEGMENT, u16) per run; u64s keep it aligned.
         let mut controls: Vec<[u64; 4]> = vec![[0; 4]; runs.len()];
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
@@ -206,12 +252,14 @@ impl<S: AsRawFd> MeshSocket<S> {
             // SAFETY: all-zero is a valid mmsghdr; the pointers below
             // outlive the sendmmsg call.
             let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
-            hdr.msg_hdr.msg_namelen = addr.len();
+            if !self.connected {
+                hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
+                hdr.msg_hdr.msg_namelen = addr.len();
+            }
             hdr.msg_hdr.msg_iov = iovs[run.start..].as_mut_ptr();
             hdr.msg_hdr.msg_iovlen = run.len();
             if run.len() > 1 {
-                let segment = batch[run.start].1.len() as u16;
+                let segment = batch[run.start].bytes().len() as u16;
                 // SAFETY: control has room for CMSG_SPACE(2) bytes (24 <= 32).
                 unsafe {
                     hdr.msg_hdr.msg_control = control.as_mut_ptr().cast();
@@ -255,7 +303,7 @@ impl<S: AsRawFd> MeshSocket<S> {
                 _ => {
                     // The first datagram was refused (unreachable, too big):
                     // skip it like a failed send_to and go on.
-                    tracing::trace!(dst = %batch[runs[done].start].0, error = %e, "UDP send failed");
+                    tracing::trace!(dst = %batch[runs[done].start].dst(), error = %e, "UDP send failed");
                     sent_datagrams += runs[done].len();
                     done += 1;
                 }
@@ -272,6 +320,30 @@ impl AsFd for EngineSocket {
 }
 
 impl EngineSocket {
+    /// A socket on this one's port connected to `dst`: the kernel hands it
+    /// what `dst` sends (a connected socket outranks the unconnected one in
+    /// the `SO_REUSEPORT` group) and it sends to `dst` without a route
+    /// lookup per datagram. Needs `self` from [`MeshSocket::bind_shared`].
+    pub fn connected_to(&self, dst: SocketAddr, gro: bool) -> std::io::Result<EngineSocket> {
+        let local = self.socket.local_addr()?;
+        let socket = bind_one(local, true)?;
+        socket.connect(&self.outbound(dst).into())?;
+        let connected = MeshSocket { socket: socket.into(), dual_stack: self.dual_stack, connected: true, gso: AtomicBool::new(self.gso.load(Ordering::Relaxed)) };
+        if gro {
+            setsockopt_int(&connected.socket, libc::SOL_UDP, UDP_GRO, 1)?;
+        }
+        Ok(connected)
+    }
+
+    /// Where a datagram for `dst` is addressed on this socket (IPv4-mapped
+    /// on a dual-stack one).
+    fn outbound(&self, dst: SocketAddr) -> SocketAddr {
+        match (self.dual_stack, dst) {
+            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+            _ => dst,
+        }
+    }
+
     /// One receive without waiting: `WouldBlock` when nothing is queued.
     pub fn recv_now(&self, buf: &mut [u8]) -> std::io::Result<Received> {
         self.recvmsg(buf)
@@ -279,7 +351,7 @@ impl EngineSocket {
 
     /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
     /// (without waiting) and returns how many went; `WouldBlock` when none did.
-    pub fn send_batch(&self, batch: &[(SocketAddr, &[u8])]) -> std::io::Result<usize> {
+    pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
         self.send_batch_now(batch)
     }
 
@@ -320,10 +392,13 @@ fn socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn bind_one(addr: SocketAddr) -> std::io::Result<Socket> {
+fn bind_one(addr: SocketAddr, reuse_port: bool) -> std::io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(false)?;
+    }
+    if reuse_port {
+        socket.set_reuse_port(true)?;
     }
     // Bursts of tunnel traffic overflow the default 208 KiB buffers.
     // As root, go past net.core.{r,w}mem_max (often 208 KiB) with the
@@ -441,6 +516,53 @@ mod tests {
             }
         }
         assert_eq!(got, datagrams);
+    }
+
+    #[tokio::test]
+    async fn a_socket_connected_to_a_peer_shares_the_port_and_takes_that_peers_datagrams() {
+        let (node, shared) = MeshSocket::bind_shared(0).unwrap();
+        assert!(shared);
+        let node_port = node.local_port();
+        let node = node.into_engine().unwrap();
+        let peer = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let stranger = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        peer.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        let connected = node.connected_to(peer.local_addr().unwrap(), false).unwrap();
+
+        let to_node = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), node_port);
+        peer.send_to(b"from the peer", to_node).unwrap();
+        stranger.send_to(b"from someone else", to_node).unwrap();
+        let mut buf = [0u8; 64];
+        let got = wait_for(&connected, &mut buf);
+        assert_eq!((&buf[..got.len], got.from), (&b"from the peer"[..], peer.local_addr().unwrap()));
+        let got = wait_for(&node, &mut buf);
+        assert_eq!((&buf[..got.len], got.from), (&b"from someone else"[..], stranger.local_addr().unwrap()));
+
+        // Sent without an address, from the node's port.
+        let dst = peer.local_addr().unwrap();
+        assert_eq!(connected.send_batch(&[(dst, &b"to the peer"[..])]).unwrap(), 1);
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"to the peer"[..], node_port));
+    }
+
+    fn wait_for(socket: &EngineSocket, buf: &mut [u8]) -> Received {
+        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            match socket.recv_now(buf) {
+                Ok(r) => return r,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < give_up => {
+                    std::thread::sleep(std::time::Duration::from_millis(1))
+                }
+                Err(e) => panic!("receive failed: {e}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_shared_bind_still_refuses_a_port_another_socket_holds() {
+        let (first, _) = MeshSocket::bind_shared(0).unwrap();
+        let err = MeshSocket::bind_shared(first.local_port()).err().expect("the second bind must fail");
+        assert!(format!("{err:#}").contains("in use"), "{err:#}");
     }
 
     #[test]
