@@ -326,18 +326,27 @@ impl Engine {
             }
             let ready = |token: u64| events[..n].iter().any(|e| e.data() == token);
             let (tun_ready, udp_ready, dns_ready, woken) = (ready(TUN), ready(UDP), ready(DNS), ready(WAKE));
-            if tun_ready {
-                self.drain_tun(&mut tun_io, &mut scratch.tun_read)?;
+            // The first packet from each source leaves before the source is
+            // read again: the read that finds it empty (one more system
+            // call) then comes after the send, not on the packet's path.
+            if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1)? > 0 {
+                self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
+                self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1)?;
             }
-            if udp_ready {
-                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read);
+            if udp_ready && drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, 1) > 0 {
+                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns)?;
+                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1);
             }
             for event in &events[..n] {
-                let Some(slot) = event.data().checked_sub(CONNECTED) else { continue };
-                if let Some(c) = conns.slots.get_mut(slot as usize).and_then(Option::as_mut) {
-                    if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read) {
-                        c.last_used = Instant::now();
-                    }
+                let Some(slot) = event.data().checked_sub(CONNECTED).map(|s| s as usize) else { continue };
+                let Some(c) = conns.slots.get_mut(slot).and_then(Option::as_mut) else { continue };
+                if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, 1) == 0 {
+                    continue;
+                }
+                c.last_used = Instant::now();
+                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns)?;
+                if let Some(c) = conns.slots.get(slot).and_then(Option::as_ref) {
+                    drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1);
                 }
             }
             if dns_ready {
@@ -455,17 +464,34 @@ impl Engine {
         Ok(())
     }
 
-    /// Reads what the TUN holds, up to a batch.
-    fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8]) -> anyhow::Result<()> {
-        for _ in 0..DRAIN_BATCH {
+    /// Flushes what a received datagram produced; when that wrote to the
+    /// TUN, the local stack has often answered by the time the write
+    /// returns (a ping, a TCP ACK), so one read of the TUN sends the answer
+    /// on without a trip through epoll.
+    fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets) -> anyhow::Result<()> {
+        let written = tun_io.writes;
+        self.flush(tun_io, &mut scratch.batch, conns);
+        if tun_io.writes != written && self.drain_tun(tun_io, &mut scratch.tun_read, 1)? > 0 {
+            self.flush(tun_io, &mut scratch.batch, conns);
+        }
+        Ok(())
+    }
+
+    /// Reads what the TUN holds, up to `limit` packets; how many it read.
+    fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8], limit: usize) -> anyhow::Result<usize> {
+        let mut read = 0;
+        for _ in 0..limit {
             match self.tun.recv(buf) {
-                Ok(n) => tun_io.handle_read(&mut self.node, &mut buf[..n], Instant::now()),
+                Ok(n) => {
+                    read += 1;
+                    tun_io.handle_read(&mut self.node, &mut buf[..n], Instant::now());
+                }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e).context("reading from the TUN interface failed"),
             }
         }
-        Ok(())
+        Ok(read)
     }
 
     fn drain_dns(&mut self, waiting: &mut Waiting, buf: &mut [u8]) {
@@ -534,11 +560,11 @@ impl Engine {
         while !self.node.is_deregistered() && Instant::now() < give_up {
             self.flush(tun_io, &mut scratch.batch, conns);
             let _ = conns.epoll.wait(&mut events, epoll_timeout(give_up.saturating_duration_since(Instant::now())));
-            drain_socket(&mut self.node, &self.socket, tun_io, &mut scratch.udp_read);
+            drain_socket(&mut self.node, &self.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH);
             for c in conns.slots.iter().flatten() {
-                drain_socket(&mut self.node, &c.socket, tun_io, &mut scratch.udp_read);
+                drain_socket(&mut self.node, &c.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH);
             }
-            let _ = self.drain_tun(tun_io, &mut scratch.tun_read);
+            let _ = self.drain_tun(tun_io, &mut scratch.tun_read, DRAIN_BATCH);
         }
         if !self.node.is_deregistered() {
             tracing::warn!("not every backbone confirmed deregistration; it forgets this node when the record expires");
@@ -550,13 +576,13 @@ impl Engine {
     }
 }
 
-/// Receives what `socket` holds, up to a batch; whether anything came.
-fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf: &mut [u8]) -> bool {
-    let mut any = false;
-    for _ in 0..DRAIN_BATCH {
+/// Receives what `socket` holds, up to `limit` receives; how many came.
+fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf: &mut [u8], limit: usize) -> usize {
+    let mut received = 0;
+    for _ in 0..limit {
         match socket.recv_now(buf) {
             Ok(r) => {
-                any = true;
+                received += 1;
                 tun_io.stats.count_udp(&r);
                 let now = Instant::now();
                 r.datagrams(buf).for_each(|d| node.handle_udp(r.from, d, now));
@@ -567,7 +593,7 @@ fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf:
             Err(e) => tracing::trace!(error = %e, "UDP receive error"),
         }
     }
-    any
+    received
 }
 
 /// One run out, waiting (bounded) for room when the socket is full.
@@ -634,6 +660,8 @@ impl OffloadStats {
 struct TunIo {
     offload: bool,
     stats: OffloadStats,
+    /// Writes the TUN took, ever.
+    writes: u64,
     coalescer: offload::Coalescer,
     split_scratch: Vec<u8>,
     single: Vec<u8>,
@@ -645,6 +673,7 @@ impl TunIo {
         TunIo {
             offload,
             stats: OffloadStats::default(),
+            writes: 0,
             coalescer: offload::Coalescer::new(),
             split_scratch: Vec::with_capacity(meshtun_overlay::MAX_PACKET),
             single: Vec::with_capacity(offload::MAX_READ),
@@ -671,6 +700,7 @@ impl TunIo {
     fn write_all(&mut self, node: &mut Node, device: &tun::Device) {
         let blocked = &mut self.blocked;
         let stats = &mut self.stats;
+        let writes = &mut self.writes;
         let mut write = |buf: &[u8]| match device.send(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
             Err(e) => {
@@ -678,6 +708,7 @@ impl TunIo {
                 tracing::trace!(error = %e, len = buf.len(), "TUN write failed");
             }
             Ok(_) => {
+                *writes += 1;
                 if offload::VnetHdr::parse(buf).is_some_and(|h| h.gso_size != 0) {
                     stats.tun_super_packets_written += 1;
                 }

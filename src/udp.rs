@@ -13,9 +13,9 @@ use crate::cli_error::CliError;
 pub struct MeshSocket<S = UdpSocket> {
     socket: S,
     dual_stack: bool,
-    /// Connected to one peer: sends carry no address (the kernel keeps the
-    /// route, skips the per-datagram lookup and cgroup hooks).
-    connected: bool,
+    /// Connected to this peer: sends and receives carry no address (the
+    /// kernel keeps the route and skips the per-datagram lookups and hooks).
+    peer: Option<SocketAddr>,
     /// Send runs of equal-sized datagrams to one destination as one
     /// `UDP_SEGMENT` message (switched off for good if the kernel refuses).
     gso: AtomicBool,
@@ -101,7 +101,7 @@ impl MeshSocket<UdpSocket> {
             match bind_one(addr, reuse_port) {
                 Ok(socket) => {
                     let dual_stack = addr.is_ipv6() && ip.is_none();
-                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack, connected: false, gso: AtomicBool::new(false) });
+                    return Ok(MeshSocket { socket: UdpSocket::from_std(socket.into())?, dual_stack, peer: None, gso: AtomicBool::new(false) });
                 }
                 // Taken is taken in either family: say so, rather than
                 // what the IPv4 fallback then reports.
@@ -156,7 +156,7 @@ impl MeshSocket<UdpSocket> {
     /// Hands the socket to the packet engine's thread: out of tokio's
     /// reactor, so its readiness wakes nobody but the engine.
     pub fn into_engine(self) -> std::io::Result<EngineSocket> {
-        Ok(MeshSocket { socket: self.socket.into_std()?, dual_stack: self.dual_stack, connected: false, gso: AtomicBool::new(self.gso.into_inner()) })
+        Ok(MeshSocket { socket: self.socket.into_std()?, dual_stack: self.dual_stack, peer: None, gso: AtomicBool::new(self.gso.into_inner()) })
     }
 }
 
@@ -174,8 +174,10 @@ impl<S: AsRawFd> MeshSocket<S> {
         let mut control = [0u64; 8];
         let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
-        msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if self.peer.is_none() {
+            msg.msg_name = (&mut storage as *mut libc::sockaddr_storage).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        }
         msg.msg_iov = &mut iov;
         msg.msg_iovlen = 1;
         msg.msg_control = control.as_mut_ptr().cast();
@@ -200,8 +202,11 @@ impl<S: AsRawFd> MeshSocket<S> {
                 cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
             }
         }
-        let from = socket_addr(&storage).ok_or_else(|| std::io::Error::other("datagram from a non-IP address"))?;
-        Ok(Received { len, from: normalise(from), segment })
+        let from = match self.peer {
+            Some(peer) => peer,
+            None => normalise(socket_addr(&storage).ok_or_else(|| std::io::Error::other("datagram from a non-IP address"))?),
+        };
+        Ok(Received { len, from, segment })
     }
 
     /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
@@ -252,7 +257,7 @@ impl<S: AsRawFd> MeshSocket<S> {
             // SAFETY: all-zero is a valid mmsghdr; the pointers below
             // outlive the sendmmsg call.
             let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            if !self.connected {
+            if self.peer.is_none() {
                 hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
                 hdr.msg_hdr.msg_namelen = addr.len();
             }
@@ -326,9 +331,15 @@ impl EngineSocket {
     /// lookup per datagram. Needs `self` from [`MeshSocket::bind_shared`].
     pub fn connected_to(&self, dst: SocketAddr, gro: bool) -> std::io::Result<EngineSocket> {
         let local = self.socket.local_addr()?;
+        // An IPv4 peer gets an IPv4 socket even beside a dual-stack one:
+        // the IPv6 layer's wrapping of IPv4 is one more cost per datagram.
+        let (local, dual_stack) = match (local, dst) {
+            (SocketAddr::V6(_), SocketAddr::V4(_)) => (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), local.port()), false),
+            _ => (local, self.dual_stack),
+        };
         let socket = bind_one(local, true)?;
-        socket.connect(&self.outbound(dst).into())?;
-        let connected = MeshSocket { socket: socket.into(), dual_stack: self.dual_stack, connected: true, gso: AtomicBool::new(self.gso.load(Ordering::Relaxed)) };
+        let connected: EngineSocket = MeshSocket { socket: socket.into(), dual_stack, peer: Some(normalise(dst)), gso: AtomicBool::new(self.gso.load(Ordering::Relaxed)) };
+        connected.socket.connect(connected.outbound(dst))?;
         if gro {
             setsockopt_int(&connected.socket, libc::SOL_UDP, UDP_GRO, 1)?;
         }
