@@ -294,6 +294,10 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
     println!("(b) offloads: alpha {} / bravo {}", offload[0], offload[1]);
     let split: u64 = offload.iter().map(|o| o["counters"]["tun_super_packets_read"].as_u64().unwrap_or(0)).sum();
     assert!(split > 0, "(b) 1.5 MiB of TCP crossed the mesh without one TCP super-packet from the TUN: offload is off? {offload:?}");
+    // The peers' data went on sockets connected to each other (what the
+    // capture in (c) sees: a<->b flows on the nodes' one port either way).
+    let connected: Vec<u64> = offload.iter().map(|o| o["connected_sockets"].as_u64().unwrap_or(0)).collect();
+    assert!(connected.iter().all(|&n| n >= 1), "(b) neither engine kept a socket connected to its peer for the TCP echo: {connected:?}");
 
     // From here on the checks are independent: collect every failure.
     let mut checks = Checks::new();
