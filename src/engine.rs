@@ -279,9 +279,13 @@ impl Engine {
             refused: Default::default(),
         };
         let mut events = [EpollEvent::empty(); 16];
+        let mut unix_set = Instant::now();
+        self.node.set_unix_time(unix_now());
         let down = 'run: loop {
-            self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
+            // One clock read per turn of the loop and one per wake-up: the
+            // packets of a wake-up share its instant.
             let now = Instant::now();
+            self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
             let mut answered = false;
             while let Some(answer) = self.node.poll_answer() {
                 answered = true;
@@ -294,7 +298,11 @@ impl Engine {
                     self.send_dns(reply);
                 }
             }
-            self.node.set_unix_time(unix_now());
+            // The core's wall clock is in seconds: once a second will do.
+            if now.saturating_duration_since(unix_set) >= Duration::from_secs(1) {
+                self.node.set_unix_time(unix_now());
+                unix_set = now;
+            }
             if self.next_rotation.is_some_and(|at| at <= now) {
                 if let Err(e) = self.rotate() {
                     tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed; retrying in an hour");
@@ -304,7 +312,7 @@ impl Engine {
             }
             if answered {
                 // Answers may have queued packets (pings): send them before sleeping.
-                self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
+                self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
             }
             let deadline = [self.node.poll_timeout(), waiting.next_expiry(), self.next_rotation]
                 .into_iter()
@@ -324,29 +332,30 @@ impl Engine {
                 self.node.handle_timeout(Instant::now());
                 continue;
             }
+            let now = Instant::now();
             let ready = |token: u64| events[..n].iter().any(|e| e.data() == token);
             let (tun_ready, udp_ready, dns_ready, woken) = (ready(TUN), ready(UDP), ready(DNS), ready(WAKE));
             // The first packet from each source leaves before the source is
             // read again: the read that finds it empty (one more system
             // call) then comes after the send, not on the packet's path.
-            if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1)? > 0 {
-                self.flush(&mut tun_io, &mut scratch.batch, &mut conns);
-                self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1)?;
+            if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1, now)? > 0 {
+                self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
+                self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now)?;
             }
-            if udp_ready && drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, 1) > 0 {
-                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns)?;
-                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1);
+            if udp_ready && drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, 1, now) > 0 {
+                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns, now)?;
+                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
             }
             for event in &events[..n] {
                 let Some(slot) = event.data().checked_sub(CONNECTED).map(|s| s as usize) else { continue };
                 let Some(c) = conns.slots.get_mut(slot).and_then(Option::as_mut) else { continue };
-                if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, 1) == 0 {
+                if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, 1, now) == 0 {
                     continue;
                 }
-                c.last_used = Instant::now();
-                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns)?;
+                c.last_used = now;
+                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns, now)?;
                 if let Some(c) = conns.slots.get(slot).and_then(Option::as_ref) {
-                    drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1);
+                    drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
                 }
             }
             if dns_ready {
@@ -468,23 +477,23 @@ impl Engine {
     /// TUN, the local stack has often answered by the time the write
     /// returns (a ping, a TCP ACK), so one read of the TUN sends the answer
     /// on without a trip through epoll.
-    fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets) -> anyhow::Result<()> {
+    fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, now: Instant) -> anyhow::Result<()> {
         let written = tun_io.writes;
-        self.flush(tun_io, &mut scratch.batch, conns);
-        if tun_io.writes != written && self.drain_tun(tun_io, &mut scratch.tun_read, 1)? > 0 {
-            self.flush(tun_io, &mut scratch.batch, conns);
+        self.flush(tun_io, &mut scratch.batch, conns, now);
+        if tun_io.writes != written && self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0 {
+            self.flush(tun_io, &mut scratch.batch, conns, now);
         }
         Ok(())
     }
 
     /// Reads what the TUN holds, up to `limit` packets; how many it read.
-    fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8], limit: usize) -> anyhow::Result<usize> {
+    fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8], limit: usize, now: Instant) -> anyhow::Result<usize> {
         let mut read = 0;
         for _ in 0..limit {
             match self.tun.recv(buf) {
                 Ok(n) => {
                     read += 1;
-                    tun_io.handle_read(&mut self.node, &mut buf[..n], Instant::now());
+                    tun_io.handle_read(&mut self.node, &mut buf[..n], now);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -520,7 +529,7 @@ impl Engine {
 
     /// Sends what the core produced: datagrams DRAIN_BATCH at a time in one
     /// sendmmsg(2), then the TUN's packets, then the events.
-    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets) {
+    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets, now: Instant) {
         loop {
             batch.clear();
             while batch.len() < DRAIN_BATCH {
@@ -532,7 +541,6 @@ impl Engine {
             if batch.is_empty() {
                 break;
             }
-            let now = Instant::now();
             let mut start = 0;
             // Runs to one destination leave together, on its connected
             // socket when it has one.
@@ -543,11 +551,14 @@ impl Engine {
                 send_all(conns.socket(&self.socket, slot), &batch[start..end]);
                 start = end;
             }
+            for sent in batch.drain(..) {
+                self.node.recycle(sent.payload);
+            }
         }
         tun_io.write_all(&mut self.node, &self.tun);
         while let Some(event) = self.node.poll_event() {
             crate::events::log(&event);
-            self.hub.core_event(&event, Instant::now());
+            self.hub.core_event(&event, now);
         }
     }
 
@@ -558,13 +569,14 @@ impl Engine {
         let give_up = Instant::now() + DEREGISTER_GRACE;
         let mut events = [EpollEvent::empty(); 8];
         while !self.node.is_deregistered() && Instant::now() < give_up {
-            self.flush(tun_io, &mut scratch.batch, conns);
+            self.flush(tun_io, &mut scratch.batch, conns, Instant::now());
             let _ = conns.epoll.wait(&mut events, epoll_timeout(give_up.saturating_duration_since(Instant::now())));
-            drain_socket(&mut self.node, &self.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH);
+            let now = Instant::now();
+            drain_socket(&mut self.node, &self.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH, now);
             for c in conns.slots.iter().flatten() {
-                drain_socket(&mut self.node, &c.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH);
+                drain_socket(&mut self.node, &c.socket, tun_io, &mut scratch.udp_read, DRAIN_BATCH, now);
             }
-            let _ = self.drain_tun(tun_io, &mut scratch.tun_read, DRAIN_BATCH);
+            let _ = self.drain_tun(tun_io, &mut scratch.tun_read, DRAIN_BATCH, now);
         }
         if !self.node.is_deregistered() {
             tracing::warn!("not every backbone confirmed deregistration; it forgets this node when the record expires");
@@ -577,14 +589,13 @@ impl Engine {
 }
 
 /// Receives what `socket` holds, up to `limit` receives; how many came.
-fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf: &mut [u8], limit: usize) -> usize {
+fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf: &mut [u8], limit: usize, now: Instant) -> usize {
     let mut received = 0;
     for _ in 0..limit {
         match socket.recv_now(buf) {
             Ok(r) => {
                 received += 1;
                 tun_io.stats.count_udp(&r);
-                let now = Instant::now();
                 r.datagrams(buf).for_each(|d| node.handle_udp(r.from, d, now));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
@@ -723,6 +734,7 @@ impl TunIo {
                 self.single.extend_from_slice(&packet);
                 write(&self.single);
             }
+            node.recycle(packet);
         }
         self.coalescer.finish(&mut write);
         for buf in self.blocked.drain(..) {

@@ -41,6 +41,21 @@ impl Received {
 /// any reactor, waited on with epoll(7) by its owner.
 pub type EngineSocket = MeshSocket<std::net::UdpSocket>;
 
+/// What one `sendmmsg` is built in, kept per thread so a send allocates
+/// nothing once the vectors have grown.
+#[derive(Default)]
+struct SendScratch {
+    runs: Vec<std::ops::Range<usize>>,
+    addrs: Vec<socket2::SockAddr>,
+    iovs: Vec<libc::iovec>,
+    controls: Vec<[u64; 4]>,
+    msgs: Vec<libc::mmsghdr>,
+}
+
+thread_local! {
+    static SEND_SCRATCH: std::cell::RefCell<SendScratch> = std::cell::RefCell::new(SendScratch::default());
+}
+
 /// A datagram to send: where to and its bytes.
 pub trait Outgoing {
     fn dst(&self) -> SocketAddr;
@@ -161,6 +176,15 @@ impl MeshSocket<UdpSocket> {
 }
 
 impl<S: AsRawFd> MeshSocket<S> {
+    /// Where a datagram for `dst` is addressed on this socket (IPv4-mapped
+    /// on a dual-stack one).
+    fn outbound(&self, dst: SocketAddr) -> SocketAddr {
+        match (self.dual_stack, dst) {
+            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
+            _ => dst,
+        }
+    }
+
     /// Turns on UDP GRO for receiving and GSO for sending. Returns whether
     /// the kernel took GRO; receivers then read with [`EngineSocket::recv_now`].
     pub fn enable_offloads(&self) -> bool {
@@ -217,10 +241,15 @@ impl<S: AsRawFd> MeshSocket<S> {
         if batch.is_empty() {
             return Ok(0);
         }
+        SEND_SCRATCH.with_borrow_mut(|scratch| self.send_batch_with(batch, scratch))
+    }
+
+    fn send_batch_with<D: Outgoing>(&self, batch: &[D], scratch: &mut SendScratch) -> std::io::Result<usize> {
+        let SendScratch { runs, addrs, iovs, controls, msgs } = scratch;
         let gso = self.gso.load(Ordering::Relaxed);
         // Runs of datagrams to one destination, all of the first one's size
         // except perhaps a shorter last: each run goes as one message.
-        let mut runs: Vec<std::ops::Range<usize>> = Vec::new();
+        runs.clear();
         let mut i = 0;
         while i < batch.len() {
             let (dst, first) = (batch[i].dst(), batch[i].bytes());
@@ -240,24 +269,22 @@ impl<S: AsRawFd> MeshSocket<S> {
             runs.push(i..end);
             i = end;
         }
-        let addrs: Vec<socket2::SockAddr> = runs
-            .iter()
-            .map(|run| match (self.dual_stack, batch[run.start].dst()) {
-                (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-                (_, dst) => dst,
-            })
-            .map(socket2::SockAddr::from)
-            .collect();
-        let mut iovs: Vec<libc::iovec> =
-            batch.iter().map(|d| libc::iovec { iov_base: d.bytes().as_ptr() as *mut libc::c_void, iov_len: d.bytes().len() }).collect();
+        // A connected socket sends without addresses.
+        addrs.clear();
+        if self.peer.is_none() {
+            addrs.extend(runs.iter().map(|run| socket2::SockAddr::from(self.outbound(batch[run.start].dst()))));
+        }
+        iovs.clear();
+        iovs.extend(batch.iter().map(|d| libc::iovec { iov_base: d.bytes().as_ptr() as *mut libc::c_void, iov_len: d.bytes().len() }));
         // One cmsg (UDP_SEGMENT, u16) per run; u64s keep it aligned.
-        let mut controls: Vec<[u64; 4]> = vec![[0; 4]; runs.len()];
-        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(runs.len());
-        for ((run, addr), control) in runs.iter().zip(&addrs).zip(controls.iter_mut()) {
+        controls.clear();
+        controls.resize(runs.len(), [0; 4]);
+        msgs.clear();
+        for (k, (run, control)) in runs.iter().zip(controls.iter_mut()).enumerate() {
             // SAFETY: all-zero is a valid mmsghdr; the pointers below
             // outlive the sendmmsg call.
             let mut hdr: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            if self.peer.is_none() {
+            if let Some(addr) = addrs.get(k) {
                 hdr.msg_hdr.msg_name = addr.as_ptr() as *mut libc::c_void;
                 hdr.msg_hdr.msg_namelen = addr.len();
             }
@@ -344,15 +371,6 @@ impl EngineSocket {
             setsockopt_int(&connected.socket, libc::SOL_UDP, UDP_GRO, 1)?;
         }
         Ok(connected)
-    }
-
-    /// Where a datagram for `dst` is addressed on this socket (IPv4-mapped
-    /// on a dual-stack one).
-    fn outbound(&self, dst: SocketAddr) -> SocketAddr {
-        match (self.dual_stack, dst) {
-            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-            _ => dst,
-        }
     }
 
     /// One receive without waiting: `WouldBlock` when nothing is queued.

@@ -198,13 +198,17 @@ fn classify(packet: &[u8], outbound: bool) -> Option<(Flow, bool)> {
 pub struct Firewall {
     config: FirewallConfig,
     default: Action,
+    /// No rules and a default of allow: every packet passes, so there is
+    /// nothing to parse or track (the public mesh's default, per packet).
+    open: bool,
     flows: HashMap<(MeshAddr, Flow), Instant>,
 }
 
 impl Firewall {
     pub fn new(config: FirewallConfig, private_network: bool) -> Firewall {
         let default = config.default_inbound.unwrap_or(if private_network { Action::Deny } else { Action::Allow });
-        Firewall { config, default, flows: HashMap::new() }
+        let open = config.rules.is_empty() && default == Action::Allow;
+        Firewall { config, default, open, flows: HashMap::new() }
     }
 
     pub fn rules(&self) -> &[Rule] {
@@ -217,6 +221,9 @@ impl Firewall {
 
     /// A packet we send to `peer`: remember the flow so answers get in.
     pub fn outbound(&mut self, peer: MeshAddr, packet: &[u8], now: Instant) {
+        if self.open {
+            return;
+        }
         let Some((flow, _)) = classify(packet, true) else { return };
         let ttl = match flow.proto {
             TCP => Duration::from_secs(3600),
@@ -234,6 +241,9 @@ impl Firewall {
 
     /// Whether a packet from `peer` (certified for `groups`) may come in.
     pub fn inbound(&mut self, peer: MeshAddr, certified_groups: &[String], packet: &[u8], now: Instant) -> bool {
+        if self.open {
+            return true;
+        }
         let Some((flow, icmp_error)) = classify(packet, false) else {
             // Not TCP, UDP or ICMP: only an explicit `any` rule or policy.
             return self.decide(peer, certified_groups, None) == Action::Allow;
@@ -335,6 +345,20 @@ mod tests {
         let other: MeshAddr = "7:0000.0000.0001".parse().unwrap();
         assert!(!fw.inbound(other, &[], &tcp(8080, 40000), now), "but not from another node");
         assert!(!fw.inbound(peer(), &[], &tcp(8080, 40000), now + Duration::from_secs(7200)), "flows expire");
+    }
+
+    #[test]
+    fn an_open_firewall_passes_everything_and_tracks_no_flows() {
+        let now = Instant::now();
+        let mut fw = Firewall::new(FirewallConfig::default(), false);
+        fw.outbound(peer(), &tcp(40000, 8080), now);
+        assert!(fw.flows.is_empty());
+        assert!(fw.inbound(peer(), &[], &tcp(8080, 40000), now));
+        assert!(fw.inbound(peer(), &[], &[0x60, 0, 0], now), "even what it could not classify");
+        // One rule, or a default of deny, and it tracks again.
+        let mut ruled = Firewall::new(FirewallConfig { default_inbound: None, rules: rules(&["deny tcp/23"]) }, false);
+        ruled.outbound(peer(), &tcp(40000, 8080), now);
+        assert_eq!(ruled.flows.len(), 1);
     }
 
     #[test]

@@ -332,6 +332,9 @@ pub struct Node {
     newest: HashMap<MeshAddr, NodeRecord>,
     transmits: VecDeque<Transmit>,
     tun_out: VecDeque<Vec<u8>>,
+    /// Buffers the driver gave back ([`Node::recycle`]), reused for the
+    /// next transmits and TUN packets so a packet costs no allocation.
+    spare: Vec<Vec<u8>>,
     events: VecDeque<Event>,
     rng: ChaCha20Rng,
     buf: Vec<u8>,
@@ -388,6 +391,7 @@ impl Node {
             handshake_limiter: std::sync::Arc::new(boringtun::noise::rate_limiter::RateLimiter::new(&wg_public, HANDSHAKES_PER_SECOND)),
             transmits: VecDeque::new(),
             tun_out: VecDeque::new(),
+            spare: Vec::new(),
             events: VecDeque::new(),
             rng,
             buf: vec![0; MAX_PACKET + WG_OVERHEAD],
@@ -491,7 +495,7 @@ impl Node {
             // new one now rather than when we next have data to send (a
             // node that only receives would otherwise stall).
             if let boringtun::noise::TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut self.buf, true) {
-                send_wg(&mut self.transmits, &mut self.stats, peer, init);
+                send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, init);
             }
             peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
         }
@@ -795,8 +799,8 @@ impl Node {
         }
         self.run_path_timers(now);
         if self.peers.next_wg_tick().is_some_and(|t| t <= now) {
-            let (transmits, stats) = (&mut self.transmits, &mut self.stats);
-            self.peers.tick_wireguard(now, |peer, out| send_wg(transmits, stats, peer, out));
+            let (transmits, stats, spare) = (&mut self.transmits, &mut self.stats, &mut self.spare);
+            self.peers.tick_wireguard(now, |peer, out| send_wg(transmits, stats, spare, peer, out));
         }
         self.unreachable_until.retain(|_, until| *until > now);
     }
@@ -814,6 +818,15 @@ impl Node {
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         self.transmits.pop_front()
+    }
+
+    /// Gives back a transmit's payload or a TUN packet once the driver is
+    /// done with it: the node reuses the buffer (it keeps a bounded few).
+    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_MAX_CAPACITY {
+            buffer.clear();
+            self.spare.push(buffer);
+        }
     }
 
     pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
@@ -1453,6 +1466,8 @@ impl Node {
             tracing::debug!(peer = %peer.addr, "idle session parked");
         }
         self.stats.sessions.parks += 1;
+        // Traffic has stopped: the buffers kept for it are dead weight.
+        self.spare = Vec::new();
     }
 
     /// Gives a parked peer a new session (with the current static key).
@@ -1503,7 +1518,7 @@ impl Node {
                 if out.first() == Some(&1) && peer.handshake.is_none() {
                     peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
                 }
-                send_wg(&mut self.transmits, &mut self.stats, peer, out);
+                send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
             }
             boringtun::noise::TunnResult::Done => {}
             boringtun::noise::TunnResult::Err(error) => {
@@ -1606,7 +1621,7 @@ impl Node {
             self.stats.count_drop(DropReason::WireGuard);
             let Some(tunn) = peer.tunn.as_mut() else { return };
             if let boringtun::noise::TunnResult::WriteToNetwork(init) = tunn.format_handshake_initiation(&mut self.buf, false) {
-                send_wg(&mut self.transmits, &mut self.stats, peer, init);
+                send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, init);
                 peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
             }
             return;
@@ -1641,7 +1656,7 @@ impl Node {
                             self.stats.handshakes.completed += 1;
                         }
                     }
-                    send_wg(&mut self.transmits, &mut self.stats, peer, out);
+                    send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
                 }
                 boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
@@ -1678,7 +1693,7 @@ impl Node {
                         peer.path.on_activity(now);
                         self.stats.rx_packets += 1;
                         self.stats.rx_bytes += packet.len() as u64;
-                        self.tun_out.push_back(packet.to_vec());
+                        self.tun_out.push_back(copy_into_spare(&mut self.spare, packet));
                     }
                     break;
                 }
@@ -1702,7 +1717,7 @@ impl Node {
                             peer.path.on_activity(now);
                             self.stats.rx_packets += 1;
                             self.stats.rx_bytes += packet.len() as u64;
-                            self.tun_out.push_back(packet.to_vec());
+                            self.tun_out.push_back(copy_into_spare(&mut self.spare, packet));
                         } else {
                             self.stats.count_drop(DropReason::Malformed);
                         }
@@ -1746,7 +1761,7 @@ impl Node {
                         peer.tunn.as_mut().map(|t| t.format_handshake_initiation(&mut self.buf, true))
                     {
                         tracing::debug!(peer = %peer.addr, attempt = h.attempts + 1, "retrying handshake");
-                        send_wg(&mut self.transmits, &mut self.stats, peer, out);
+                        send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
                     }
                     h.attempts += 1;
                     h.next = now + HANDSHAKE_RETRY * h.attempts.min(5);
@@ -1903,11 +1918,11 @@ fn our_ping_reply(packet: &[u8], pings: &HashMap<u16, PendingPing>) -> Option<(u
 }
 
 /// Sends a WireGuard datagram along the peer's current path.
-fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, peer: &Peer, datagram: &[u8]) {
+fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, spare: &mut Vec<Vec<u8>>, peer: &Peer, datagram: &[u8]) {
     match peer.path.current() {
         Some(Path::Direct(dst)) => {
             stats.count_tx(PathKind::Direct, datagram.len(), datagram);
-            transmits.push_back(Transmit { dst, payload: datagram.to_vec() })
+            transmits.push_back(Transmit { dst, payload: copy_into_spare(spare, datagram) })
         }
         Some(Path::Relay(relay)) => {
             stats.relayed_tx_packets += 1;
@@ -1922,6 +1937,21 @@ fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, peer: &Peer, d
                 transmits.push_back(Transmit { dst: c.endpoint, payload: datagram.to_vec() });
             }
         }
+    }
+}
+
+/// Most buffers [`Node::recycle`] keeps, and the largest it keeps.
+const SPARE_BUFFERS: usize = 128;
+const SPARE_MAX_CAPACITY: usize = 4096;
+
+/// `bytes` in a recycled buffer if there is one, else a new one.
+fn copy_into_spare(spare: &mut Vec<Vec<u8>>, bytes: &[u8]) -> Vec<u8> {
+    match spare.pop() {
+        Some(mut buffer) => {
+            buffer.extend_from_slice(bytes);
+            buffer
+        }
+        None => bytes.to_vec(),
     }
 }
 

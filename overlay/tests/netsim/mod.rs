@@ -350,6 +350,10 @@ impl Net {
             if let Some(internal) = self.nats[n].inbound(f.from, f.to.port(), now) {
                 if let Some(h) = self.hosts.iter_mut().find(|h| h.nat == Some(n) && h.internal == internal) {
                     h.node.handle_udp(f.from, &f.payload, now);
+                    // As the daemon does: buffers go back for reuse, so the
+                    // simulations also prove a reused buffer carries only
+                    // its new bytes.
+                    h.node.recycle(f.payload);
                 }
             }
             return;
@@ -360,6 +364,7 @@ impl Net {
         if let Some(h) = self.hosts.iter_mut().find(|h| h.internal == f.to) {
             if h.nat.is_none() || h.nat == sender_lan {
                 h.node.handle_udp(f.from, &f.payload, now);
+                h.node.recycle(f.payload);
             }
         }
     }
