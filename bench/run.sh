@@ -202,9 +202,26 @@ iperf() {  # tunnel test -> Mbit/s received
     inA timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 | tee -a "$RUN/iperf3-client.log" |
         awk '/receiver/ {for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") v = $(i-1)} END {print (v == "" ? "NA" : v)}'
 }
-pingrtt() {  # tunnel -> average RTT in ms
-    local n=$((SECS * 20)); [ $n -gt 200 ] && n=200
-    inA ping -q -c "$n" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
+pingrtt() {  # tunnel [count] -> average RTT in ms
+    inA ping -q -c "${2:-100}" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
+}
+# One run of the ping test: slices of 100 pings (0.5 s), the tunnels taking
+# turns slice by slice, so drift within the run hits every tunnel alike; a
+# tunnel's figure is the mean of its slices. 2 slices per second of --seconds.
+ping_run() {  # run -> appends each tunnel's figure to RESULTS
+    local slices=$((SECS * 2)) slice t v
+    declare -A sum=() bad=()
+    for slice in $(seq "$slices"); do
+        for t in ${TUNNELS//,/ }; do
+            v=$(pingrtt "$t")
+            if [ "$v" = NA ]; then bad[$t]=1; else sum[$t]=$(awk -v a="${sum[$t]:-0}" -v b="$v" 'BEGIN {print a + b}'); fi
+        done
+    done
+    for t in ${TUNNELS//,/ }; do
+        if [ -n "${bad[$t]:-}" ]; then v=NA; else v=$(awk -v a="${sum[$t]}" -v n="$slices" 'BEGIN {printf "%.4f", a / n}'); fi
+        printf '%s\t%s\t%s\n' ping "$t" "$v" >>"$RESULTS"
+        printf '   run %d  %-6s %-4s %s\n' "$1" ping "$t" "$v"
+    done
 }
 
 RESULTS="$RUN/results.tsv"
@@ -212,11 +229,12 @@ RESULTS="$RUN/results.tsv"
 echo "== measuring: $RUNS run(s) x ${SECS} s; tests $TESTS; tunnels $TUNNELS; load: $(uptime | sed 's/.*load/load/')"
 for r in $(seq "$RUNS"); do
     for test in ${TESTS//,/ }; do
+        if [ "$test" = ping ]; then ping_run "$r"; continue; fi
         for t in ${TUNNELS//,/ }; do
             before=$(cpu_ticks "$t")
-            if [ "$test" = ping ]; then v=$(pingrtt "$t"); else v=$(iperf "$t" "$test"); fi
+            v=$(iperf "$t" "$test")
             after=$(cpu_ticks "$t")
-            if [ "$test" != ping ] && [ "$v" != NA ]; then
+            if [ "$v" != NA ]; then
                 CPU[$t]=$(( ${CPU[$t]:-0} + after - before ))
                 BYTES[$t]=$(awk -v a="${BYTES[$t]:-0}" -v m="$v" -v s="$SECS" 'BEGIN {printf "%.0f", a + m * 1e6 / 8 * s}')
             fi
