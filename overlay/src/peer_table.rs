@@ -413,16 +413,26 @@ impl PathIndex {
         }
     }
 
+    /// Files the dirty peers' deadlines. Lazily: a deadline that moved
+    /// later (every packet pushes the keepalive on) keeps its earlier entry,
+    /// which then wakes a pass that finds nothing due and files the real
+    /// one; so a busy peer is filed about once per keepalive interval, not
+    /// once per wake-up.
     fn refile(&mut self, peers: &[Option<Box<Peer>>]) {
         for index in std::mem::take(&mut self.dirty) {
             let i = index as usize;
             self.is_dirty[i] = false;
-            self.forget(i);
-            if let Some(peer) = peers.get(i).and_then(Option::as_ref) {
-                let at = peer.poll_timeout();
-                self.filed[i] = Some(at);
-                self.set.insert((at, index));
+            let Some(peer) = peers.get(i).and_then(Option::as_ref) else {
+                self.forget(i);
+                continue;
+            };
+            let at = peer.poll_timeout();
+            if self.filed[i].is_some_and(|filed| filed <= at) {
+                continue;
             }
+            self.forget(i);
+            self.filed[i] = Some(at);
+            self.set.insert((at, index));
         }
     }
 }
