@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::cli_error::CliError;
 use crate::control;
 use crate::state::StateDir;
-use crate::engine::{Engine, EngineHandle, Slow};
+use crate::engine::{unix_now, Engine, EngineHandle, Slow};
 use crate::udp::{self, MeshSocket};
 
 pub struct UpOptions {
@@ -295,10 +295,6 @@ fn has_net_admin() -> bool {
 fn effective_caps(status: &str) -> Option<u64> {
     let line = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
     u64::from_str_radix(line.trim(), 16).ok()
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn bind_dns(ip: std::net::Ipv6Addr, port: u16) -> anyhow::Result<std::net::UdpSocket> {

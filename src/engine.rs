@@ -180,9 +180,7 @@ impl ConnectedSockets {
     /// for WireGuard data when there is room.
     fn slot_for(&mut self, main: &EngineSocket, dst: SocketAddr, first: &[u8], now: Instant) -> Option<usize> {
         if let Some(&slot) = self.by_dst.get(&dst) {
-            if let Some(c) = self.slots[slot].as_mut() {
-                c.last_used = now;
-            }
+            self.touch(Some(slot), now);
             return Some(slot);
         }
         if !self.enabled || !is_wireguard_data(first) || self.in_use() >= MAX_CONNECTED {
@@ -214,6 +212,14 @@ impl ConnectedSockets {
         Some(slot)
     }
 
+    /// A connected socket just received: it is in use.
+    fn touch(&mut self, slot: Option<usize>, now: Instant) {
+        if let Some(c) = slot.and_then(|s| self.slots.get_mut(s)).and_then(Option::as_mut) {
+            c.last_used = now;
+        }
+    }
+
+    /// The socket of `slot`, or the node's own (also for a slot since closed).
     fn socket<'a>(&'a self, main: &'a EngineSocket, slot: Option<usize>) -> &'a EngineSocket {
         slot.and_then(|s| self.slots.get(s)).and_then(Option::as_ref).map_or(main, |c| &c.socket)
     }
@@ -279,8 +285,8 @@ impl Engine {
             refused: Default::default(),
         };
         let mut events = [EpollEvent::empty(); 16];
+        // The daemon set the core's wall clock just before.
         let mut unix_set = Instant::now();
-        self.node.set_unix_time(unix_now());
         let down = 'run: loop {
             // One clock read per turn of the loop and one per wake-up: the
             // packets of a wake-up share its instant.
@@ -329,7 +335,8 @@ impl Engine {
                 Err(e) => return Err(e).context("epoll_wait failed"),
             };
             if n == 0 {
-                self.node.handle_timeout(Instant::now());
+                // Timed out (the timeout is rounded up) or interrupted: the
+                // top of the loop runs what is due.
                 continue;
             }
             let now = Instant::now();
@@ -342,20 +349,12 @@ impl Engine {
                 self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
                 self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now)?;
             }
-            if udp_ready && drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, 1, now) > 0 {
-                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns, now)?;
-                drain_socket(&mut self.node, &self.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
+            if udp_ready {
+                self.serve_udp(None, &mut tun_io, &mut scratch, &mut conns, now)?;
             }
             for event in &events[..n] {
-                let Some(slot) = event.data().checked_sub(CONNECTED).map(|s| s as usize) else { continue };
-                let Some(c) = conns.slots.get_mut(slot).and_then(Option::as_mut) else { continue };
-                if drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, 1, now) == 0 {
-                    continue;
-                }
-                c.last_used = now;
-                self.flush_and_answer(&mut tun_io, &mut scratch, &mut conns, now)?;
-                if let Some(c) = conns.slots.get(slot).and_then(Option::as_ref) {
-                    drain_socket(&mut self.node, &c.socket, &mut tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
+                if let Some(slot) = event.data().checked_sub(CONNECTED) {
+                    self.serve_udp(Some(slot as usize), &mut tun_io, &mut scratch, &mut conns, now)?;
                 }
             }
             if dns_ready {
@@ -478,11 +477,21 @@ impl Engine {
     /// returns (a ping, a TCP ACK), so one read of the TUN sends the answer
     /// on without a trip through epoll.
     fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, now: Instant) -> anyhow::Result<()> {
-        let written = tun_io.writes;
-        self.flush(tun_io, &mut scratch.batch, conns, now);
-        if tun_io.writes != written && self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0 {
+        if self.flush(tun_io, &mut scratch.batch, conns, now) && self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0 {
             self.flush(tun_io, &mut scratch.batch, conns, now);
         }
+        Ok(())
+    }
+
+    /// A readable UDP socket: the node's own (`slot` None) or a connected
+    /// one. The first receive is flushed (and answered) before the rest.
+    fn serve_udp(&mut self, slot: Option<usize>, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, now: Instant) -> anyhow::Result<()> {
+        if drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, 1, now) == 0 {
+            return Ok(());
+        }
+        conns.touch(slot, now);
+        self.flush_and_answer(tun_io, scratch, conns, now)?;
+        drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
         Ok(())
     }
 
@@ -528,8 +537,9 @@ impl Engine {
     }
 
     /// Sends what the core produced: datagrams DRAIN_BATCH at a time in one
-    /// sendmmsg(2), then the TUN's packets, then the events.
-    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets, now: Instant) {
+    /// sendmmsg(2), then the TUN's packets, then the events. Whether it
+    /// wrote to the TUN.
+    fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets, now: Instant) -> bool {
         loop {
             batch.clear();
             while batch.len() < DRAIN_BATCH {
@@ -555,11 +565,12 @@ impl Engine {
                 self.node.recycle(sent.payload);
             }
         }
-        tun_io.write_all(&mut self.node, &self.tun);
+        let wrote = tun_io.write_all(&mut self.node, &self.tun);
         while let Some(event) = self.node.poll_event() {
             crate::events::log(&event);
             self.hub.core_event(&event, now);
         }
+        wrote
     }
 
     /// Deregisters from the backbones, waiting at most DEREGISTER_GRACE for
@@ -639,7 +650,8 @@ fn epoll_timeout(wait: Duration) -> EpollTimeout {
     EpollTimeout::from(ms)
 }
 
-fn unix_now() -> u64 {
+/// Seconds since the Unix epoch (0 for a clock set before it).
+pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
@@ -671,8 +683,6 @@ impl OffloadStats {
 struct TunIo {
     offload: bool,
     stats: OffloadStats,
-    /// Writes the TUN took, ever.
-    writes: u64,
     coalescer: offload::Coalescer,
     split_scratch: Vec<u8>,
     single: Vec<u8>,
@@ -684,7 +694,6 @@ impl TunIo {
         TunIo {
             offload,
             stats: OffloadStats::default(),
-            writes: 0,
             coalescer: offload::Coalescer::new(),
             split_scratch: Vec::with_capacity(meshtun_overlay::MAX_PACKET),
             single: Vec::with_capacity(offload::MAX_READ),
@@ -707,11 +716,11 @@ impl TunIo {
     }
 
     /// Writes what the node has for the TUN; what the device will not take
-    /// now is written once it has room (bounded wait).
-    fn write_all(&mut self, node: &mut Node, device: &tun::Device) {
+    /// now is written once it has room (bounded wait). Whether any went.
+    fn write_all(&mut self, node: &mut Node, device: &tun::Device) -> bool {
         let blocked = &mut self.blocked;
         let stats = &mut self.stats;
-        let writes = &mut self.writes;
+        let mut wrote = false;
         let mut write = |buf: &[u8]| match device.send(buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
             Err(e) => {
@@ -719,7 +728,7 @@ impl TunIo {
                 tracing::trace!(error = %e, len = buf.len(), "TUN write failed");
             }
             Ok(_) => {
-                *writes += 1;
+                wrote = true;
                 if offload::VnetHdr::parse(buf).is_some_and(|h| h.gso_size != 0) {
                     stats.tun_super_packets_written += 1;
                 }
@@ -750,11 +759,12 @@ impl TunIo {
                         self.stats.tun_write_errors += 1;
                         tracing::trace!(error = %e, "TUN write failed");
                     }
-                    Ok(_) => {}
+                    Ok(_) => wrote = true,
                 }
                 break;
             }
         }
+        wrote
     }
 }
 

@@ -152,11 +152,7 @@ impl MeshSocket<UdpSocket> {
     }
 
     pub fn try_send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
-        let dst = match (self.dual_stack, dst) {
-            (true, SocketAddr::V4(v4)) => SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port()),
-            _ => dst,
-        };
-        self.socket.try_send_to(payload, dst)
+        self.socket.try_send_to(payload, self.outbound(dst))
     }
 
     pub async fn send_to(&self, payload: &[u8], dst: SocketAddr) -> std::io::Result<usize> {
@@ -168,6 +164,7 @@ impl MeshSocket<UdpSocket> {
             }
         }
     }
+
     /// Hands the socket to the packet engine's thread: out of tokio's
     /// reactor, so its readiness wakes nobody but the engine.
     pub fn into_engine(self) -> std::io::Result<EngineSocket> {
@@ -192,7 +189,38 @@ impl<S: AsRawFd> MeshSocket<S> {
         setsockopt_int(&self.socket, libc::SOL_UDP, UDP_GRO, 1).is_ok()
     }
 
-    fn recvmsg(&self, buf: &mut [u8]) -> std::io::Result<Received> {
+}
+
+impl AsFd for EngineSocket {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.socket.as_fd()
+    }
+}
+
+impl EngineSocket {
+    /// A socket on this one's port connected to `dst`: the kernel hands it
+    /// what `dst` sends (a connected socket outranks the unconnected one in
+    /// the `SO_REUSEPORT` group) and it sends to `dst` without a route
+    /// lookup per datagram. Needs `self` from [`MeshSocket::bind_shared`].
+    pub fn connected_to(&self, dst: SocketAddr, gro: bool) -> std::io::Result<EngineSocket> {
+        let local = self.socket.local_addr()?;
+        // An IPv4 peer gets an IPv4 socket even beside a dual-stack one:
+        // the IPv6 layer's wrapping of IPv4 is one more cost per datagram.
+        let (local, dual_stack) = match (local, dst) {
+            (SocketAddr::V6(_), SocketAddr::V4(_)) => (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), local.port()), false),
+            _ => (local, self.dual_stack),
+        };
+        let socket = bind_one(local, true)?;
+        let connected: EngineSocket = MeshSocket { socket: socket.into(), dual_stack, peer: Some(normalise(dst)), gso: AtomicBool::new(self.gso.load(Ordering::Relaxed)) };
+        connected.socket.connect(connected.outbound(dst))?;
+        if gro {
+            setsockopt_int(&connected.socket, libc::SOL_UDP, UDP_GRO, 1)?;
+        }
+        Ok(connected)
+    }
+
+    /// One receive without waiting: `WouldBlock` when nothing is queued.
+    pub fn recv_now(&self, buf: &mut [u8]) -> std::io::Result<Received> {
         // SAFETY: all-zero is a valid sockaddr_storage and msghdr.
         let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
         let mut control = [0u64; 8];
@@ -237,7 +265,7 @@ impl<S: AsRawFd> MeshSocket<S> {
     /// (without waiting) and returns how many went; `WouldBlock` when none
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
-    fn send_batch_now<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
+    pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
         if batch.is_empty() {
             return Ok(0);
         }
@@ -342,46 +370,6 @@ impl<S: AsRawFd> MeshSocket<S> {
             }
         }
         Ok(sent_datagrams)
-    }
-}
-
-impl AsFd for EngineSocket {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.socket.as_fd()
-    }
-}
-
-impl EngineSocket {
-    /// A socket on this one's port connected to `dst`: the kernel hands it
-    /// what `dst` sends (a connected socket outranks the unconnected one in
-    /// the `SO_REUSEPORT` group) and it sends to `dst` without a route
-    /// lookup per datagram. Needs `self` from [`MeshSocket::bind_shared`].
-    pub fn connected_to(&self, dst: SocketAddr, gro: bool) -> std::io::Result<EngineSocket> {
-        let local = self.socket.local_addr()?;
-        // An IPv4 peer gets an IPv4 socket even beside a dual-stack one:
-        // the IPv6 layer's wrapping of IPv4 is one more cost per datagram.
-        let (local, dual_stack) = match (local, dst) {
-            (SocketAddr::V6(_), SocketAddr::V4(_)) => (SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), local.port()), false),
-            _ => (local, self.dual_stack),
-        };
-        let socket = bind_one(local, true)?;
-        let connected: EngineSocket = MeshSocket { socket: socket.into(), dual_stack, peer: Some(normalise(dst)), gso: AtomicBool::new(self.gso.load(Ordering::Relaxed)) };
-        connected.socket.connect(connected.outbound(dst))?;
-        if gro {
-            setsockopt_int(&connected.socket, libc::SOL_UDP, UDP_GRO, 1)?;
-        }
-        Ok(connected)
-    }
-
-    /// One receive without waiting: `WouldBlock` when nothing is queued.
-    pub fn recv_now(&self, buf: &mut [u8]) -> std::io::Result<Received> {
-        self.recvmsg(buf)
-    }
-
-    /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
-    /// (without waiting) and returns how many went; `WouldBlock` when none did.
-    pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
-        self.send_batch_now(batch)
     }
 
     /// Waits up to `timeout` for room in the send buffer; whether there is.
@@ -531,18 +519,10 @@ mod tests {
         assert_eq!(sender.send_batch(&batch).unwrap(), batch.len());
         let mut got = Vec::new();
         let mut buf = vec![0u8; 65536];
-        let give_up = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while got.len() < datagrams.len() {
-            match receiver.recv_now(&mut buf) {
-                Ok(r) => {
-                    assert_eq!(r.from.port(), sender_port);
-                    got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && std::time::Instant::now() < give_up => {
-                    std::thread::sleep(std::time::Duration::from_millis(1));
-                }
-                Err(e) => panic!("receive failed: {e}"),
-            }
+            let r = wait_for(&receiver, &mut buf);
+            assert_eq!(r.from.port(), sender_port);
+            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
         }
         assert_eq!(got, datagrams);
     }
