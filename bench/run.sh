@@ -17,13 +17,15 @@
 #            --no-install (skip tunnels whose tools are missing)
 #            --mt-args "ARGS" (extra `meshtun up` arguments, e.g. --no-offload
 #            to measure what the offloads buy)  --keep (keep the logs)
+#            --bin2 PATH [--mt2-args "ARGS"] (a second meshtun pair, tunnel m2,
+#            measured in the same run: A/B two builds or two settings)
 #
 # Not part of `cargo test`. Needs root. Never build while it runs: iperf3
 # and both tunnel ends share the machine's cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""; MT_ARGS=""; KEEP=0
+RUNS=3; SECS=10; QUICK=0; INSTALL=1; BIN=""; MT_ARGS=""; KEEP=0; BIN2=""; MT2_ARGS=""
 TESTS="tcp1,tcp1r,tcp4,tcp4r,udp,udpr,ping"
 TUNNELS="raw,bt,wg,mt"
 while [ $# -gt 0 ]; do
@@ -36,13 +38,16 @@ while [ $# -gt 0 ]; do
         --bin) BIN=$2; shift 2 ;;
         --no-install) INSTALL=0; shift ;;
         --mt-args) MT_ARGS=$2; shift 2 ;;
+        --bin2) BIN2=$2; shift 2 ;;
+        --mt2-args) MT2_ARGS=$2; shift 2 ;;
         --keep) KEEP=1; shift ;;
-        -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
         *) echo "bench/run.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [ "$(id -u)" -eq 0 ] || { echo "bench/run.sh: needs root (namespaces, TUN): sudo $0" >&2; exit 1; }
 has() { [[ ",$2," == *",$1,"* ]]; }
+if { [ -n "$BIN2" ] || [ -n "$MT2_ARGS" ]; } && ! has m2 "$TUNNELS"; then TUNNELS="$TUNNELS,m2"; fi
 NOTES=()
 
 # ---- tools -----------------------------------------------------------------
@@ -81,10 +86,12 @@ if has mt "$TUNNELS" && [ -z "$BIN" ]; then
     BIN="$PWD/target/release/meshtun"
 fi
 
+[ -n "$BIN2" ] || BIN2=$BIN
+
 # ---- lab -------------------------------------------------------------------
 ID=$$
 P="mtbench-$ID"
-A="$P-a"; B="$P-b"
+A="$P-a"; B="$P-b"; C="$P-c"; D="$P-d"   # c and d: the second meshtun pair (m2)
 RUN=$(mktemp -d /tmp/mtbench.XXXXXX)
 PIDS=()
 declare -A PROC_A PROC_B         # tunnel -> pid of its process in a / b
@@ -96,21 +103,30 @@ cleanup() {
         for _ in $(seq 30); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
         kill -9 "$pid" 2>/dev/null
     done
-    ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
+    for ns in "$A" "$B" "$C" "$D"; do ip netns del "$ns" 2>/dev/null; done
     rm -f /var/run/wireguard/bt"$ID"?.sock /var/run/wireguard/wg"$ID"?.sock
     if [ "$KEEP" = 1 ]; then echo "logs kept in $RUN"; else rm -rf "$RUN"; fi
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$A"; ip netns add "$B"
-ip -n "$A" link set lo up; ip -n "$B" link set lo up
-ip link add eth0 netns "$A" type veth peer name eth0 netns "$B"
-ip -n "$A" addr add 10.99.0.1/24 dev eth0; ip -n "$B" addr add 10.99.0.2/24 dev eth0
-ip -n "$A" link set eth0 up; ip -n "$B" link set eth0 up
+make_pair() {  # ns-a ns-b: two namespaces on one veth pair, 10.99.0.1 and .2
+    ip netns add "$1"; ip netns add "$2"
+    ip -n "$1" link set lo up; ip -n "$2" link set lo up
+    ip link add eth0 netns "$1" type veth peer name eth0 netns "$2"
+    ip -n "$1" addr add 10.99.0.1/24 dev eth0; ip -n "$2" addr add 10.99.0.2/24 dev eth0
+    ip -n "$1" link set eth0 up; ip -n "$2" link set eth0 up
+}
+make_pair "$A" "$B"
+# A second meshtun pair cannot share a and b with the first: both would
+# route the mesh prefix to their own TUN. It gets a veth pair of its own.
+if has m2 "$TUNNELS"; then make_pair "$C" "$D"; fi
 inA() { ip netns exec "$A" "$@"; }
 inB() { ip netns exec "$B" "$@"; }
 declare -A PEER            # tunnel -> address of b through it
+declare -A NSA NSB         # tunnel -> the namespaces of its two ends
+for t in ${TUNNELS//,/ }; do NSA[$t]=$A; NSB[$t]=$B; done
+if has m2 "$TUNNELS"; then NSA[m2]=$C; NSB[m2]=$D; fi
 PEER[raw]=10.99.0.2
 
 wait_ping() {  # ns addr: until it answers (tunnel handshakes), max ~15 s
@@ -150,35 +166,42 @@ if has wg "$TUNNELS"; then
     start_wg_pair wg fd02 51822 wireguard-go -f
 fi
 declare -A IDLE_RSS
-if has mt "$TUNNELS"; then
-    echo "== starting meshtun ($BIN): backbone and node b in $B, node a in $A"
-    ip netns exec "$B" "$BIN" backbone --config /dev/null --listen 10.99.0.2:7400 --socket "$RUN/bb.sock" >"$RUN/bb.log" 2>&1 &
+start_meshtun() {  # tag binary port "extra up args": a backbone and node b in $B, node a in $A
+    local tag=$1 bin=$2 port=$3 args=$4 side ns A=${NSA[$1]} B=${NSB[$1]}
+    echo "== starting meshtun $tag ($bin${args:+ $args}): backbone and node b in $B, node a in $A"
+    ip netns exec "$B" "$bin" backbone --config /dev/null --listen 10.99.0.2:$((port + 1000)) --socket "$RUN/$tag-bb.sock" >"$RUN/$tag-bb.log" 2>&1 &
     PIDS+=($!)
     for side in a b; do
         ns=$A; [ $side = b ] && ns=$B
-        ip netns exec "$ns" "$BIN" up --config /dev/null --backbone 10.99.0.2:7400 --dns-port 0 --listen-port 51820 \
-            --interface "mt$ID$side" --state-dir "$RUN/mt-$side" --socket "$RUN/mt-$side.sock" $MT_ARGS >"$RUN/mt-$side.log" 2>&1 &
+        # shellcheck disable=SC2086
+        ip netns exec "$ns" "$bin" up --config /dev/null --backbone 10.99.0.2:$((port + 1000)) --dns-port 0 --listen-port "$port" \
+            --interface "$tag$ID$side" --state-dir "$RUN/$tag-$side" --socket "$RUN/$tag-$side.sock" $args >"$RUN/$tag-$side.log" 2>&1 &
         PIDS+=($!)
-        if [ $side = a ]; then PROC_A[mt]=$!; else PROC_B[mt]=$!; fi
+        if [ $side = a ]; then PROC_A[$tag]=$!; else PROC_B[$tag]=$!; fi
     done
     for side in a b; do
-        for _ in $(seq 100); do [ -S "$RUN/mt-$side.sock" ] && break; sleep 0.1; done
-        [ -S "$RUN/mt-$side.sock" ] || { echo "meshtun $side did not start:"; cat "$RUN/mt-$side.log"; exit 1; }
+        for _ in $(seq 100); do [ -S "$RUN/$tag-$side.sock" ] && break; sleep 0.1; done
+        [ -S "$RUN/$tag-$side.sock" ] || { echo "meshtun $tag $side did not start:"; cat "$RUN/$tag-$side.log"; exit 1; }
     done
-    PEER[mt]=$("$BIN" id --state-dir "$RUN/mt-b" --json | sed -E 's/.*"ipv6":"([^"]+)".*/\1/')
+    PEER[$tag]=$("$bin" id --state-dir "$RUN/$tag-b" --json | sed -E 's/.*"ipv6":"([^"]+)".*/\1/')
     sleep 1
-    IDLE_RSS[mt]=$(awk '/^VmRSS/ {print $2}' /proc/"${PROC_A[mt]}"/status)
-fi
+    IDLE_RSS[$tag]=$(awk '/^VmRSS/ {print $2}' /proc/"${PROC_A[$tag]}"/status)
+}
+if has mt "$TUNNELS"; then start_meshtun mt "$BIN" 51820 "$MT_ARGS"; fi
+if has m2 "$TUNNELS"; then start_meshtun m2 "$BIN2" 51830 "$MT2_ARGS"; fi
 for t in ${TUNNELS//,/ }; do
-    wait_ping "$A" "${PEER[$t]}" || { echo "tunnel $t: ${PEER[$t]} does not answer"; tail -5 "$RUN"/$t-*.log 2>/dev/null; exit 1; }
+    wait_ping "${NSA[$t]}" "${PEER[$t]}" || { echo "tunnel $t: ${PEER[$t]} does not answer"; tail -5 "$RUN"/$t-*.log 2>/dev/null; exit 1; }
 done
 
-if has mt "$TUNNELS"; then
+for t in mt m2; do
+    has $t "$TUNNELS" || continue
     # Which path meshtun's traffic takes (a relayed path would add a hop).
-    ip netns exec "$A" "$BIN" status --socket "$RUN/mt-a.sock" 2>/dev/null | grep -iE '^ *peer|path|direct|relay' | head -3 | sed 's/^/== meshtun a: /'
-fi
-ip netns exec "$B" iperf3 -s >"$RUN/iperf3-server.log" 2>&1 &
-PIDS+=($!)
+    ip netns exec "${NSA[$t]}" "$BIN" status --socket "$RUN/$t-a.sock" 2>/dev/null | grep -iE '^ *peer|path|direct|relay' | head -3 | sed "s/^/== meshtun $t a: /"
+done
+for ns in "$B" ${NSB[m2]:+"$D"}; do
+    ip netns exec "$ns" iperf3 -s >>"$RUN/iperf3-server.log" 2>&1 &
+    PIDS+=($!)
+done
 for _ in $(seq 50); do inA bash -c 'exec 3<>/dev/tcp/10.99.0.2/5201' 2>/dev/null && break; sleep 0.1; done
 sleep 0.3
 
@@ -199,21 +222,31 @@ iperf() {  # tunnel test -> Mbit/s received
         tcp1) ;; tcp1r) args+=(-R) ;; tcp4) args+=(-P 4) ;; tcp4r) args+=(-P 4 -R) ;;
         udp) args+=(-u -b 0 -l 1200) ;; udpr) args+=(-u -b 0 -l 1200 -R) ;;
     esac
-    inA timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 | tee -a "$RUN/iperf3-client.log" |
+    ip netns exec "${NSA[$t]}" timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 | tee -a "$RUN/iperf3-client.log" |
         awk '/receiver/ {for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") v = $(i-1)} END {print (v == "" ? "NA" : v)}'
 }
 pingrtt() {  # tunnel [count] -> average RTT in ms
-    inA ping -q -c "${2:-100}" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
+    ip netns exec "${NSA[$1]}" ping -q -c "${2:-100}" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
 }
 # One run of the ping test: slices of 100 pings (0.5 s), the tunnels taking
 # turns slice by slice, so drift within the run hits every tunnel alike; a
 # tunnel's figure is the mean of its slices. 2 slices per second of --seconds.
+cpu_ns() {  # nanoseconds of CPU the tunnel's two processes have used (every thread)
+    local t=$1 pid
+    for pid in "${PROC_A[$t]:-}" "${PROC_B[$t]:-}"; do
+        [ -n "$pid" ] && cat /proc/"$pid"/task/*/schedstat 2>/dev/null
+    done | awk '{s += $1} END {printf "%.0f", s}'
+}
 ping_run() {  # run -> appends each tunnel's figure to RESULTS
-    local slices=$((SECS * 2)) slice t v
+    local slices=$((SECS * 2)) slice t v before after
     declare -A sum=() bad=()
     for slice in $(seq "$slices"); do
         for t in ${TUNNELS//,/ }; do
+            before=$(cpu_ns "$t")
             v=$(pingrtt "$t")
+            after=$(cpu_ns "$t")
+            PING_CPU_NS[$t]=$(( ${PING_CPU_NS[$t]:-0} + after - before ))
+            PINGS[$t]=$(( ${PINGS[$t]:-0} + 100 ))
             if [ "$v" = NA ]; then bad[$t]=1; else sum[$t]=$(awk -v a="${sum[$t]:-0}" -v b="$v" 'BEGIN {print a + b}'); fi
         done
     done
@@ -223,6 +256,7 @@ ping_run() {  # run -> appends each tunnel's figure to RESULTS
         printf '   run %d  %-6s %-4s %s\n' "$1" ping "$t" "$v"
     done
 }
+declare -A PING_CPU_NS PINGS
 
 RESULTS="$RUN/results.tsv"
 : >"$RESULTS"
@@ -250,7 +284,7 @@ for t in ${TUNNELS//,/ }; do
 done
 
 # ---- report ----------------------------------------------------------------
-name() { case $1 in raw) echo "raw veth" ;; bt) echo "boringtun-cli -t 1" ;; wg) echo "wireguard-go" ;; mt) echo "meshtun${MT_ARGS:+ $MT_ARGS}" ;; esac; }
+name() { case $1 in raw) echo "raw veth" ;; bt) echo "boringtun-cli -t 1" ;; wg) echo "wireguard-go" ;; mt) echo "meshtun${MT_ARGS:+ $MT_ARGS}" ;; m2) echo "meshtun (2)${MT2_ARGS:+ $MT2_ARGS}" ;; esac; }
 stats() {  # test tunnel -> "min med max" (or NA)
     awk -F'\t' -v te="$1" -v tu="$2" '$1 == te && $2 == tu && $3 != "NA" {print $3}' "$RESULTS" | sort -g |
         awk '{v[NR] = $1} END {if (NR == 0) {print "NA NA NA"; exit}
@@ -273,14 +307,15 @@ done
 echo
 echo "(vs meshtun: the tunnel's median over meshtun's; for throughput above 1 means faster than meshtun, for RTT above 1 means slower)"
 echo
-printf '%-20s %14s %14s %14s\n' tunnel "CPU s per GB" "peak RSS MiB" "idle RSS MiB"
+printf '%-20s %14s %14s %14s %14s\n' tunnel "CPU s per GB" "CPU us/ping" "peak RSS MiB" "idle RSS MiB"
 for t in ${TUNNELS//,/ }; do
     [ "$t" = raw ] && continue
     cpu=$(awk -v c="${CPU[$t]:-0}" -v b="${BYTES[$t]:-0}" -v hz="$HZ" 'BEGIN {print (b > 0) ? sprintf("%.2f", c / hz / (b / 1e9)) : "-"}')
-    printf '%-20s %14s %14s %14s\n' "$(name "$t")" "$cpu" "$(awk -v k="${PEAK[$t]:-0}" 'BEGIN {printf "%.1f", k / 1024}')" \
+    pcpu=$(awk -v c="${PING_CPU_NS[$t]:-0}" -v n="${PINGS[$t]:-0}" 'BEGIN {print (n > 0) ? sprintf("%.1f", c / n / 1000) : "-"}')
+    printf '%-20s %14s %14s %14s %14s\n' "$(name "$t")" "$cpu" "$pcpu" "$(awk -v k="${PEAK[$t]:-0}" 'BEGIN {printf "%.1f", k / 1024}')" \
         "$( [ -n "${IDLE_RSS[$t]:-}" ] && awk -v k="${IDLE_RSS[$t]}" 'BEGIN {printf "%.1f", k / 1024}' || echo -)"
 done
-echo "(CPU: both ends' processes, over the throughput tests; RSS: the larger of the two ends' processes)"
+echo "(CPU: both ends' processes, per GB over the throughput tests and per ping (both ends, each way) over the ping test; RSS: the larger of the two ends' processes)"
 for n in "${NOTES[@]}"; do echo "note: $n"; done
 
 # ---- --quick is a check, not only a report -----------------------------------

@@ -39,6 +39,9 @@ const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Most sockets connected to single peers at once: each is a file
 /// descriptor and a kernel socket, so only the peers in use get one.
 const MAX_CONNECTED: usize = 64;
+/// While follow-up reads find nothing, one in this many is still tried
+/// (see [`FollowUp`]).
+const FOLLOW_UP_PROBE: u8 = 8;
 /// A connected socket unused (no send, no receive) this long is closed.
 const CONNECTED_IDLE: Duration = Duration::from_secs(30);
 /// How long after a failed connect(2) a destination is not tried again.
@@ -169,6 +172,7 @@ struct Connected {
     socket: EngineSocket,
     dst: SocketAddr,
     last_used: Instant,
+    follow_up: FollowUp,
 }
 
 impl ConnectedSockets {
@@ -207,7 +211,7 @@ impl ConnectedSockets {
             return None;
         }
         tracing::debug!(%dst, "opened a socket connected to a peer");
-        self.slots[slot] = Some(Connected { socket, dst, last_used: now });
+        self.slots[slot] = Some(Connected { socket, dst, last_used: now, follow_up: FollowUp::default() });
         self.by_dst.insert(dst, slot);
         Some(slot)
     }
@@ -222,6 +226,14 @@ impl ConnectedSockets {
     /// The socket of `slot`, or the node's own (also for a slot since closed).
     fn socket<'a>(&'a self, main: &'a EngineSocket, slot: Option<usize>) -> &'a EngineSocket {
         slot.and_then(|s| self.slots.get(s)).and_then(Option::as_ref).map_or(main, |c| &c.socket)
+    }
+
+    /// The follow-up policy of `slot`'s socket, or of the node's own.
+    fn follow_up<'a>(&'a mut self, main: &'a mut FollowUp, slot: Option<usize>) -> &'a mut FollowUp {
+        match slot.and_then(|s| self.slots.get_mut(s)).and_then(Option::as_mut) {
+            Some(c) => &mut c.follow_up,
+            None => main,
+        }
     }
 
     /// Closes the connected sockets unused for CONNECTED_IDLE (what they
@@ -243,6 +255,53 @@ impl ConnectedSockets {
 /// A WireGuard transport-data message (type 4, at least header and tag).
 fn is_wireguard_data(datagram: &[u8]) -> bool {
     datagram.len() >= 32 && datagram[..4] == [4, 0, 0, 0]
+}
+
+/// Whether a follow-up read of a source is worth its system call. The
+/// engine handles the first packet of a wake-up and flushes what it
+/// produced; then it may read the source again or leave it to epoll, which
+/// is level-triggered and reports a source that still holds data. In
+/// request-response traffic (a ping, an RPC) the follow-up read finds
+/// nothing every time: one wasted system call per packet. In bulk traffic
+/// it nearly always finds more, and leaving it to epoll would cost an
+/// `epoll_wait` per read instead. So it is tried while it pays and, while
+/// it does not, once in FOLLOW_UP_PROBE times to notice traffic picking up.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+struct FollowUp {
+    paying: bool,
+    skipped: u8,
+}
+
+impl FollowUp {
+    fn worth_trying(&mut self) -> bool {
+        if self.paying {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped >= FOLLOW_UP_PROBE {
+            self.skipped = 0;
+            return true;
+        }
+        false
+    }
+
+    /// What the last follow-up read that was tried found.
+    fn found(&mut self, anything: bool) {
+        self.paying = anything;
+    }
+}
+
+/// The engine's follow-up policies but those of connected sockets, which
+/// keep their own.
+#[derive(Default)]
+struct FollowUps {
+    /// More TUN reads after the first of a wake-up.
+    tun: FollowUp,
+    /// More receives on the node's own socket after the first.
+    udp: FollowUp,
+    /// A TUN read right after writing to the TUN, for the local stack's
+    /// answer (an echo reply, a TCP ACK) before going back to epoll.
+    answer: FollowUp,
 }
 
 /// Buffers reused for the whole run.
@@ -285,12 +344,13 @@ impl Engine {
             refused: Default::default(),
         };
         let mut events = [EpollEvent::empty(); 16];
+        let mut follow = FollowUps::default();
         // The daemon set the core's wall clock just before.
         let mut unix_set = Instant::now();
+        // One clock read per wake-up: its packets and the turn of the loop
+        // after them share its instant (they take microseconds).
+        let mut now = unix_set;
         let down = 'run: loop {
-            // One clock read per turn of the loop and one per wake-up: the
-            // packets of a wake-up share its instant.
-            let now = Instant::now();
             self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
             let mut answered = false;
             while let Some(answer) = self.node.poll_answer() {
@@ -327,6 +387,7 @@ impl Engine {
                 .unwrap_or(now + Duration::from_secs(1));
             if deadline <= now {
                 self.node.handle_timeout(now);
+                now = Instant::now();
                 continue;
             }
             let n = match conns.epoll.wait(&mut events, epoll_timeout(deadline - now)) {
@@ -334,27 +395,30 @@ impl Engine {
                 Err(Errno::EINTR) => 0,
                 Err(e) => return Err(e).context("epoll_wait failed"),
             };
+            now = Instant::now();
             if n == 0 {
                 // Timed out (the timeout is rounded up) or interrupted: the
                 // top of the loop runs what is due.
                 continue;
             }
-            let now = Instant::now();
             let ready = |token: u64| events[..n].iter().any(|e| e.data() == token);
             let (tun_ready, udp_ready, dns_ready, woken) = (ready(TUN), ready(UDP), ready(DNS), ready(WAKE));
             // The first packet from each source leaves before the source is
-            // read again: the read that finds it empty (one more system
-            // call) then comes after the send, not on the packet's path.
+            // read again (if it is: see FollowUp), so a read that finds the
+            // source empty is never on the packet's path.
             if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1, now)? > 0 {
                 self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-                self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now)?;
+                if follow.tun.worth_trying() {
+                    let more = self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now)?;
+                    follow.tun.found(more > 0);
+                }
             }
             if udp_ready {
-                self.serve_udp(None, &mut tun_io, &mut scratch, &mut conns, now)?;
+                self.serve_udp(None, &mut tun_io, &mut scratch, &mut conns, &mut follow, now)?;
             }
             for event in &events[..n] {
                 if let Some(slot) = event.data().checked_sub(CONNECTED) {
-                    self.serve_udp(Some(slot as usize), &mut tun_io, &mut scratch, &mut conns, now)?;
+                    self.serve_udp(Some(slot as usize), &mut tun_io, &mut scratch, &mut conns, &mut follow, now)?;
                 }
             }
             if dns_ready {
@@ -475,23 +539,39 @@ impl Engine {
     /// Flushes what a received datagram produced; when that wrote to the
     /// TUN, the local stack has often answered by the time the write
     /// returns (a ping, a TCP ACK), so one read of the TUN sends the answer
-    /// on without a trip through epoll.
-    fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, now: Instant) -> anyhow::Result<()> {
-        if self.flush(tun_io, &mut scratch.batch, conns, now) && self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0 {
-            self.flush(tun_io, &mut scratch.batch, conns, now);
+    /// on without a trip through epoll. Where the answers do not come (this
+    /// end sent the request), the read is mostly skipped (see FollowUp).
+    fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, answer: &mut FollowUp, now: Instant) -> anyhow::Result<()> {
+        if self.flush(tun_io, &mut scratch.batch, conns, now) && answer.worth_trying() {
+            let answered = self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0;
+            answer.found(answered);
+            if answered {
+                self.flush(tun_io, &mut scratch.batch, conns, now);
+            }
         }
         Ok(())
     }
 
     /// A readable UDP socket: the node's own (`slot` None) or a connected
     /// one. The first receive is flushed (and answered) before the rest.
-    fn serve_udp(&mut self, slot: Option<usize>, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, now: Instant) -> anyhow::Result<()> {
+    fn serve_udp(
+        &mut self,
+        slot: Option<usize>,
+        tun_io: &mut TunIo,
+        scratch: &mut Scratch,
+        conns: &mut ConnectedSockets,
+        follow: &mut FollowUps,
+        now: Instant,
+    ) -> anyhow::Result<()> {
         if drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, 1, now) == 0 {
             return Ok(());
         }
         conns.touch(slot, now);
-        self.flush_and_answer(tun_io, scratch, conns, now)?;
-        drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
+        self.flush_and_answer(tun_io, scratch, conns, &mut follow.answer, now)?;
+        if conns.follow_up(&mut follow.udp, slot).worth_trying() {
+            let more = drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
+            conns.follow_up(&mut follow.udp, slot).found(more > 0);
+        }
         Ok(())
     }
 
@@ -499,7 +579,7 @@ impl Engine {
     fn drain_tun(&mut self, tun_io: &mut TunIo, buf: &mut [u8], limit: usize, now: Instant) -> anyhow::Result<usize> {
         let mut read = 0;
         for _ in 0..limit {
-            match self.tun.recv(buf) {
+            match tun_read(self.tun.as_raw_fd(), buf) {
                 Ok(n) => {
                     read += 1;
                     tun_io.handle_read(&mut self.node, &mut buf[..n], now);
@@ -638,6 +718,24 @@ fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) {
     }
 }
 
+/// One read of the TUN (a packet, with offload a super-packet, behind its
+/// virtio-net header). Straight on the descriptor: the `tun` crate's
+/// `recv`/`send` zero a 1.5 KB stack buffer on every call, also for the
+/// read that finds nothing, which cost more than the read on the path of a
+/// ping.
+fn tun_read(fd: std::os::fd::RawFd, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: buf is valid for writes of buf.len() bytes for the call.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
+/// One write to the TUN: see [`tun_read`].
+fn tun_write(fd: std::os::fd::RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: buf is valid for reads of buf.len() bytes for the call.
+    let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+    if n < 0 { Err(std::io::Error::last_os_error()) } else { Ok(n as usize) }
+}
+
 /// When a key issued at `issued` expires: two rotations later, or never.
 pub fn key_expiry(rotation: Duration, issued: u64) -> u64 {
     if rotation.is_zero() { meshtun_proto::record::NO_EXPIRY } else { issued + 2 * rotation.as_secs() }
@@ -721,7 +819,8 @@ impl TunIo {
         let blocked = &mut self.blocked;
         let stats = &mut self.stats;
         let mut wrote = false;
-        let mut write = |buf: &[u8]| match device.send(buf) {
+        let fd = device.as_raw_fd();
+        let mut write = |buf: &[u8]| match tun_write(fd, buf) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => blocked.push(buf.to_vec()),
             Err(e) => {
                 stats.tun_write_errors += 1;
@@ -748,7 +847,7 @@ impl TunIo {
         self.coalescer.finish(&mut write);
         for buf in self.blocked.drain(..) {
             loop {
-                match device.send(&buf) {
+                match tun_write(fd, &buf) {
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if udp::wait_writable(device.as_raw_fd(), SEND_STALL) {
                             continue;
@@ -778,6 +877,20 @@ mod tests {
         assert_eq!(epoll_timeout(Duration::from_micros(1000)), EpollTimeout::from(1u16));
         assert_eq!(epoll_timeout(Duration::from_micros(1001)), EpollTimeout::from(2u16));
         assert_eq!(epoll_timeout(Duration::from_secs(3600)), EpollTimeout::from(60_000u16));
+    }
+
+    #[test]
+    fn a_follow_up_read_that_finds_nothing_is_then_tried_once_in_eight_times() {
+        let mut follow = FollowUp::default();
+        let tried = (0..64).filter(|_| follow.worth_trying()).count();
+        assert_eq!(tried, 64 / FOLLOW_UP_PROBE as usize);
+        // The probe finds traffic picking up: from then on, every time.
+        while !follow.worth_trying() {}
+        follow.found(true);
+        assert!((0..10).all(|_| follow.worth_trying()));
+        // Until one finds nothing again.
+        follow.found(false);
+        assert!(!follow.worth_trying());
     }
 
     #[test]

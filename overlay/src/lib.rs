@@ -1907,6 +1907,11 @@ impl Node {
 /// If `packet` is an echo reply to one of the engine's own pings:
 /// (sequence, when sent).
 fn our_ping_reply(packet: &[u8], pings: &HashMap<u16, PendingPing>) -> Option<(u16, Instant)> {
+    // Most packets are not: no parse unless a ping of ours is out and the
+    // next header is ICMPv6.
+    if pings.is_empty() || packet.get(6) != Some(&58) {
+        return None;
+    }
     let sliced = etherparse::SlicedPacket::from_ip(packet).ok()?;
     let Some(etherparse::TransportSlice::Icmpv6(icmp)) = sliced.transport else { return None };
     match icmp.icmp_type() {

@@ -265,13 +265,16 @@ impl PeerTable {
     /// slot order (the order a scan of every peer would visit them in).
     pub fn due_paths(&mut self, now: Instant) -> Vec<usize> {
         self.last_pass = now;
-        for index in std::mem::take(&mut self.touched) {
+        // Cleared in place: the list keeps its capacity, so the next
+        // packet's touch does not allocate.
+        for &index in &self.touched {
             let meta = &mut self.meta[index as usize];
             meta.touched = false;
             // Touched since the last pass: the quiet time counts from now
             // (no earlier than the touch itself).
             meta.active = meta.active.max(now);
         }
+        self.touched.clear();
         let paths = self.paths.get_mut();
         paths.refile(&self.peers);
         let mut due = Vec::new();
@@ -419,7 +422,10 @@ impl PathIndex {
     /// one; so a busy peer is filed about once per keepalive interval, not
     /// once per wake-up.
     fn refile(&mut self, peers: &[Option<Box<Peer>>]) {
-        for index in std::mem::take(&mut self.dirty) {
+        // Taken and given back drained: the list keeps its capacity, so
+        // marking the next packet's peer does not allocate.
+        let mut dirty = std::mem::take(&mut self.dirty);
+        for index in dirty.drain(..) {
             let i = index as usize;
             self.is_dirty[i] = false;
             let Some(peer) = peers.get(i).and_then(Option::as_ref) else {
@@ -434,6 +440,7 @@ impl PathIndex {
             self.filed[i] = Some(at);
             self.set.insert((at, index));
         }
+        self.dirty = dirty;
     }
 }
 
@@ -580,6 +587,31 @@ mod tests {
         assert_eq!(t.next_wg_tick(), None, "nothing left to tick: {ticked:?}");
         t.unpark(1, tunn, now + WG_TICK * 2);
         assert!(t.next_wg_tick().is_some(), "a new session is ticked again");
+    }
+
+    #[test]
+    fn the_lists_a_packet_marks_its_peer_in_keep_their_room_across_passes() {
+        // Marking the peer of every packet must not allocate: the lists are
+        // emptied in place by deadline lookups and passes, not replaced.
+        let now = Instant::now();
+        let mut t = table(4, now);
+        t.get_mut(2);
+        t.next_path_deadline();
+        t.due_paths(now);
+        t.end_pass();
+        let dirty_room = t.paths.get_mut().dirty.capacity();
+        let touched_room = t.touched.capacity();
+        assert!(dirty_room > 0 && touched_room > 0, "the lists were used");
+        for round in 1..=3u64 {
+            t.get_mut(round as usize % 4);
+            assert_eq!(t.paths.get_mut().dirty.len(), 1);
+            t.next_path_deadline();
+            t.due_paths(now + Duration::from_millis(round));
+            t.end_pass();
+            assert!(t.paths.get_mut().dirty.is_empty() && t.touched.is_empty());
+            assert_eq!(t.paths.get_mut().dirty.capacity(), dirty_room, "round {round}");
+            assert_eq!(t.touched.capacity(), touched_room, "round {round}");
+        }
     }
 
     #[test]
