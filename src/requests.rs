@@ -187,6 +187,9 @@ impl Waiting {
     }
 
     pub fn next_expiry(&self) -> Option<Instant> {
+        if self.waiters.is_empty() {
+            return None;
+        }
         self.waiters.values().map(|(_, since)| *since + GIVE_UP).min()
     }
 }

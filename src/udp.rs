@@ -266,10 +266,43 @@ impl EngineSocket {
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
     pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
-        if batch.is_empty() {
-            return Ok(0);
+        match batch {
+            [] => return Ok(0),
+            // The common case of request-response traffic: one send(2) or
+            // sendto(2), without building a message vector.
+            [one] => return self.send_one(one),
+            _ => {}
         }
         SEND_SCRATCH.with_borrow_mut(|scratch| self.send_batch_with(batch, scratch))
+    }
+
+    fn send_one<D: Outgoing>(&self, datagram: &D) -> std::io::Result<usize> {
+        let bytes = datagram.bytes();
+        loop {
+            let rc = match self.peer {
+                // SAFETY: bytes is valid for reads for the call.
+                Some(_) => unsafe { libc::send(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT) },
+                None => {
+                    let addr = socket2::SockAddr::from(self.outbound(datagram.dst()));
+                    // SAFETY: bytes and addr are valid for reads for the call.
+                    unsafe { libc::sendto(self.socket.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT, addr.as_ptr().cast(), addr.len()) }
+                }
+            };
+            if rc >= 0 {
+                return Ok(1);
+            }
+            let e = std::io::Error::last_os_error();
+            match e.kind() {
+                std::io::ErrorKind::WouldBlock => return Err(e),
+                std::io::ErrorKind::Interrupted => continue,
+                _ => {
+                    // Refused (unreachable, too big): dropped, as sendmmsg's
+                    // path skips a refused datagram.
+                    tracing::trace!(dst = %datagram.dst(), error = %e, "UDP send failed");
+                    return Ok(1);
+                }
+            }
+        }
     }
 
     fn send_batch_with<D: Outgoing>(&self, batch: &[D], scratch: &mut SendScratch) -> std::io::Result<usize> {
@@ -552,6 +585,10 @@ mod tests {
         assert_eq!(connected.send_batch(&[(dst, &b"to the peer"[..])]).unwrap(), 1);
         let (n, from) = peer.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"to the peer"[..], node_port));
+        // And a lone datagram from the node's own socket, addressed.
+        assert_eq!(node.send_batch(&[(dst, &b"from the node's socket"[..])]).unwrap(), 1);
+        let (n, from) = peer.recv_from(&mut buf).unwrap();
+        assert_eq!((&buf[..n], from.port()), (&b"from the node's socket"[..], node_port));
     }
 
     fn wait_for(socket: &EngineSocket, buf: &mut [u8]) -> Received {

@@ -833,6 +833,11 @@ impl Node {
         self.tun_out.pop_front()
     }
 
+    /// Whether [`Node::poll_event`] has anything.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
+    }
+
     pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
