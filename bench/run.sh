@@ -234,7 +234,7 @@ pingrtt() {  # tunnel [count] -> average RTT in ms
 cpu_ns() {  # nanoseconds of CPU the tunnel's two processes have used (every thread)
     local t=$1 pid
     for pid in "${PROC_A[$t]:-}" "${PROC_B[$t]:-}"; do
-        [ -n "$pid" ] && cat /proc/"$pid"/task/*/schedstat 2>/dev/null
+        if [ -n "$pid" ]; then cat /proc/"$pid"/task/*/schedstat 2>/dev/null || true; fi
     done | awk '{s += $1} END {printf "%.0f", s}'
 }
 ping_run() {  # run -> appends each tunnel's figure to RESULTS
