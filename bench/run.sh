@@ -231,6 +231,7 @@ pingrtt() {  # tunnel [count] -> average RTT in ms
 # One run of the ping test: slices of 100 pings (0.5 s), the tunnels taking
 # turns slice by slice, so drift within the run hits every tunnel alike; a
 # tunnel's figure is the mean of its slices. 2 slices per second of --seconds.
+# The order rotates from slice to slice.
 cpu_ns() {  # nanoseconds of CPU the tunnel's two processes have used (every thread)
     local t=$1 pid
     for pid in "${PROC_A[$t]:-}" "${PROC_B[$t]:-}"; do
@@ -240,14 +241,21 @@ cpu_ns() {  # nanoseconds of CPU the tunnel's two processes have used (every thr
 ping_run() {  # run -> appends each tunnel's figure to RESULTS
     local slices=$((SECS * 2)) slice t v before after
     declare -A sum=() bad=()
+    local -a order
+    read -r -a order <<<"${TUNNELS//,/ }"
     for slice in $(seq "$slices"); do
-        for t in ${TUNNELS//,/ }; do
+        # Each slice starts one tunnel further on: no tunnel always follows
+        # the same one (wireguard-go's runtime keeps threads spinning for a
+        # while after its traffic stops, which the next tunnel would pay).
+        local k=$(( (slice - 1) % ${#order[@]} ))
+        for t in "${order[@]:k}" "${order[@]:0:k}"; do
             before=$(cpu_ns "$t")
             v=$(pingrtt "$t")
             after=$(cpu_ns "$t")
             PING_CPU_NS[$t]=$(( ${PING_CPU_NS[$t]:-0} + after - before ))
             PINGS[$t]=$(( ${PINGS[$t]:-0} + 100 ))
             if [ "$v" = NA ]; then bad[$t]=1; else sum[$t]=$(awk -v a="${sum[$t]:-0}" -v b="$v" 'BEGIN {print a + b}'); fi
+            printf '%s\t%s\t%s\t%s\n' pingslice "$t" "$1.$slice" "$v" >>"$RESULTS"
         done
     done
     for t in ${TUNNELS//,/ }; do
@@ -306,6 +314,22 @@ for test in ${TESTS//,/ }; do
 done
 echo
 echo "(vs meshtun: the tunnel's median over meshtun's; for throughput above 1 means faster than meshtun, for RTT above 1 means slower)"
+if has ping "$TESTS" && has mt "$TUNNELS"; then
+    # Paired: each slice of 100 pings against meshtun's slice of the same
+    # round, seconds apart, so drift between rounds cancels out.
+    echo
+    echo "ping, paired by round (a tunnel's slice over meshtun's slice of the same round; above 1: meshtun faster):"
+    for t in ${TUNNELS//,/ }; do
+        [ "$t" = mt ] && continue
+        awk -F'\t' -v tu="$t" '$1 == "pingslice" && $4 != "NA" {v[$2 "/" $3] = $4; round[$3] = 1}
+            END {for (r in round) if ((tu "/" r) in v && ("mt/" r) in v && v["mt/" r] > 0) print v[tu "/" r] / v["mt/" r]}' "$RESULTS" |
+            sort -g | awk -v label="$(name "$t")" '{r[NR] = $1; if ($1 > 1) w++}
+                END {if (NR == 0) exit
+                     m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+                     q1 = r[int((NR + 3) / 4)]; q3 = r[int((3 * NR + 3) / 4)]
+                     printf "  %-22s median %.3f, quartiles %.3f-%.3f, %d rounds, meshtun faster in %d\n", label, m, q1, q3, NR, w}'
+    done
+fi
 echo
 printf '%-20s %14s %14s %14s %14s\n' tunnel "CPU s per GB" "CPU us/ping" "peak RSS MiB" "idle RSS MiB"
 for t in ${TUNNELS//,/ }; do
