@@ -80,7 +80,7 @@ fi
 if has wg "$TUNNELS"; then
     command -v wireguard-go >/dev/null && command -v wg >/dev/null || drop_tunnel wg "wireguard-go or wg not installed"
 fi
-if has mt "$TUNNELS" && [ -z "$BIN" ]; then
+if { has mt "$TUNNELS" || { has m2 "$TUNNELS" && [ -z "$BIN2" ]; }; } && [ -z "$BIN" ]; then
     echo "== cargo build --release"
     cargo build --quiet --release --locked --bin meshtun
     BIN="$PWD/target/release/meshtun"
@@ -196,7 +196,9 @@ done
 for t in mt m2; do
     has $t "$TUNNELS" || continue
     # Which path meshtun's traffic takes (a relayed path would add a hop).
-    ip netns exec "${NSA[$t]}" "$BIN" status --socket "$RUN/$t-a.sock" 2>/dev/null | grep -iE '^ *peer|path|direct|relay' | head -3 | sed "s/^/== meshtun $t a: /"
+    bin=$BIN; [ "$t" = m2 ] && bin=$BIN2
+    { ip netns exec "${NSA[$t]}" "$bin" status --socket "$RUN/$t-a.sock" 2>/dev/null || true; } | { grep -iE '^ *peer|path|direct|relay' || true; } |
+        head -3 | sed "s/^/== meshtun $t a: /"
 done
 for ns in "$B" ${NSB[m2]:+"$D"}; do
     ip netns exec "$ns" iperf3 -s >>"$RUN/iperf3-server.log" 2>&1 &
@@ -222,11 +224,13 @@ iperf() {  # tunnel test -> Mbit/s received
         tcp1) ;; tcp1r) args+=(-R) ;; tcp4) args+=(-P 4) ;; tcp4r) args+=(-P 4 -R) ;;
         udp) args+=(-u -b 0 -l 1200) ;; udpr) args+=(-u -b 0 -l 1200 -R) ;;
     esac
-    ip netns exec "${NSA[$t]}" timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 | tee -a "$RUN/iperf3-client.log" |
+    { ip netns exec "${NSA[$t]}" timeout $((SECS + 20)) iperf3 "${args[@]}" 2>&1 || true; } | tee -a "$RUN/iperf3-client.log" |
         awk '/receiver/ {for (i = 2; i <= NF; i++) if ($i == "Mbits/sec") v = $(i-1)} END {print (v == "" ? "NA" : v)}'
 }
 pingrtt() {  # tunnel [count] -> average RTT in ms
-    ip netns exec "${NSA[$1]}" ping -q -c "${2:-100}" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 | awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
+    # A ping that got no answer exits non-zero: the figure is NA, not the end of the run.
+    { ip netns exec "${NSA[$1]}" ping -q -c "${2:-100}" -i 0.005 -W 1 "${PEER[$1]}" 2>&1 || true; } |
+        awk -F/ '/^rtt|^round-trip/ {v = $5} END {print (v == "" ? "NA" : v)}'
 }
 # One run of the ping test: slices of 100 pings (0.5 s), the tunnels taking
 # turns slice by slice, so drift within the run hits every tunnel alike; a
@@ -252,7 +256,9 @@ ping_run() {  # run -> appends each tunnel's figure to RESULTS
             before=$(cpu_ns "$t")
             v=$(pingrtt "$t")
             after=$(cpu_ns "$t")
-            PING_CPU_NS[$t]=$(( ${PING_CPU_NS[$t]:-0} + after - before ))
+            # A thread that ended during the slice takes its time with it:
+            # never count less than nothing.
+            PING_CPU_NS[$t]=$(( ${PING_CPU_NS[$t]:-0} + (after > before ? after - before : 0) ))
             PINGS[$t]=$(( ${PINGS[$t]:-0} + 100 ))
             if [ "$v" = NA ]; then bad[$t]=1; else sum[$t]=$(awk -v a="${sum[$t]:-0}" -v b="$v" 'BEGIN {print a + b}'); fi
             printf '%s\t%s\t%s\t%s\n' pingslice "$t" "$1.$slice" "$v" >>"$RESULTS"

@@ -451,6 +451,12 @@ impl Engine {
                     }
                 }
             }
+            if dns_ready || woken {
+                // These wake-ups can take long (a status, a key rotation's
+                // fsync) and hand the node fresh instants of their own: the
+                // next turn of the loop reads the clock again.
+                now = Instant::now();
+            }
         };
         self.leave(&mut tun_io, &mut scratch, &mut conns);
         Ok(Exit { down, tun: self.tun })

@@ -279,6 +279,8 @@ struct PendingPing {
 /// Identifier of the ICMPv6 echo requests the engine sends itself (`meshtun
 /// ping`); replies carrying it are answered to the driver, not the TUN.
 const PING_IDENT: u16 = 0x4d54;
+/// Keeps the peer map's hash seed apart from the node's other uses of its seed.
+const BY_ADDR_HASH_SALT: u64 = 0x6279_5f61_6464_7221;
 /// How long discovery answers are cached.
 const QUERY_CACHE_TTL: Duration = Duration::from_secs(5);
 const NEGATIVE_QUERY_CACHE_TTL: Duration = Duration::from_secs(2);
@@ -306,7 +308,9 @@ pub struct Node {
     backbones: BackboneClient,
     peers: peer_table::PeerTable,
     free_peer_ids: Vec<PeerId>,
-    by_addr: HashMap<MeshAddr, PeerId>,
+    /// Looked up for every packet: a fast keyed hash (foldhash) instead of
+    /// SipHash, seeded from the node's seed (random in the daemon).
+    by_addr: HashMap<MeshAddr, PeerId, foldhash::fast::FixedState>,
     by_wg_key: HashMap<[u8; 32], PeerId>,
     lookups: HashMap<Query, PendingLookup>,
     lookup_by_request: HashMap<u64, Query>,
@@ -370,7 +374,7 @@ impl Node {
             backbones,
             peers: peer_table::PeerTable::new(config.persistent_keepalive, now),
             free_peer_ids: Vec::new(),
-            by_addr: HashMap::new(),
+            by_addr: HashMap::with_hasher(foldhash::fast::FixedState::with_seed(config.rng_seed ^ BY_ADDR_HASH_SALT)),
             by_wg_key: HashMap::new(),
             lookups: HashMap::new(),
             lookup_by_request: HashMap::new(),
@@ -1913,8 +1917,8 @@ impl Node {
 /// (sequence, when sent).
 fn our_ping_reply(packet: &[u8], pings: &HashMap<u16, PendingPing>) -> Option<(u16, Instant)> {
     // Most packets are not: no parse unless a ping of ours is out and the
-    // next header is ICMPv6.
-    if pings.is_empty() || packet.get(6) != Some(&58) {
+    // next header is ICMPv6 or an extension header that may lead to it.
+    if pings.is_empty() || !matches!(packet.get(6), Some(58 | 0 | 43 | 44 | 60)) {
         return None;
     }
     let sliced = etherparse::SlicedPacket::from_ip(packet).ok()?;

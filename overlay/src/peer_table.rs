@@ -82,6 +82,8 @@ pub struct PeerTable {
     /// When the last timer pass and the last WireGuard tick ran.
     last_pass: Instant,
     last_tick: Instant,
+    /// `grid_after(last_tick)`, asked for on every turn of the engine's loop.
+    next_grid: Instant,
     persistent_keepalive: Option<Duration>,
     /// What waking a session on access had to send (rare: a timer that
     /// fell due exactly then); the next timer pass sends it.
@@ -102,6 +104,7 @@ impl PeerTable {
             epoch: now,
             last_pass: now,
             last_tick: now,
+            next_grid: now + WG_TICK,
             persistent_keepalive: persistent_keepalive.filter(|&s| s > 0).map(|s| Duration::from_secs(s.into())),
             woken_output: Vec::new(),
             buf: vec![0; TICK_BUF],
@@ -257,7 +260,7 @@ impl PeerTable {
         if !self.woken_output.is_empty() {
             return Some(self.last_pass);
         }
-        let grid = (self.awake_count > 0).then(|| self.grid_after(self.last_tick));
+        let grid = (self.awake_count > 0).then_some(self.next_grid);
         grid.into_iter().chain(self.sleepers.first().map(|&(at, _)| at)).min()
     }
 
@@ -319,6 +322,7 @@ impl PeerTable {
             }
         }
         self.last_tick = now;
+        self.next_grid = self.grid_after(now);
         let awake = std::mem::take(&mut self.awake);
         let mut keep = Vec::with_capacity(awake.len());
         for index in awake {
