@@ -121,8 +121,6 @@ make_pair "$A" "$B"
 # A second meshtun pair cannot share a and b with the first: both would
 # route the mesh prefix to their own TUN. It gets a veth pair of its own.
 if has m2 "$TUNNELS"; then make_pair "$C" "$D"; fi
-inA() { ip netns exec "$A" "$@"; }
-inB() { ip netns exec "$B" "$@"; }
 declare -A PEER            # tunnel -> address of b through it
 declare -A NSA NSB         # tunnel -> the namespaces of its two ends
 for t in ${TUNNELS//,/ }; do NSA[$t]=$A; NSB[$t]=$B; done
@@ -204,7 +202,9 @@ for ns in "$B" ${NSB[m2]:+"$D"}; do
     ip netns exec "$ns" iperf3 -s >>"$RUN/iperf3-server.log" 2>&1 &
     PIDS+=($!)
 done
-for _ in $(seq 50); do inA bash -c 'exec 3<>/dev/tcp/10.99.0.2/5201' 2>/dev/null && break; sleep 0.1; done
+for ns in "$A" ${NSA[m2]:+"$C"}; do
+    for _ in $(seq 50); do ip netns exec "$ns" bash -c 'exec 3<>/dev/tcp/10.99.0.2/5201' 2>/dev/null && break; sleep 0.1; done
+done
 sleep 0.3
 
 # ---- measure ---------------------------------------------------------------

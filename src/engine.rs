@@ -164,10 +164,8 @@ struct ConnectedSockets {
     enabled: bool,
     gro: bool,
     slots: Vec<Option<Connected>>,
-    by_dst: std::collections::HashMap<SocketAddr, usize>,
-    /// The last destination looked up and its slot: most wake-ups send to
-    /// the one peer they heard from, and this skips hashing its address.
-    last: Option<(SocketAddr, usize)>,
+    /// Looked up for every run of datagrams sent: foldhash, not SipHash.
+    by_dst: std::collections::HashMap<SocketAddr, usize, foldhash::fast::RandomState>,
     refused: std::collections::HashMap<SocketAddr, Instant>,
 }
 
@@ -186,15 +184,8 @@ impl ConnectedSockets {
     /// The socket for a run of datagrams to `dst`, opening a connected one
     /// for WireGuard data when there is room.
     fn slot_for(&mut self, main: &EngineSocket, dst: SocketAddr, first: &[u8], now: Instant) -> Option<usize> {
-        if let Some((last, slot)) = self.last {
-            if last == dst {
-                self.touch(Some(slot), now);
-                return Some(slot);
-            }
-        }
         if let Some(&slot) = self.by_dst.get(&dst) {
             self.touch(Some(slot), now);
-            self.last = Some((dst, slot));
             return Some(slot);
         }
         if !self.enabled || !is_wireguard_data(first) || self.in_use() >= MAX_CONNECTED {
@@ -223,7 +214,6 @@ impl ConnectedSockets {
         tracing::debug!(%dst, "opened a socket connected to a peer");
         self.slots[slot] = Some(Connected { socket, dst, last_used: now, follow_up: FollowUp::default() });
         self.by_dst.insert(dst, slot);
-        self.last = Some((dst, slot));
         Some(slot)
     }
 
@@ -255,9 +245,6 @@ impl ConnectedSockets {
                 if let Some(c) = slot.take() {
                     let _ = self.epoll.delete(c.socket.as_fd());
                     self.by_dst.remove(&c.dst);
-                    if self.last.is_some_and(|(dst, _)| dst == c.dst) {
-                        self.last = None;
-                    }
                     tracing::debug!(dst = %c.dst, "closed an idle connected socket");
                 }
             }
@@ -280,7 +267,7 @@ fn is_wireguard_data(datagram: &[u8]) -> bool {
 /// it nearly always finds more, and leaving it to epoll would cost an
 /// `epoll_wait` per read instead. So it is tried while it pays and, while
 /// it does not, once in FOLLOW_UP_PROBE times to notice traffic picking up.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, Default)]
 struct FollowUp {
     paying: bool,
     skipped: u8,
@@ -302,6 +289,17 @@ impl FollowUp {
     /// What the last follow-up read that was tried found.
     fn found(&mut self, anything: bool) {
         self.paying = anything;
+    }
+
+    /// Runs `read` (which returns how many packets it got) if it is worth
+    /// trying, and learns from what it got; 0 when skipped.
+    fn read_more(&mut self, read: impl FnOnce() -> anyhow::Result<usize>) -> anyhow::Result<usize> {
+        if !self.worth_trying() {
+            return Ok(0);
+        }
+        let got = read()?;
+        self.found(got > 0);
+        Ok(got)
     }
 }
 
@@ -355,7 +353,6 @@ impl Engine {
             gro: self.udp_gro,
             slots: Vec::new(),
             by_dst: Default::default(),
-            last: None,
             refused: Default::default(),
         };
         let mut events = [EpollEvent::empty(); 16];
@@ -423,10 +420,7 @@ impl Engine {
             // source empty is never on the packet's path.
             if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1, now)? > 0 {
                 self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-                if follow.tun.worth_trying() {
-                    let more = self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now)?;
-                    follow.tun.found(more > 0);
-                }
+                follow.tun.read_more(|| self.drain_tun(&mut tun_io, &mut scratch.tun_read, DRAIN_BATCH - 1, now))?;
             }
             if udp_ready {
                 self.serve_udp(None, &mut tun_io, &mut scratch, &mut conns, &mut follow, now)?;
@@ -563,12 +557,8 @@ impl Engine {
     /// on without a trip through epoll. Where the answers do not come (this
     /// end sent the request), the read is mostly skipped (see FollowUp).
     fn flush_and_answer(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, answer: &mut FollowUp, now: Instant) -> anyhow::Result<()> {
-        if self.flush(tun_io, &mut scratch.batch, conns, now) && answer.worth_trying() {
-            let answered = self.drain_tun(tun_io, &mut scratch.tun_read, 1, now)? > 0;
-            answer.found(answered);
-            if answered {
-                self.flush(tun_io, &mut scratch.batch, conns, now);
-            }
+        if self.flush(tun_io, &mut scratch.batch, conns, now) && answer.read_more(|| self.drain_tun(tun_io, &mut scratch.tun_read, 1, now))? > 0 {
+            self.flush(tun_io, &mut scratch.batch, conns, now);
         }
         Ok(())
     }
@@ -589,10 +579,10 @@ impl Engine {
         }
         conns.touch(slot, now);
         self.flush_and_answer(tun_io, scratch, conns, &mut follow.answer, now)?;
-        if conns.follow_up(&mut follow.udp, slot).worth_trying() {
-            let more = drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now);
-            conns.follow_up(&mut follow.udp, slot).found(more > 0);
-        }
+        // The socket's policy is copied out and back: reading borrows `conns`.
+        let mut policy = *conns.follow_up(&mut follow.udp, slot);
+        policy.read_more(|| Ok(drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1, now)))?;
+        *conns.follow_up(&mut follow.udp, slot) = policy;
         Ok(())
     }
 

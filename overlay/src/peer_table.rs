@@ -79,10 +79,10 @@ pub struct PeerTable {
     sleepers: BTreeSet<(Instant, u32)>,
     /// The 250 ms grid every WireGuard tick falls on.
     epoch: Instant,
-    /// When the last timer pass and the last WireGuard tick ran.
+    /// When the last timer pass ran.
     last_pass: Instant,
-    last_tick: Instant,
-    /// `grid_after(last_tick)`, asked for on every turn of the engine's loop.
+    /// The grid point after the last WireGuard tick: asked for on every
+    /// turn of the engine's loop, so kept rather than worked out each time.
     next_grid: Instant,
     persistent_keepalive: Option<Duration>,
     /// What waking a session on access had to send (rare: a timer that
@@ -103,7 +103,6 @@ impl PeerTable {
             sleepers: BTreeSet::new(),
             epoch: now,
             last_pass: now,
-            last_tick: now,
             next_grid: now + WG_TICK,
             persistent_keepalive: persistent_keepalive.filter(|&s| s > 0).map(|s| Duration::from_secs(s.into())),
             woken_output: Vec::new(),
@@ -321,7 +320,6 @@ impl PeerTable {
                 self.awake.push(index);
             }
         }
-        self.last_tick = now;
         self.next_grid = self.grid_after(now);
         let awake = std::mem::take(&mut self.awake);
         let mut keep = Vec::with_capacity(awake.len());
