@@ -837,6 +837,14 @@ impl Node {
         self.tun_out.pop_front()
     }
 
+    /// How many datagrams ([`Node::poll_transmit`]) and TUN packets
+    /// ([`Node::poll_tun`]) wait for the driver. A driver reading in batches
+    /// flushes once this is a batch's worth, so packets leave while it
+    /// reads on and the buffers they hold stay few (and warm in cache).
+    pub fn backlog(&self) -> usize {
+        self.transmits.len() + self.tun_out.len()
+    }
+
     /// Whether [`Node::poll_event`] has anything.
     pub fn has_events(&self) -> bool {
         !self.events.is_empty()

@@ -262,3 +262,28 @@ fn a_node_backs_off_while_its_backbone_is_unreachable() {
     assert!(gaps.iter().all(|g| *g <= Duration::from_secs(30)));
     assert!(sent_at.len() < 15, "retries back off: {sent_at:?}");
 }
+
+#[test]
+fn the_backlog_counts_datagrams_and_tun_packets_until_the_driver_takes_them() {
+    let mut sim = Sim::new(&[(A, None), (B, None)]);
+    sim.run_for(Duration::from_secs(1));
+    let (a_ip, b_ip) = (sim.node(0).mesh_ip(), sim.node(1).mesh_ip());
+    sim.inject(0, echo_request(a_ip, b_ip, b"first"));
+    sim.run_for(Duration::from_secs(2)); // lookup, handshake, delivery
+    assert_eq!(sim.delivered[1].len(), 1);
+    assert_eq!((sim.node(0).backlog(), sim.node(1).backlog()), (0, 0));
+
+    for i in 0..3u8 {
+        sim.inject(0, echo_request(a_ip, b_ip, &[i; 100]));
+    }
+    assert_eq!(sim.node(0).backlog(), 3, "three datagrams wait to be sent");
+    let now = sim.now;
+    while let Some(t) = sim.node(0).poll_transmit() {
+        assert_eq!(t.dst, sock(B));
+        sim.node(1).handle_udp(sock(A), &t.payload, now);
+    }
+    assert_eq!(sim.node(0).backlog(), 0);
+    assert_eq!(sim.node(1).backlog(), 3, "three packets wait for B's TUN");
+    while sim.node(1).poll_tun().is_some() {}
+    assert_eq!(sim.node(1).backlog(), 0);
+}
