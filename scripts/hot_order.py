@@ -30,6 +30,10 @@ import sys
 FUNCTIONS_FILE = "bench/hot-path.functions"
 ORDER_FILE = "bench/hot-path.order"
 MAX_INSTANCES = 4
+# The engine's loop, entered once; the profile counts only inside it.
+LOOP = "meshtun::engine::Engine::run"
+# A ping run calls the packet path's functions thousands of times.
+MIN_CALLS = 100
 HASH = re.compile(r"::h[0-9a-f]{16}$")
 
 
@@ -46,21 +50,32 @@ def symbols(binary):
 
 
 def profile_costs(path):
-    """Instructions each function ran (self cost) in a callgrind output."""
-    costs = collections.Counter()
-    fn, positions, skip = None, 1, False
+    """Instructions each function ran (self cost) and how often it was
+    called, from a callgrind output."""
+    costs, calls = collections.Counter(), collections.Counter()
+    fn, positions, skip, callee = None, 1, False, None
     names = {}
+
+    def name(field):
+        # Compressed names: "(12) name" defines, "(12)" refers; fn= and
+        # cfn= lines share the table.
+        m = re.match(r"\((\d+)\)(?: (.*))?$", field)
+        if not m:
+            return field
+        if m.group(2) is not None:
+            names[m.group(1)] = m.group(2)
+        return names.get(m.group(1), "")
+
     for line in open(path, errors="replace"):
         line = line.rstrip("\n")
         if line.startswith("positions:"):
             positions = len(line.split()) - 1
         elif line.startswith("fn="):
-            fn = line[3:]
-            # Compressed names: "(12) name" defines, "(12)" refers.
-            m = re.match(r"\((\d+)\)(?: (.*))?$", fn)
-            if m:
-                fn = names.setdefault(m.group(1), m.group(2) or "")
+            fn = name(line[3:])
+        elif line.startswith("cfn="):
+            callee = name(line[4:])
         elif line.startswith("calls="):
+            calls[callee] += int(line[6:].split()[0])
             skip = True
         elif line[:1].isdigit() or line[:1] in "+-*" or line.startswith("0x"):
             if skip:
@@ -69,12 +84,16 @@ def profile_costs(path):
             parts = line.split()
             if fn is not None and len(parts) > positions:
                 costs[fn] += int(parts[positions])
-    return costs
+    return costs, calls
 
 
 def profile(path):
-    for fn, cost in profile_costs(path).most_common():
-        if cost > 0:
+    """The loop and what it calls over and over, by instructions run: a
+    function called only a few times (a handshake's key exchange) is not
+    on the packet path however much it costs."""
+    costs, calls = profile_costs(path)
+    for fn, cost in costs.most_common():
+        if fn and cost > 0 and (fn == LOOP or calls[fn] >= MIN_CALLS):
             print(fn)
 
 
