@@ -195,7 +195,19 @@ impl ConnectedSockets {
             self.touch(Some(slot), now);
             return Some(slot);
         }
-        if !self.enabled || !is_wireguard_data(first) || self.in_use() >= MAX_CONNECTED {
+        if !self.enabled || !is_wireguard_data(first) {
+            return None;
+        }
+        self.open(main, dst, now)
+    }
+
+    /// Opens a socket connected to `dst`, if there is room and it was not
+    /// refused lately. Out of line: it runs once per peer, and the packet
+    /// path stays compact (fewer cache lines and pages per wake-up).
+    #[cold]
+    #[inline(never)]
+    fn open(&mut self, main: &EngineSocket, dst: SocketAddr, now: Instant) -> Option<usize> {
+        if self.in_use() >= MAX_CONNECTED {
             return None;
         }
         if self.refused.get(&dst).is_some_and(|&until| until > now) {
@@ -334,6 +346,9 @@ struct Scratch {
 impl Engine {
     /// Runs until a signal or `meshtun down`, then deregisters (bounded
     /// wait) and hands the TUN back. Errors only when the TUN fails.
+    // Never inlined: the loop is one function that the link order and
+    // bench/profile-hot-path.sh (callgrind --toggle-collect) name.
+    #[inline(never)]
     pub fn run(mut self, inbox: Inbox) -> anyhow::Result<Exit> {
         let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("cannot create an epoll instance")?;
         // SAFETY: the TUN fd stays open for as long as `self.tun` lives,
@@ -371,17 +386,9 @@ impl Engine {
         let mut now = unix_set;
         let down = 'run: loop {
             self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-            let mut answered = false;
-            while let Some(answer) = self.node.poll_answer() {
-                answered = true;
-                if let Some(reply) = waiting.answer(&mut self.node, answer, now) {
-                    self.send_dns(reply);
-                }
-            }
+            let answered = self.node.has_answers() && self.answer_requests(&mut waiting, now);
             if waiting.next_expiry().is_some_and(|at| at <= now) {
-                for reply in waiting.expire(now) {
-                    self.send_dns(reply);
-                }
+                self.expire_requests(&mut waiting, now);
             }
             // The core's wall clock is in seconds: once a second will do.
             if now.saturating_duration_since(unix_set) >= Duration::from_secs(1) {
@@ -389,11 +396,7 @@ impl Engine {
                 unix_set = now;
             }
             if self.next_rotation.is_some_and(|at| at <= now) {
-                if let Err(e) = self.rotate() {
-                    tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed; retrying in an hour");
-                }
-                let fresh = self.wg_key.issued_unix + 60 >= unix_now();
-                self.next_rotation = Some(Instant::now() + if fresh { self.rotation } else { Duration::from_secs(3600) });
+                self.scheduled_rotation();
             }
             if answered {
                 // Answers may have queued packets (pings): send them before sleeping.
@@ -461,6 +464,39 @@ impl Engine {
         };
         self.leave(&mut tun_io, &mut scratch, &mut conns);
         Ok(Exit { down, tun: self.tun })
+    }
+
+    /// Hands the core's answers to the DNS and control requests waiting for
+    /// them; whether there were any. This and the other request and
+    /// rotation work below stay out of line: rare next to packets, and the
+    /// loop's code stays compact (fewer cache lines and pages per wake-up).
+    #[inline(never)]
+    fn answer_requests(&mut self, waiting: &mut Waiting, now: Instant) -> bool {
+        let mut answered = false;
+        while let Some(answer) = self.node.poll_answer() {
+            answered = true;
+            if let Some(reply) = waiting.answer(&mut self.node, answer, now) {
+                self.send_dns(reply);
+            }
+        }
+        answered
+    }
+
+    #[inline(never)]
+    fn expire_requests(&mut self, waiting: &mut Waiting, now: Instant) {
+        for reply in waiting.expire(now) {
+            self.send_dns(reply);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn scheduled_rotation(&mut self) {
+        if let Err(e) = self.rotate() {
+            tracing::error!(error = %format!("{e:#}"), "scheduled key rotation failed; retrying in an hour");
+        }
+        let fresh = self.wg_key.issued_unix + 60 >= unix_now();
+        self.next_rotation = Some(Instant::now() + if fresh { self.rotation } else { Duration::from_secs(3600) });
     }
 
     /// `Some` to stop, with the `meshtun down` to answer if that was why.
@@ -640,6 +676,7 @@ impl Engine {
         Ok(read)
     }
 
+    #[inline(never)]
     fn drain_dns(&mut self, waiting: &mut Waiting, buf: &mut [u8]) {
         let Some(dns) = &self.dns else { return };
         for _ in 0..DRAIN_BATCH {
@@ -712,6 +749,8 @@ impl Engine {
 
     /// Deregisters from the backbones, waiting at most DEREGISTER_GRACE for
     /// their confirmation, and saves what must outlive the process.
+    #[cold]
+    #[inline(never)]
     fn leave(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets) {
         self.node.shutdown(Instant::now());
         let give_up = Instant::now() + DEREGISTER_GRACE;

@@ -677,6 +677,11 @@ impl Node {
         token
     }
 
+    /// Whether [`Node::poll_answer`] has anything.
+    pub fn has_answers(&self) -> bool {
+        !self.answers.is_empty()
+    }
+
     pub fn poll_answer(&mut self) -> Option<Answer> {
         self.answers.pop_front()
     }
@@ -1017,6 +1022,7 @@ impl Node {
 
     /// A packet to a group address: sent once to every member over its own
     /// session. The mesh is one link, so members never forward it again.
+    #[inline(never)]
     fn broadcast(&mut self, group_ip: Ipv6Addr, packet: &[u8], now: Instant) {
         if packet.get(7).is_some_and(|hop_limit| *hop_limit == 0) {
             self.drop_packet(DropReason::NoRoute);
@@ -1066,6 +1072,7 @@ impl Node {
         }
     }
 
+    #[inline(never)]
     fn queue_for_lookup(&mut self, query: Query, packet: &[u8], now: Instant) {
         if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
             self.drop_packet(DropReason::QueueFull);
@@ -1083,6 +1090,7 @@ impl Node {
         }
     }
 
+    #[inline(never)]
     fn stash_handshake_for_lookup(&mut self, key: [u8; 32], from: Origin, datagram: &[u8], now: Instant) {
         let query = Query::WgKey { network: self.me.network, key };
         if !self.lookups.contains_key(&query) && self.lookups.len() >= self.config.max_pending_destinations {
@@ -1546,54 +1554,75 @@ impl Node {
         }
     }
 
+    /// The handshake limiter's verdict on an initiation: under load it is
+    /// answered with a cookie (or dropped) instead of with work. Whether to
+    /// go on. Out of line, as the handshake paths below: data packets are
+    /// the common case, and the packet path stays compact.
+    #[cold]
+    #[inline(never)]
+    fn admit_initiation(&mut self, origin: Origin, from: SocketAddr, datagram: &[u8]) -> bool {
+        match self.handshake_limiter.verify_packet(Some(from.ip()), datagram, &mut self.buf) {
+            Ok(_) => {}
+            Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => {
+                // Under load: answer with a cookie (smaller than the
+                // initiation), not with work.
+                self.stats.handshake_cookies_sent += 1;
+                let payload = match origin {
+                    Origin::Direct(_) => cookie.to_vec(),
+                    Origin::Relay(_) => {
+                        // The relay tells us who sent it only in its header,
+                        // which the datagram no longer has: drop instead.
+                        self.drop_packet(DropReason::RateLimited);
+                        return false;
+                    }
+                };
+                self.transmits.push_back(Transmit { dst: from, payload });
+                return false;
+            }
+            Err(_) => {
+                self.drop_packet(DropReason::WireGuard);
+                return false;
+            }
+        }
+        true
+    }
+
+    /// The peer an initiation comes from: a known key's peer, else the
+    /// initiation waits for a lookup of the key (None, as for one not meant
+    /// for this node).
+    #[cold]
+    #[inline(never)]
+    fn initiator(&mut self, init: &boringtun::noise::HandshakeInit, origin: Origin, from: SocketAddr, datagram: &[u8], now: Instant) -> Option<PeerId> {
+        match boringtun::noise::handshake::parse_handshake_anon(&self.wg_secret, &self.wg_public, init) {
+            Ok(half) => match self.by_wg_key.get(&half.peer_static_public) {
+                Some(&id) => Some(id),
+                None => {
+                    tracing::debug!(%from, "handshake from an unknown key; looking it up");
+                    self.stash_handshake_for_lookup(half.peer_static_public, origin, datagram, now);
+                    None
+                }
+            },
+            Err(error) => {
+                tracing::trace!(%from, ?error, "handshake not for us");
+                self.stats.handshakes.rejected += 1;
+                self.drop_packet(wireguard_drop(&error));
+                None
+            }
+        }
+    }
+
     fn handle_wireguard(&mut self, origin: Origin, datagram: &[u8], now: Instant) {
         let from = match origin {
             Origin::Direct(a) | Origin::Relay(a) => a,
         };
-        if datagram.first() == Some(&1) {
-            match self.handshake_limiter.verify_packet(Some(from.ip()), datagram, &mut self.buf) {
-                Ok(_) => {}
-                Err(boringtun::noise::TunnResult::WriteToNetwork(cookie)) => {
-                    // Under load: answer with a cookie (smaller than the
-                    // initiation), not with work.
-                    self.stats.handshake_cookies_sent += 1;
-                    let payload = match origin {
-                        Origin::Direct(_) => cookie.to_vec(),
-                        Origin::Relay(_) => {
-                            // The relay tells us who sent it only in its header,
-                            // which the datagram no longer has: drop instead.
-                            self.drop_packet(DropReason::RateLimited);
-                            return;
-                        }
-                    };
-                    self.transmits.push_back(Transmit { dst: from, payload });
-                    return;
-                }
-                Err(_) => {
-                    self.drop_packet(DropReason::WireGuard);
-                    return;
-                }
-            }
+        if datagram.first() == Some(&1) && !self.admit_initiation(origin, from, datagram) {
+            return;
         }
         let id = match Tunn::parse_incoming_packet(datagram) {
-            Ok(Packet::HandshakeInit(init)) => {
-                match boringtun::noise::handshake::parse_handshake_anon(&self.wg_secret, &self.wg_public, &init) {
-                    Ok(half) => match self.by_wg_key.get(&half.peer_static_public) {
-                        Some(&id) => id,
-                        None => {
-                            tracing::debug!(%from, "handshake from an unknown key; looking it up");
-                            self.stash_handshake_for_lookup(half.peer_static_public, origin, datagram, now);
-                            return;
-                        }
-                    },
-                    Err(error) => {
-                        tracing::trace!(%from, ?error, "handshake not for us");
-                        self.stats.handshakes.rejected += 1;
-                        self.drop_packet(wireguard_drop(&error));
-                        return;
-                    }
-                }
-            }
+            Ok(Packet::HandshakeInit(init)) => match self.initiator(&init, origin, from, datagram, now) {
+                Some(id) => id,
+                None => return,
+            },
             Ok(Packet::HandshakeResponse(p)) => PeerId(p.receiver_idx >> 8),
             Ok(Packet::PacketCookieReply(p)) => PeerId(p.receiver_idx >> 8),
             Ok(Packet::PacketData(p)) => PeerId(p.receiver_idx >> 8),
@@ -1866,6 +1895,7 @@ impl Node {
         self.retry_lookups(now);
     }
 
+    #[inline(never)]
     fn handle_probe(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
         let Some(sender) = probe::peek_sender(datagram) else {
             self.drop_packet(DropReason::Malformed);
@@ -1910,6 +1940,7 @@ impl Node {
         }
     }
 
+    #[inline(never)]
     fn answer_unreachable(&mut self, packet: &[u8]) {
         if let Some(error) = packet::icmpv6_address_unreachable(self.my_ip, packet) {
             self.tun_out.push_back(error);
