@@ -28,8 +28,9 @@ use crate::requests::{DnsReply, Waiting};
 use crate::state::StateDir;
 use crate::udp::{self, EngineSocket};
 
-/// Packets read from the TUN or the UDP socket per wake-up before what they
-/// produced is flushed (and the other sources get their turn).
+/// Reads of the TUN or a UDP socket per wake-up before the other sources
+/// get their turn (what they produce leaves every [`FLUSH_AT`] packets);
+/// also the most datagrams one sendmmsg(2) carries.
 const DRAIN_BATCH: usize = 64;
 /// While it reads on, the engine flushes once the node holds this many
 /// datagrams and TUN packets: what one read produced leaves before the
