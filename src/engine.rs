@@ -387,7 +387,10 @@ impl Engine {
         let mut now = unix_set;
         let down = 'run: loop {
             self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-            let answered = self.node.has_answers() && self.answer_requests(&mut waiting, now);
+            let answered = self.node.has_answers();
+            if answered {
+                self.answer_requests(&mut waiting, now);
+            }
             if waiting.next_expiry().is_some_and(|at| at <= now) {
                 self.expire_requests(&mut waiting, now);
             }
@@ -431,7 +434,11 @@ impl Engine {
             // source empty is never on the packet's path.
             if tun_ready && self.drain_tun(&mut tun_io, &mut scratch.tun_read, 1, now)? > 0 {
                 self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-                follow.tun.read_more(|| self.drain_tun_flushing(&mut tun_io, &mut scratch, &mut conns, DRAIN_BATCH - 1, now))?;
+                follow.tun.read_more(|| {
+                    self.read_flushing(&mut tun_io, &mut scratch, &mut conns, DRAIN_BATCH - 1, now, |engine, tun_io, scratch, _, limit| {
+                        engine.drain_tun(tun_io, &mut scratch.tun_read, limit, now)
+                    })
+                })?;
             }
             if udp_ready {
                 self.serve_udp(None, &mut tun_io, &mut scratch, &mut conns, &mut follow, now)?;
@@ -468,19 +475,16 @@ impl Engine {
     }
 
     /// Hands the core's answers to the DNS and control requests waiting for
-    /// them; whether there were any. This and the other request and
+    /// them. This and the other request and
     /// rotation work below stay out of line: rare next to packets, and the
     /// loop's code stays compact (fewer cache lines and pages per wake-up).
     #[inline(never)]
-    fn answer_requests(&mut self, waiting: &mut Waiting, now: Instant) -> bool {
-        let mut answered = false;
+    fn answer_requests(&mut self, waiting: &mut Waiting, now: Instant) {
         while let Some(answer) = self.node.poll_answer() {
-            answered = true;
             if let Some(reply) = waiting.answer(&mut self.node, answer, now) {
                 self.send_dns(reply);
             }
         }
-        answered
     }
 
     #[inline(never)]
@@ -626,34 +630,37 @@ impl Engine {
         // The socket's policy is copied out and back: reading borrows `conns`.
         let mut policy = *conns.follow_up(&mut follow.udp, slot);
         policy.read_more(|| {
-            let mut received = 0;
-            while received < DRAIN_BATCH - 1 {
-                let got = drain_socket(&mut self.node, conns.socket(&self.socket, slot), tun_io, &mut scratch.udp_read, DRAIN_BATCH - 1 - received, now);
-                received += got;
-                if got == 0 || self.node.backlog() < FLUSH_AT {
-                    break;
-                }
-                self.flush(tun_io, &mut scratch.batch, conns, now);
-            }
-            Ok(received)
+            self.read_flushing(tun_io, scratch, conns, DRAIN_BATCH - 1, now, |engine, tun_io, scratch, conns, limit| {
+                Ok(drain_socket(&mut engine.node, conns.socket(&engine.socket, slot), tun_io, &mut scratch.udp_read, limit, now))
+            })
         })?;
         *conns.follow_up(&mut follow.udp, slot) = policy;
         Ok(())
     }
 
-    /// Follow-up reads of the TUN, up to `limit`, flushing whenever
-    /// [`FLUSH_AT`] packets wait; how many reads found a packet.
-    fn drain_tun_flushing(&mut self, tun_io: &mut TunIo, scratch: &mut Scratch, conns: &mut ConnectedSockets, limit: usize, now: Instant) -> anyhow::Result<usize> {
-        let mut read = 0;
-        while read < limit {
-            let got = self.drain_tun(tun_io, &mut scratch.tun_read, limit - read, now)?;
-            read += got;
+    /// Follow-up reads of one source, up to `limit`: `read` reads (at most
+    /// the count it is given) until the source is empty or [`FLUSH_AT`]
+    /// packets wait, and those are flushed before it reads on. How many
+    /// reads found something.
+    fn read_flushing(
+        &mut self,
+        tun_io: &mut TunIo,
+        scratch: &mut Scratch,
+        conns: &mut ConnectedSockets,
+        limit: usize,
+        now: Instant,
+        mut read: impl FnMut(&mut Self, &mut TunIo, &mut Scratch, &ConnectedSockets, usize) -> anyhow::Result<usize>,
+    ) -> anyhow::Result<usize> {
+        let mut done = 0;
+        while done < limit {
+            let got = read(self, tun_io, scratch, conns, limit - done)?;
+            done += got;
             if got == 0 || self.node.backlog() < FLUSH_AT {
                 break;
             }
             self.flush(tun_io, &mut scratch.batch, conns, now);
         }
-        Ok(read)
+        Ok(done)
     }
 
     /// Reads what the TUN holds, up to `limit` reads, stopping early once
