@@ -514,7 +514,7 @@ impl Engine {
             }
             Slow::Watch => {
                 conns.expire(now);
-                self.hub.tick(&self.node.status(now), now);
+                self.hub.tick(self.node.peer_health(), now);
                 if let Some(not_after) = self.cert_not_after {
                     self.hub.certificate(not_after, unix_now());
                 }

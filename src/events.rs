@@ -11,14 +11,17 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use meshtun_overlay::{Event, NodeStatus};
+use meshtun_addr::MeshAddr;
+use meshtun_overlay::path::Path;
+use meshtun_overlay::peer::{PeerHealth, SessionState};
+use meshtun_overlay::Event;
 use serde_json::{json, Value};
 use tokio::sync::broadcast;
 
 /// Events a subscriber may fall behind by before it is told it missed some.
 const CAPACITY: usize = 1024;
 /// WireGuard's REJECT_AFTER_TIME: a session this old carries nothing.
-const SESSION_DEAD_AFTER_SECS: f64 = 180.0;
+const SESSION_DEAD_AFTER: Duration = Duration::from_secs(180);
 /// How long a punching attempt may take before it counts as failed (the
 /// path agent's quick probe rounds end after 4 s).
 const PUNCH_WINDOW: Duration = Duration::from_secs(10);
@@ -62,15 +65,18 @@ pub struct EventCounters {
 #[derive(Default)]
 struct PeerWatch {
     up: bool,
-    handshake_age: Option<f64>,
+    handshake_age: Option<Duration>,
+    /// The last tick that saw the peer: one that did not is gone.
+    seen_at_tick: u64,
 }
 
 pub struct Hub {
     tx: broadcast::Sender<Arc<str>>,
     counters: EventCounters,
     /// Open punching attempts: peer -> when probing started.
-    punching: HashMap<String, Instant>,
-    peers: HashMap<String, PeerWatch>,
+    punching: HashMap<MeshAddr, Instant>,
+    peers: HashMap<MeshAddr, PeerWatch>,
+    ticks: u64,
     /// Backbone -> registered?
     backbones: HashMap<String, bool>,
     /// The smallest warning step of [`CERT_WARNINGS`] already reported for
@@ -99,6 +105,7 @@ impl Hub {
             counters: EventCounters::default(),
             punching: HashMap::new(),
             peers: HashMap::new(),
+            ticks: 0,
             backbones: HashMap::new(),
             cert_warned: None,
             cert_expired_reported: false,
@@ -118,11 +125,11 @@ impl Hub {
     pub fn core_event(&mut self, event: &Event, now: Instant) {
         let Ok(value) = serde_json::to_value(event) else { return };
         let kind = value["event"].as_str().unwrap_or("unknown").to_string();
-        let peer = value["peer"].as_str().map(str::to_string);
+        let peer = value["peer"].as_str().and_then(|p| p.parse::<MeshAddr>().ok());
         let backbone = value["backbone"].as_str().map(str::to_string);
         match (kind.as_str(), &peer, &backbone) {
-            ("peer_added", Some(peer), _) => self.start_punch(peer, now),
-            ("peer_up", Some(peer), _) => self.peers.entry(peer.clone()).or_default().up = true,
+            ("peer_added", Some(peer), _) => self.start_punch(*peer, now),
+            ("peer_up", Some(peer), _) => self.peers.entry(*peer).or_default().up = true,
             ("path_changed", Some(peer), _) => {
                 let to = value["to"].as_str().unwrap_or("");
                 if to.starts_with("direct") {
@@ -131,7 +138,7 @@ impl Hub {
                     }
                 } else if to.starts_with("relay") {
                     // The direct path died: probing starts over.
-                    self.start_punch(peer, now);
+                    self.start_punch(*peer, now);
                 }
             }
             _ => {}
@@ -154,46 +161,57 @@ impl Hub {
         }
     }
 
-    /// A status snapshot (about once a second): derives peer down / up
-    /// again, key rotation and punching failures.
-    pub fn tick(&mut self, status: &NodeStatus, now: Instant) {
-        let mut seen = Vec::with_capacity(status.peers.len());
-        for p in &status.peers {
-            seen.push(p.address.clone());
-            let watch = self.peers.entry(p.address.clone()).or_default();
-            let age = p.handshake_age_secs;
+    /// The peers' health, about once a second: derives peer down / up
+    /// again, key rotation and punching failures. Linear in the peers and
+    /// allocation-free unless something is reported: the engine thread runs
+    /// it between packets, with thousands of peers.
+    pub fn tick(&mut self, peers: impl IntoIterator<Item = PeerHealth>, now: Instant) {
+        self.ticks += 1;
+        let tick = self.ticks;
+        let mut seen = 0;
+        for p in peers {
+            seen += 1;
+            let watch = self.peers.entry(p.addr).or_default();
+            watch.seen_at_tick = tick;
             // A parked peer is idle, not down: its next packet handshakes again.
-            let alive = p.session == "parked" || age.is_some_and(|a| a < SESSION_DEAD_AFTER_SECS);
-            let mut derived = Vec::new();
-            if watch.up && !alive && p.up_for_secs.is_some() {
+            let alive = p.session == SessionState::Parked || p.handshake_age.is_some_and(|a| a < SESSION_DEAD_AFTER);
+            let derived = if watch.up && !alive && p.established {
                 watch.up = false;
-                derived.push(json!({
-                    "event": "peer_down", "peer": p.address,
-                    "reason": format!("no WireGuard handshake for {SESSION_DEAD_AFTER_SECS:.0} s"),
-                }));
-            } else if !watch.up && alive && p.up_for_secs.is_some() && watch.handshake_age.is_some() {
+                Some(json!({
+                    "event": "peer_down", "peer": p.addr.to_string(),
+                    "reason": format!("no WireGuard handshake for {} s", SESSION_DEAD_AFTER.as_secs()),
+                }))
+            } else if !watch.up && alive && p.established && watch.handshake_age.is_some() {
                 watch.up = true;
-                derived.push(json!({ "event": "peer_up", "peer": p.address, "path": path_text(p), "reason": "session established again" }));
-            } else if let (true, Some(before), Some(age)) = (watch.up, watch.handshake_age, age) {
-                if age + 0.5 < before {
-                    derived.push(json!({ "event": "key_rotated", "peer": p.address, "reason": "new WireGuard handshake: fresh session keys" }));
-                }
-            }
-            watch.handshake_age = age;
-            if let Some(started) = self.punching.get(&p.address) {
-                if now.saturating_duration_since(*started) >= PUNCH_WINDOW && p.path != "direct" {
-                    self.punching.remove(&p.address);
+                Some(json!({ "event": "peer_up", "peer": p.addr.to_string(), "path": path_text(p.path), "reason": "session established again" }))
+            } else if let (true, Some(before), Some(age)) = (watch.up, watch.handshake_age, p.handshake_age) {
+                (age + Duration::from_millis(500) < before)
+                    .then(|| json!({ "event": "key_rotated", "peer": p.addr.to_string(), "reason": "new WireGuard handshake: fresh session keys" }))
+            } else {
+                None
+            };
+            watch.handshake_age = p.handshake_age;
+            if let Some(started) = self.punching.get(&p.addr) {
+                if now.saturating_duration_since(*started) >= PUNCH_WINDOW && !matches!(p.path, Some(Path::Direct(_))) {
+                    self.punching.remove(&p.addr);
                     self.counters.punch_relayed += 1;
                 }
             }
-            for event in derived {
+            if let Some(event) = derived {
                 self.emit(event);
             }
         }
-        let gone: Vec<String> = self.peers.keys().filter(|k| !seen.contains(k)).cloned().collect();
+        if seen < self.peers.len() {
+            self.forget_gone(tick);
+        }
+    }
+
+    #[cold]
+    fn forget_gone(&mut self, tick: u64) {
+        let gone: Vec<MeshAddr> = self.peers.iter().filter(|(_, w)| w.seen_at_tick != tick).map(|(a, _)| *a).collect();
         for peer in gone {
             if self.peers.remove(&peer).is_some_and(|w| w.up) {
-                self.emit(json!({ "event": "peer_down", "peer": peer, "reason": "peer removed" }));
+                self.emit(json!({ "event": "peer_down", "peer": peer.to_string(), "reason": "peer removed" }));
             }
             self.punching.remove(&peer);
         }
@@ -227,9 +245,9 @@ impl Hub {
         }));
     }
 
-    fn start_punch(&mut self, peer: &str, now: Instant) {
-        if !self.punching.contains_key(peer) {
-            self.punching.insert(peer.to_string(), now);
+    fn start_punch(&mut self, peer: MeshAddr, now: Instant) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.punching.entry(peer) {
+            entry.insert(now);
             self.counters.punch_attempts += 1;
         }
     }
@@ -247,10 +265,11 @@ impl Hub {
     }
 }
 
-fn path_text(p: &meshtun_overlay::peer::PeerStatus) -> String {
-    match p.endpoint {
-        Some(e) => format!("{} {e}", p.path),
-        None => p.path.to_string(),
+fn path_text(path: Option<Path>) -> String {
+    match path {
+        Some(Path::Direct(e)) => format!("direct {e}"),
+        Some(Path::Relay(e)) => format!("relay {e}"),
+        None => "none".to_string(),
     }
 }
 
@@ -389,5 +408,89 @@ mod tests {
             kinds,
             ["peer_added", "path_changed", "backbone_registered", "backbone_unreachable", "backbone_lost", "backbone_registered", "backbone_regained"]
         );
+    }
+
+    fn health(n: u32, session: SessionState, handshake_age_secs: Option<u64>) -> PeerHealth {
+        PeerHealth {
+            addr: format!("0:AAAA.{:04X}.{:04X}", n >> 16, n & 0xffff).parse().unwrap(),
+            session,
+            handshake_age: handshake_age_secs.map(Duration::from_secs),
+            established: true,
+            path: Some(Path::Direct("198.18.0.2:51820".parse().unwrap())),
+        }
+    }
+
+    fn kinds(got: &[Value]) -> Vec<(&str, &str)> {
+        got.iter().map(|v| (v["event"].as_str().unwrap(), v["peer"].as_str().unwrap_or(""))).collect()
+    }
+
+    #[test]
+    fn ticks_report_a_peer_down_when_its_session_dies_and_up_again_when_it_returns() {
+        let mut hub = Hub::new();
+        let mut rx = hub.sender().subscribe();
+        let now = Instant::now();
+        let peer = health(1, SessionState::Up, Some(5));
+        hub.core_event(&Event::PeerUp { peer: peer.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
+        drain(&mut rx);
+        hub.tick([peer], now);
+        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(100)), ..peer }], now);
+        assert!(drain(&mut rx).is_empty(), "an ageing session is not news");
+        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(181)), ..peer }], now);
+        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(182)), ..peer }], now);
+        let got = drain(&mut rx);
+        assert_eq!(kinds(&got), [("peer_down", "0:AAAA.0000.0001")]);
+        assert!(got[0]["reason"].as_str().unwrap().contains("180 s"), "{got:?}");
+        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(1)), ..peer }], now);
+        let got = drain(&mut rx);
+        assert_eq!(kinds(&got), [("peer_up", "0:AAAA.0000.0001")]);
+        assert_eq!(got[0]["path"], "direct 198.18.0.2:51820");
+    }
+
+    #[test]
+    fn ticks_report_key_rotation_and_treat_a_parked_peer_as_idle_not_down() {
+        let mut hub = Hub::new();
+        let mut rx = hub.sender().subscribe();
+        let now = Instant::now();
+        let peer = health(2, SessionState::Up, Some(119));
+        hub.core_event(&Event::PeerUp { peer: peer.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
+        hub.tick([peer], now);
+        drain(&mut rx);
+        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(1)), ..peer }], now);
+        assert_eq!(kinds(&drain(&mut rx)), [("key_rotated", "0:AAAA.0000.0002")]);
+        hub.tick([PeerHealth { session: SessionState::Parked, handshake_age: None, ..peer }], now);
+        assert!(drain(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn a_tick_over_ten_thousand_peers_reports_only_the_one_that_left() {
+        let mut hub = Hub::new();
+        let now = Instant::now();
+        let peers: Vec<PeerHealth> = (0..10_000).map(|n| health(n, SessionState::Up, Some(3))).collect();
+        for p in &peers {
+            hub.core_event(&Event::PeerUp { peer: p.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
+        }
+        hub.tick(peers.iter().copied(), now);
+        // Subscribed after the 10,000 peer_up events (more than a subscriber may lag by).
+        let mut rx = hub.sender().subscribe();
+        hub.tick(peers.iter().copied().filter(|p| p.addr != peers[4_321].addr), now);
+        let got = drain(&mut rx);
+        assert_eq!(kinds(&got), [("peer_down", peers[4_321].addr.to_string().as_str())]);
+        assert_eq!(got[0]["reason"], "peer removed");
+        hub.tick(peers.iter().copied().filter(|p| p.addr != peers[4_321].addr), now);
+        assert!(drain(&mut rx).is_empty(), "reported once");
+    }
+
+    #[test]
+    fn punching_that_has_not_gone_direct_within_its_window_counts_as_relayed() {
+        let mut hub = Hub::new();
+        let now = Instant::now();
+        let peer = PeerHealth { path: Some(Path::Relay("198.18.0.1:7400".parse().unwrap())), ..health(3, SessionState::Up, Some(1)) };
+        hub.core_event(&Event::PeerAdded { peer: peer.addr.to_string(), hostname: None }, now);
+        hub.tick([peer], now + Duration::from_secs(1));
+        assert_eq!(hub.counters().punch_relayed, 0);
+        hub.tick([peer], now + PUNCH_WINDOW);
+        hub.tick([peer], now + PUNCH_WINDOW + Duration::from_secs(1));
+        let c = hub.counters();
+        assert_eq!((c.punch_attempts, c.punch_direct, c.punch_relayed), (1, 0, 1));
     }
 }

@@ -903,6 +903,12 @@ impl Node {
         }
     }
 
+    /// Every peer's [`PeerHealth`]: the cheap snapshot the daemon takes
+    /// once a second (a full [`Node::status`] formats and allocates per peer).
+    pub fn peer_health(&self) -> impl Iterator<Item = peer::PeerHealth> + '_ {
+        self.peers.iter().flatten().map(|p| p.health())
+    }
+
     fn refresh_record(&mut self) {
         let record = NodeRecord {
             network: self.config.network,

@@ -3,7 +3,7 @@
 //! recreated on the next packet either way.
 
 use std::net::{Ipv6Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use boringtun::noise::Tunn;
 use meshtun_addr::MeshAddr;
@@ -64,6 +64,42 @@ pub struct HandshakeRetry {
     pub started: Instant,
     pub next: Instant,
     pub attempts: u32,
+}
+
+/// The session's state as `meshtun status` and the daemon's watch see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SessionState {
+    /// A WireGuard session exists (a handshake completed).
+    Up,
+    /// A session state exists but no handshake has completed yet.
+    Handshaking,
+    /// Idle: no session state held; the next packet either way handshakes again.
+    Parked,
+}
+
+impl SessionState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Up => "up",
+            SessionState::Handshaking => "handshaking",
+            SessionState::Parked => "parked",
+        }
+    }
+}
+
+/// What the daemon's once-a-second watch needs of a peer (peer down and up
+/// again, key rotation, punching results). Unlike [`PeerStatus`] it holds
+/// no strings and costs no allocation, so a snapshot of 10,000 peers is
+/// cheap enough for the engine thread.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PeerHealth {
+    pub addr: MeshAddr,
+    pub session: SessionState,
+    /// Since the last completed WireGuard handshake.
+    pub handshake_age: Option<Duration>,
+    /// Whether a session was ever established with the peer.
+    pub established: bool,
+    pub path: Option<Path>,
 }
 
 /// A peer as `meshtun status` shows it.
@@ -155,6 +191,21 @@ impl Peer {
         next
     }
 
+    pub fn health(&self) -> PeerHealth {
+        let handshake_age = self.tunn.as_ref().and_then(|t| t.time_since_last_handshake());
+        PeerHealth {
+            addr: self.addr,
+            session: match &self.tunn {
+                None => SessionState::Parked,
+                Some(_) if handshake_age.is_some() => SessionState::Up,
+                Some(_) => SessionState::Handshaking,
+            },
+            handshake_age,
+            established: self.up_since.is_some(),
+            path: self.path.current(),
+        }
+    }
+
     pub fn status(&self, now: Instant) -> PeerStatus {
         let (handshake, tx_bytes, rx_bytes) = match &self.tunn {
             Some(t) => {
@@ -164,10 +215,11 @@ impl Peer {
             None => (None, 0, 0),
         };
         let session = match &self.tunn {
-            None => "parked",
-            Some(_) if handshake.is_some() => "up",
-            Some(_) => "handshaking",
-        };
+            None => SessionState::Parked,
+            Some(_) if handshake.is_some() => SessionState::Up,
+            Some(_) => SessionState::Handshaking,
+        }
+        .as_str();
         PeerStatus {
             address: self.addr.to_string(),
             ipv6: self.ip,
