@@ -424,23 +424,34 @@ mod tests {
         got.iter().map(|v| (v["event"].as_str().unwrap(), v["peer"].as_str().unwrap_or(""))).collect()
     }
 
-    #[test]
-    fn ticks_report_a_peer_down_when_its_session_dies_and_up_again_when_it_returns() {
+    /// `peer` with its last handshake `secs` ago.
+    fn aged(peer: PeerHealth, secs: u64) -> PeerHealth {
+        PeerHealth { handshake_age: Some(Duration::from_secs(secs)), ..peer }
+    }
+
+    /// A hub that was told `peer` came up and has seen it in one tick.
+    fn hub_with_peer_up(peer: PeerHealth, now: Instant) -> (Hub, broadcast::Receiver<Arc<str>>) {
         let mut hub = Hub::new();
         let mut rx = hub.sender().subscribe();
+        hub.core_event(&Event::PeerUp { peer: peer.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
+        hub.tick([peer], now);
+        drain(&mut rx);
+        (hub, rx)
+    }
+
+    #[test]
+    fn ticks_report_a_peer_down_when_its_session_dies_and_up_again_when_it_returns() {
         let now = Instant::now();
         let peer = health(1, SessionState::Up, Some(5));
-        hub.core_event(&Event::PeerUp { peer: peer.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
-        drain(&mut rx);
-        hub.tick([peer], now);
-        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(100)), ..peer }], now);
+        let (mut hub, mut rx) = hub_with_peer_up(peer, now);
+        hub.tick([aged(peer, 100)], now);
         assert!(drain(&mut rx).is_empty(), "an ageing session is not news");
-        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(181)), ..peer }], now);
-        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(182)), ..peer }], now);
+        hub.tick([aged(peer, 181)], now);
+        hub.tick([aged(peer, 182)], now);
         let got = drain(&mut rx);
         assert_eq!(kinds(&got), [("peer_down", "0:AAAA.0000.0001")]);
         assert!(got[0]["reason"].as_str().unwrap().contains("180 s"), "{got:?}");
-        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(1)), ..peer }], now);
+        hub.tick([aged(peer, 1)], now);
         let got = drain(&mut rx);
         assert_eq!(kinds(&got), [("peer_up", "0:AAAA.0000.0001")]);
         assert_eq!(got[0]["path"], "direct 198.18.0.2:51820");
@@ -448,14 +459,10 @@ mod tests {
 
     #[test]
     fn ticks_report_key_rotation_and_treat_a_parked_peer_as_idle_not_down() {
-        let mut hub = Hub::new();
-        let mut rx = hub.sender().subscribe();
         let now = Instant::now();
         let peer = health(2, SessionState::Up, Some(119));
-        hub.core_event(&Event::PeerUp { peer: peer.addr.to_string(), path: "direct 198.18.0.2:51820".into() }, now);
-        hub.tick([peer], now);
-        drain(&mut rx);
-        hub.tick([PeerHealth { handshake_age: Some(Duration::from_secs(1)), ..peer }], now);
+        let (mut hub, mut rx) = hub_with_peer_up(peer, now);
+        hub.tick([aged(peer, 1)], now);
         assert_eq!(kinds(&drain(&mut rx)), [("key_rotated", "0:AAAA.0000.0002")]);
         hub.tick([PeerHealth { session: SessionState::Parked, handshake_age: None, ..peer }], now);
         assert!(drain(&mut rx).is_empty());
