@@ -396,6 +396,21 @@ impl EngineSocket {
                     self.gso.store(false, Ordering::Relaxed);
                     return Ok(sent_datagrams);
                 }
+                _ if runs[done].len() > 1 && e.raw_os_error() == Some(libc::EMSGSIZE) => {
+                    // The run's segments exceed the path MTU the kernel
+                    // knows for its destination (a smaller link on the
+                    // way, learnt from ICMP): it will not segment them,
+                    // but it fragments single datagrams. So this run goes
+                    // one by one; other destinations keep their GSO.
+                    for (k, datagram) in batch[runs[done].clone()].iter().enumerate() {
+                        if let Err(e) = self.send_one(datagram) {
+                            let sent = sent_datagrams + k;
+                            return if sent > 0 { Ok(sent) } else { Err(e) };
+                        }
+                    }
+                    sent_datagrams += runs[done].len();
+                    done += 1;
+                }
                 _ => {
                     // The first datagram was refused (unreachable, too big):
                     // skip it like a failed send_to and go on.
@@ -561,6 +576,41 @@ mod tests {
             got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
         }
         assert_eq!(got, datagrams);
+    }
+
+    #[tokio::test]
+    async fn a_batch_larger_than_the_path_mtu_goes_one_by_one_and_arrives_whole() {
+        // IPV6_MTU caps the socket's path MTU: as if ICMP had reported a
+        // 1280-byte link on the way. A GSO send of larger segments is then
+        // refused (EMSGSIZE) while single datagrams are fragmented.
+        let localhost = Some(IpAddr::V6(Ipv6Addr::LOCALHOST));
+        let sender = MeshSocket::bind(localhost, 0).unwrap();
+        let receiver = MeshSocket::bind(localhost, 0).unwrap();
+        sender.enable_offloads();
+        let receiver_port = receiver.local_port();
+        let (sender, receiver) = (sender.into_engine().unwrap(), receiver.into_engine().unwrap());
+        let mtu: libc::c_int = 1280;
+        // SAFETY: a valid socket and an int option value that outlives the call.
+        let rc = unsafe {
+            libc::setsockopt(sender.socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU, (&mtu as *const libc::c_int).cast(), 4)
+        };
+        assert_eq!(rc, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
+        let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), receiver_port);
+        let datagrams: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1452]).collect();
+        let batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
+        let mut sent = 0;
+        while sent < batch.len() {
+            sent += sender.send_batch(&batch[sent..]).unwrap();
+        }
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < datagrams.len() {
+            let r = wait_for(&receiver, &mut buf);
+            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
+        }
+        assert_eq!(got, datagrams);
+        // Segmentation stays on for the paths that can take it.
+        assert!(sender.gso.load(Ordering::Relaxed));
     }
 
     #[tokio::test]

@@ -571,6 +571,102 @@ fn a_host_behind_two_nats_cgnat_still_connects() {
     checks.finish();
 }
 
+/// The default mesh MTU (1420) makes 1480-byte UDP datagrams over IPv4.
+/// Here the LAN behind B's router has an MTU of 1280: datagrams from A
+/// with DF set make the router answer "fragmentation needed" (path MTU
+/// discovery), and B's own link cannot carry them at all. Full-size inner
+/// packets and bulk TCP must still cross both ways, on the direct path:
+/// the kernel fragments the datagrams once it knows the path MTU, and a
+/// UDP GSO batch the kernel refuses for it is sent again one by one.
+#[test]
+fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp() {
+    let name = "a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    const SMALL_MTU: &str = "1280";
+    const TRANSFER: usize = 2 * 1024 * 1024;
+    const TRANSFER_WITHIN: Duration = Duration::from_secs(30);
+    let lab = NatLab::new("mtu");
+    let router = lab.router(NatKind::FullCone);
+    let hb = lab.host_behind(&router, "b");
+    let ha = lab.public_host("a");
+    for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
+        ns.exec_ok(&["ip", "link", "set", dev, "mtu", SMALL_MTU]);
+    }
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    let mut checks = Checks::new();
+
+    // Inner packets of the full mesh MTU (1420 = 40 + 8 + 1372), DF inside.
+    // The first ones may be lost while the kernel learns the path MTU.
+    for (from, to, label) in [(&ha, &nb, "A -> B"), (&hb, &na, "B -> A")] {
+        let ping = |count: &str| {
+            from.ns.exec_timeout(
+                &["ping", "-6", "-n", "-c", count, "-i", "0.3", "-W", "2", "-s", "1372", "-M", "do", &to.id.ipv6.to_string()],
+                Duration::from_secs(30),
+            )
+        };
+        let _ = ping("2");
+        let out = ping("5");
+        let summary = out.stdout.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+        println!("{label}: 1420-byte pings once the path MTU is known: {summary}");
+        checks.check(summary.contains(" 0% packet loss"), || format!("{label}: full-size pings over the 1280-byte path: {}", out.describe()));
+    }
+
+    for (i, (from, from_node, to, to_node, label)) in
+        [(&ha, &na, &hb, &nb, "A -> B"), (&hb, &nb, &ha, &na, "B -> A")].into_iter().enumerate()
+    {
+        let data = payload(TRANSFER, 70 + i as u64);
+        let port = SINK_PORT + i as u16;
+        let sink = start_sink(&to.ns, to_node.id.ipv6, port, Duration::from_secs(40));
+        // Black-holed segments do not fail a TCP transfer, they stall it
+        // (retransmissions back off for many minutes): bounded here.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ns, dst) = (from.ns.clone(), to_node.id.ipv6);
+        thread::spawn(move || {
+            let _ = tx.send(send_hashed(&ns, dst, port, &data, None, Duration::from_secs(20), || {}));
+        });
+        let sent = rx
+            .recv_timeout(TRANSFER_WITHIN)
+            .unwrap_or_else(|_| Err(format!("not done within {TRANSFER_WITHIN:?}: the path loses full-size datagrams")));
+        let received = if sent.is_ok() { sink.join().expect("sink thread panicked") } else { Err("abandoned".into()) };
+        check_transfer(&mut checks, label, &sent, &received, TRANSFER);
+        let path = from_node.peer(&to_node.id.address).ok().flatten().and_then(|p| p.get("path").and_then(Value::as_str).map(str::to_string));
+        println!(
+            "{label}: {} MiB {} in {}, path {path:?}",
+            TRANSFER / (1024 * 1024),
+            if sent.as_ref().is_ok_and(|s| s.hash_ok) { "intact" } else { "FAILED" },
+            secs(sent.as_ref().ok().map(|s| s.transfer)),
+        );
+        checks.check(path.as_deref() == Some("direct"), || format!("{label}: path {path:?}, expected direct (the MTU must not push it to the relay)"));
+    }
+    // Both ends really sent datagrams larger than the path: the kernel
+    // fragmented them (and the mesh MTU was not quietly smaller).
+    for (host, label) in [(&ha, "A"), (&hb, "B")] {
+        let fragments = ip_counter(&host.ns, "FragCreates");
+        println!("{label}: {fragments:?} IPv4 fragments created");
+        checks.check(fragments.is_some_and(|n| n > 0), || format!("{label} created no IPv4 fragments ({fragments:?})"));
+    }
+    if !checks.failures().is_empty() {
+        println!("{}", router.diagnostics());
+        println!("alpha log:\n{}\nbeta log:\n{}", na.proc.log_tail(30), nb.proc.log_tail(30));
+    }
+    let _ = &bb;
+    checks.finish();
+}
+
+/// A counter of the `Ip:` lines of /proc/net/snmp in `ns`.
+fn ip_counter(ns: &harness::Ns, name: &str) -> Option<u64> {
+    let snmp = ns.exec(&["cat", "/proc/net/snmp"]).stdout;
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next()?, ip.next()?);
+    let at = names.split_whitespace().position(|n| n == name)?;
+    values.split_whitespace().nth(at)?.parse().ok()
+}
+
 // ---------------------------------------------------------------------------
 // 4. failover
 // ---------------------------------------------------------------------------
