@@ -553,62 +553,53 @@ fn advertisable_interface(flags: nix::net::if_::InterfaceFlags) -> bool {
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn batches_sent_with_segmentation_arrive_as_the_same_datagrams_in_order() {
-        let localhost = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
-        let sender = MeshSocket::bind(localhost, 0).unwrap();
-        let receiver = MeshSocket::bind(localhost, 0).unwrap();
+    /// Two engine sockets on `ip` with offloads on: (sender, its address,
+    /// receiver, its address).
+    fn socket_pair(ip: IpAddr) -> (EngineSocket, SocketAddr, EngineSocket, SocketAddr) {
+        let sender = MeshSocket::bind(Some(ip), 0).unwrap();
+        let receiver = MeshSocket::bind(Some(ip), 0).unwrap();
         sender.enable_offloads();
         receiver.enable_offloads();
-        let (sender_port, receiver_port) = (sender.local_port(), receiver.local_port());
-        let (sender, receiver) = (sender.into_engine().unwrap(), receiver.into_engine().unwrap());
-        let to = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), receiver_port);
-        let elsewhere = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), sender_port);
+        let (from, to) = (SocketAddr::new(ip, sender.local_port()), SocketAddr::new(ip, receiver.local_port()));
+        (sender.into_engine().unwrap(), from, receiver.into_engine().unwrap(), to)
+    }
+
+    /// Receives until `count` datagrams came, all from `from`.
+    fn receive(receiver: &EngineSocket, from: SocketAddr, count: usize) -> Vec<Vec<u8>> {
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        while got.len() < count {
+            let r = wait_for(receiver, &mut buf);
+            assert_eq!(r.from.port(), from.port());
+            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn batches_sent_with_segmentation_arrive_as_the_same_datagrams_in_order() {
+        let (sender, elsewhere, receiver, to) = socket_pair(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let datagrams: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; if i == 39 { 300 } else { 1452 }]).collect();
         let mut batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
         batch.insert(10, (elsewhere, b"to someone else"));
         assert_eq!(sender.send_batch(&batch).unwrap(), batch.len());
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        while got.len() < datagrams.len() {
-            let r = wait_for(&receiver, &mut buf);
-            assert_eq!(r.from.port(), sender_port);
-            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
-        }
-        assert_eq!(got, datagrams);
+        assert_eq!(receive(&receiver, elsewhere, datagrams.len()), datagrams);
     }
 
     #[tokio::test]
     async fn a_batch_larger_than_the_path_mtu_goes_one_by_one_and_arrives_whole() {
+        let (sender, from, receiver, to) = socket_pair(IpAddr::V6(Ipv6Addr::LOCALHOST));
         // IPV6_MTU caps the socket's path MTU: as if ICMP had reported a
         // 1280-byte link on the way. A GSO send of larger segments is then
         // refused (EMSGSIZE) while single datagrams are fragmented.
-        let localhost = Some(IpAddr::V6(Ipv6Addr::LOCALHOST));
-        let sender = MeshSocket::bind(localhost, 0).unwrap();
-        let receiver = MeshSocket::bind(localhost, 0).unwrap();
-        sender.enable_offloads();
-        let receiver_port = receiver.local_port();
-        let (sender, receiver) = (sender.into_engine().unwrap(), receiver.into_engine().unwrap());
-        let mtu: libc::c_int = 1280;
-        // SAFETY: a valid socket and an int option value that outlives the call.
-        let rc = unsafe {
-            libc::setsockopt(sender.socket.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU, (&mtu as *const libc::c_int).cast(), 4)
-        };
-        assert_eq!(rc, 0, "IPV6_MTU: {}", std::io::Error::last_os_error());
-        let to = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), receiver_port);
+        setsockopt_int(&sender.socket, libc::IPPROTO_IPV6, libc::IPV6_MTU, 1280).unwrap();
         let datagrams: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1452]).collect();
         let batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
         let mut sent = 0;
         while sent < batch.len() {
             sent += sender.send_batch(&batch[sent..]).unwrap();
         }
-        let mut got = Vec::new();
-        let mut buf = vec![0u8; 65536];
-        while got.len() < datagrams.len() {
-            let r = wait_for(&receiver, &mut buf);
-            got.extend(r.datagrams(&buf).map(<[u8]>::to_vec));
-        }
-        assert_eq!(got, datagrams);
+        assert_eq!(receive(&receiver, from, datagrams.len()), datagrams);
         // Segmentation stays on for the paths that can take it.
         assert!(sender.gso.load(Ordering::Relaxed));
     }
