@@ -220,7 +220,9 @@ struct UpArgs {
     /// UDP port for WireGuard and backbone traffic (0 picks a free one).
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,
-    /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay.
+    /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay; a
+    /// smaller underlay still works, with the outer datagrams fragmented (its
+    /// MTU minus 80 avoids that).
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(config::Mtu::RANGE))]
     mtu: u16,
     /// Turn off segmentation offloads (TUN TSO and coalescing, UDP GSO/GRO)
