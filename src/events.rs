@@ -266,11 +266,7 @@ impl Hub {
 }
 
 fn path_text(path: Option<Path>) -> String {
-    match path {
-        Some(Path::Direct(e)) => format!("direct {e}"),
-        Some(Path::Relay(e)) => format!("relay {e}"),
-        None => "none".to_string(),
-    }
+    path.map_or_else(|| "none".to_string(), |p| p.to_string())
 }
 
 /// The first line a subscriber gets.

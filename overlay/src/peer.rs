@@ -207,37 +207,29 @@ impl Peer {
     }
 
     pub fn status(&self, now: Instant) -> PeerStatus {
-        let (handshake, tx_bytes, rx_bytes) = match &self.tunn {
-            Some(t) => {
-                let (h, tx, rx, _, _) = t.stats();
-                (h, tx as u64, rx as u64)
-            }
-            None => (None, 0, 0),
-        };
-        let session = match &self.tunn {
-            None => SessionState::Parked,
-            Some(_) if handshake.is_some() => SessionState::Up,
-            Some(_) => SessionState::Handshaking,
-        }
-        .as_str();
+        let health = self.health();
+        let (tx_bytes, rx_bytes) = self.tunn.as_ref().map_or((0, 0), |t| {
+            let (_, tx, rx, _, _) = t.stats();
+            (tx as u64, rx as u64)
+        });
         PeerStatus {
             address: self.addr.to_string(),
             ipv6: self.ip,
             ipv4: None,
             hostname: self.record.hostname.clone(),
-            path: match self.path.current() {
+            path: match health.path {
                 Some(Path::Direct(_)) => "direct",
                 Some(Path::Relay(_)) => "relay",
                 None => "none",
             },
-            endpoint: self.path.current().map(|p| match p {
+            endpoint: health.path.map(|p| match p {
                 Path::Direct(a) | Path::Relay(a) => a,
             }),
             rtt_ms: self.path.rtt().map(|r| r.as_secs_f64() * 1000.0),
             relay_reason: self.path.relay_reason(),
             candidates: self.path.candidates(),
-            handshake_age_secs: handshake.map(|d| d.as_secs_f64()),
-            session,
+            handshake_age_secs: health.handshake_age.map(|d| d.as_secs_f64()),
+            session: health.session.as_str(),
             tx_bytes: self.parked_bytes.0 + tx_bytes,
             rx_bytes: self.parked_bytes.1 + rx_bytes,
             tx_packets: self.tx_packets,
