@@ -400,16 +400,17 @@ impl EngineSocket {
                     // The run's segments exceed the path MTU the kernel
                     // knows for its destination (a smaller link on the
                     // way, learnt from ICMP): it will not segment them,
-                    // but it fragments single datagrams. So this run goes
-                    // one by one; other destinations keep their GSO.
-                    for (k, datagram) in batch[runs[done].clone()].iter().enumerate() {
-                        if let Err(e) = self.send_one(datagram) {
-                            let sent = sent_datagrams + k;
-                            return if sent > 0 { Ok(sent) } else { Err(e) };
-                        }
-                    }
-                    sent_datagrams += runs[done].len();
-                    done += 1;
+                    // but it fragments single datagrams. So the run becomes
+                    // one message per datagram, sent by the same loop;
+                    // other destinations keep their GSO.
+                    let run = runs[done].clone();
+                    let mut single = msgs[done];
+                    single.msg_hdr.msg_control = std::ptr::null_mut();
+                    single.msg_hdr.msg_controllen = 0;
+                    single.msg_hdr.msg_iovlen = 1;
+                    let singles = run.clone().map(|i| libc::mmsghdr { msg_hdr: libc::msghdr { msg_iov: iovs[i..].as_mut_ptr(), ..single.msg_hdr }, ..single });
+                    msgs.splice(done..=done, singles);
+                    runs.splice(done..=done, run.map(|i| i..i + 1));
                 }
                 _ => {
                     // The first datagram was refused (unreachable, too big):
