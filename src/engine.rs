@@ -42,6 +42,8 @@ const FLUSH_AT: usize = 32;
 /// How long a send waits for room in a full socket or TUN queue before the
 /// rest of the batch is dropped (as a router drops on a full queue).
 const SEND_STALL: Duration = Duration::from_millis(100);
+/// How long after a failed path MTU query the kernel is asked again.
+const PATH_MTU_RETRY: Duration = Duration::from_secs(10);
 /// How long a stopping daemon waits for backbones to confirm deregistration.
 const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Most sockets connected to single peers at once: each is a file
@@ -133,6 +135,8 @@ pub struct Engine {
     pub saved_aliases: Vec<(meshtun_addr::MeshAddr, std::net::Ipv4Addr)>,
     pub cert_not_after: Option<u64>,
     pub started_unix: f64,
+    /// When to ask the kernel for a path MTU again after it could not say.
+    pub path_mtu_retry_at: Option<Instant>,
 }
 
 /// How the engine stopped.
@@ -731,7 +735,9 @@ impl Engine {
                 let dst = batch[start].dst;
                 let end = batch[start..].iter().position(|t| t.dst != dst).map_or(batch.len(), |n| start + n);
                 let slot = conns.slot_for(&self.socket, dst, &batch[start].payload, now);
-                send_all(conns.socket(&self.socket, slot), &batch[start..end]);
+                if send_all(conns.socket(&self.socket, slot), &batch[start..end]) {
+                    self.learn_path_mtu(dst, now);
+                }
                 start = end;
             }
             for sent in batch.drain(..) {
@@ -743,6 +749,24 @@ impl Engine {
             self.publish_events(now);
         }
         wrote
+    }
+
+    /// `dst` refused datagrams as larger than its path MTU (they went
+    /// fragmented): the kernel's path MTU for it goes to the node, which
+    /// then sizes TCP segments toward it to fit (see `max_packet_toward`).
+    #[cold]
+    #[inline(never)]
+    fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, now: Instant) {
+        if self.node.knows_path_mtu(dst, now) || self.path_mtu_retry_at.is_some_and(|at| now < at) {
+            return;
+        }
+        match udp::path_mtu(dst) {
+            Ok(mtu) => self.node.handle_path_mtu(dst, mtu, now),
+            Err(e) => {
+                tracing::debug!(%dst, error = %e, "could not read the path MTU; datagrams to it stay fragmented");
+                self.path_mtu_retry_at = Some(now + PATH_MTU_RETRY);
+            }
+        }
     }
 
     /// Out of line: events are rare next to packets, and the packet path
@@ -807,23 +831,29 @@ fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf:
 }
 
 /// One run out, waiting (bounded) for room when the socket is full.
-fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) {
+/// Whether the destination refused datagrams as larger than its path MTU.
+fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) -> bool {
     let mut rest = run;
+    let mut too_big = false;
     while !rest.is_empty() {
         match socket.send_batch(rest) {
-            Ok(sent) => rest = &rest[sent..],
+            Ok(sent) => {
+                rest = &rest[sent.datagrams..];
+                too_big |= sent.too_big.is_some();
+            }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if !socket.wait_writable(SEND_STALL) {
                     tracing::debug!(dropped = rest.len(), "UDP socket stayed full; dropping the rest of a batch");
-                    return;
+                    return too_big;
                 }
             }
             Err(e) => {
                 tracing::trace!(error = %e, "UDP send failed");
-                return;
+                return too_big;
             }
         }
     }
+    too_big
 }
 
 /// One read of the TUN (a packet, with offload a super-packet, behind its
@@ -867,6 +897,10 @@ pub fn unix_now() -> u64 {
 pub struct OffloadStats {
     tun_super_packets_read: u64,
     tun_segments_split: u64,
+    /// TUN reads toward a peer whose path is narrower than the mesh MTU,
+    /// and the packets they became (TCP cut to fit the path).
+    narrow_path_reads: u64,
+    narrow_path_packets: u64,
     tun_super_packets_written: u64,
     udp_gro_receives: u64,
     udp_gro_datagrams: u64,
@@ -908,11 +942,18 @@ impl TunIo {
     }
 
     fn handle_read(&mut self, node: &mut Node, read: &mut [u8], now: Instant) {
-        match offload::split(read, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
-            Ok(1) => {}
+        let max_packet = read.get(offload::VNET_HDR_LEN..).and_then(|packet| node.max_packet_toward(packet, now));
+        if max_packet.is_some() {
+            self.stats.narrow_path_reads += 1;
+        }
+        match offload::split(read, max_packet, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
+            Ok(1) => self.stats.narrow_path_packets += u64::from(max_packet.is_some()),
             Ok(segments) => {
                 self.stats.tun_super_packets_read += 1;
                 self.stats.tun_segments_split += segments as u64;
+                if max_packet.is_some() {
+                    self.stats.narrow_path_packets += segments as u64;
+                }
             }
             Err(e) => {
                 tracing::trace!(error = %e, len = read.len(), "dropping a TUN read");

@@ -220,9 +220,9 @@ struct UpArgs {
     /// UDP port for WireGuard and backbone traffic (0 picks a free one).
     #[arg(long, default_value_t = 51820)]
     listen_port: u16,
-    /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay; a
-    /// smaller underlay still works, with the outer datagrams fragmented (its
-    /// MTU minus 80 avoids that).
+    /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay. A
+    /// smaller underlay still works: TCP is cut to fit the path once its MTU is
+    /// known, other full-size packets go fragmented (its MTU minus 80 avoids that).
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(config::Mtu::RANGE))]
     mtu: u16,
     /// Turn off segmentation offloads (TUN TSO and coalescing, UDP GSO/GRO)
@@ -692,6 +692,9 @@ fn print_status(data: &serde_json::Value) {
             s(&p["tx_bytes"]),
             s(&p["rx_bytes"])
         );
+        if let Some(mtu) = p["path_mtu"].as_u64() {
+            println!("  {:<18} narrow path: packets up to {mtu} B pass unfragmented; TCP is cut to fit", "");
+        }
     }
 }
 

@@ -56,6 +56,37 @@ thread_local! {
     static SEND_SCRATCH: std::cell::RefCell<SendScratch> = std::cell::RefCell::new(SendScratch::default());
 }
 
+/// What one [`MeshSocket::send_batch`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sent {
+    /// Datagrams that went (or were refused and dropped).
+    pub datagrams: usize,
+    /// A destination that refused a run of datagrams as larger than its
+    /// path MTU (they went fragmented): see [`path_mtu`].
+    pub too_big: Option<SocketAddr>,
+}
+
+/// The path MTU the kernel holds for `dst`: what ICMP taught it, else the
+/// outgoing link's MTU. Asked through a socket connected to `dst`
+/// (`IP_MTU`/`IPV6_MTU`); nothing is sent.
+pub fn path_mtu(dst: SocketAddr) -> std::io::Result<usize> {
+    let dst = match dst {
+        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(dst, |v4| SocketAddr::new(v4.into(), v6.port())),
+        v4 => v4,
+    };
+    let socket = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::DGRAM, None)?;
+    socket.connect(&dst.into())?;
+    let (level, option) = if dst.is_ipv4() { (libc::IPPROTO_IP, libc::IP_MTU) } else { (libc::IPPROTO_IPV6, libc::IPV6_MTU) };
+    let mut mtu: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket and a c_int-sized buffer with its length.
+    let rc = unsafe { libc::getsockopt(socket.as_raw_fd(), level, option, (&mut mtu as *mut libc::c_int).cast(), &mut len) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    usize::try_from(mtu).map_err(|_| std::io::Error::other(format!("negative path MTU {mtu}")))
+}
+
 /// A datagram to send: where to and its bytes.
 pub trait Outgoing {
     fn dst(&self) -> SocketAddr;
@@ -262,15 +293,15 @@ impl EngineSocket {
     }
 
     /// Sends as many of `batch` as the socket takes in one `sendmmsg(2)`
-    /// (without waiting) and returns how many went; `WouldBlock` when none
+    /// (without waiting) and says how many went; `WouldBlock` when none
     /// did. Datagrams refused for other reasons count as sent (dropped), as
     /// a failed `send_to` of a connectionless socket would be.
-    pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<usize> {
+    pub fn send_batch<D: Outgoing>(&self, batch: &[D]) -> std::io::Result<Sent> {
         match batch {
-            [] => return Ok(0),
+            [] => return Ok(Sent { datagrams: 0, too_big: None }),
             // The common case of request-response traffic: one send(2) or
             // sendto(2), without building a message vector.
-            [one] => return self.send_one(one),
+            [one] => return self.send_one(one).map(|datagrams| Sent { datagrams, too_big: None }),
             _ => {}
         }
         SEND_SCRATCH.with_borrow_mut(|scratch| self.send_batch_with(batch, scratch))
@@ -308,7 +339,7 @@ impl EngineSocket {
     // Out of line: a lone datagram (request-response traffic) never comes
     // here, and the functions on its path stay smaller.
     #[inline(never)]
-    fn send_batch_with<D: Outgoing>(&self, batch: &[D], scratch: &mut SendScratch) -> std::io::Result<usize> {
+    fn send_batch_with<D: Outgoing>(&self, batch: &[D], scratch: &mut SendScratch) -> std::io::Result<Sent> {
         let SendScratch { runs, addrs, iovs, controls, msgs } = scratch;
         let gso = self.gso.load(Ordering::Relaxed);
         // Runs of datagrams to one destination, all of the first one's size
@@ -371,6 +402,7 @@ impl EngineSocket {
         }
         let mut done = 0;
         let mut sent_datagrams = 0;
+        let mut too_big = None;
         while done < msgs.len() {
             // SAFETY: msgs[done..] are initialised mmsghdrs pointing at live buffers.
             let rc = unsafe {
@@ -385,7 +417,7 @@ impl EngineSocket {
             }
             let e = std::io::Error::last_os_error();
             match e.kind() {
-                std::io::ErrorKind::WouldBlock => return if sent_datagrams > 0 { Ok(sent_datagrams) } else { Err(e) },
+                std::io::ErrorKind::WouldBlock => return if sent_datagrams > 0 { Ok(Sent { datagrams: sent_datagrams, too_big }) } else { Err(e) },
                 std::io::ErrorKind::Interrupted => continue,
                 _ if runs[done].len() > 1
                     && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)) =>
@@ -394,7 +426,7 @@ impl EngineSocket {
                     // one by one from now on (the caller sends the rest).
                     tracing::debug!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
                     self.gso.store(false, Ordering::Relaxed);
-                    return Ok(sent_datagrams);
+                    return Ok(Sent { datagrams: sent_datagrams, too_big });
                 }
                 _ if runs[done].len() > 1 && e.raw_os_error() == Some(libc::EMSGSIZE) => {
                     // The run's segments exceed the path MTU the kernel
@@ -402,7 +434,9 @@ impl EngineSocket {
                     // way, learnt from ICMP): it will not segment them,
                     // but it fragments single datagrams. So the run becomes
                     // one message per datagram, sent by the same loop;
-                    // other destinations keep their GSO.
+                    // other destinations keep their GSO. The caller hears
+                    // of it, to size packets for that path from now on.
+                    too_big = Some(batch[runs[done].start].dst());
                     let run = runs[done].clone();
                     let mut single = msgs[done];
                     single.msg_hdr.msg_control = std::ptr::null_mut();
@@ -421,7 +455,7 @@ impl EngineSocket {
                 }
             }
         }
-        Ok(sent_datagrams)
+        Ok(Sent { datagrams: sent_datagrams, too_big })
     }
 
     /// Waits up to `timeout` for room in the send buffer; whether there is.
@@ -583,7 +617,7 @@ mod tests {
         let datagrams: Vec<Vec<u8>> = (0..50u8).map(|i| vec![i; if i == 39 { 300 } else { 1452 }]).collect();
         let mut batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
         batch.insert(10, (elsewhere, b"to someone else"));
-        assert_eq!(sender.send_batch(&batch).unwrap(), batch.len());
+        assert_eq!(sender.send_batch(&batch).unwrap(), Sent { datagrams: batch.len(), too_big: None });
         assert_eq!(receive(&receiver, elsewhere, datagrams.len()), datagrams);
     }
 
@@ -597,12 +631,25 @@ mod tests {
         let datagrams: Vec<Vec<u8>> = (0..20u8).map(|i| vec![i; 1452]).collect();
         let batch: Vec<(SocketAddr, &[u8])> = datagrams.iter().map(|d| (to, d.as_slice())).collect();
         let mut sent = 0;
+        let mut refused = None;
         while sent < batch.len() {
-            sent += sender.send_batch(&batch[sent..]).unwrap();
+            let went = sender.send_batch(&batch[sent..]).unwrap();
+            sent += went.datagrams;
+            refused = refused.or(went.too_big);
         }
         assert_eq!(receive(&receiver, from, datagrams.len()), datagrams);
+        assert_eq!(refused, Some(to), "the caller hears which path was too narrow");
         // Segmentation stays on for the paths that can take it.
         assert!(sender.gso.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn the_path_mtu_is_the_outgoing_links_until_icmp_says_less() {
+        // Loopback's MTU is 65536; an IPv4-mapped address is asked as IPv4.
+        let lo = path_mtu("127.0.0.1:9".parse().unwrap()).unwrap();
+        assert!(lo >= 1500, "loopback path MTU {lo}");
+        assert_eq!(path_mtu("[::ffff:127.0.0.1]:9".parse().unwrap()).unwrap(), lo);
+        assert!(path_mtu("[::1]:9".parse().unwrap()).unwrap() >= 1280);
     }
 
     #[tokio::test]
@@ -627,11 +674,11 @@ mod tests {
 
         // Sent without an address, from the node's port.
         let dst = peer.local_addr().unwrap();
-        assert_eq!(connected.send_batch(&[(dst, &b"to the peer"[..])]).unwrap(), 1);
+        assert_eq!(connected.send_batch(&[(dst, &b"to the peer"[..])]).unwrap().datagrams, 1);
         let (n, from) = peer.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"to the peer"[..], node_port));
         // And a lone datagram from the node's own socket, addressed.
-        assert_eq!(node.send_batch(&[(dst, &b"from the node's socket"[..])]).unwrap(), 1);
+        assert_eq!(node.send_batch(&[(dst, &b"from the node's socket"[..])]).unwrap().datagrams, 1);
         let (n, from) = peer.recv_from(&mut buf).unwrap();
         assert_eq!((&buf[..n], from.port()), (&b"from the node's socket"[..], node_port));
     }

@@ -579,8 +579,8 @@ fn a_host_behind_two_nats_cgnat_still_connects() {
 /// the kernel fragments the datagrams once it knows the path MTU, and a
 /// UDP GSO batch the kernel refuses for it is sent again one by one.
 #[test]
-fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp() {
-    let name = "a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp";
+fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to_fit_it() {
+    let name = "a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to_fit_it";
     if !require_root(name) {
         return;
     }
@@ -624,6 +624,7 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp() {
         let sink = start_sink(&to.ns, to_node.id.ipv6, port, Duration::from_secs(40));
         // Black-holed segments do not fail a TCP transfer, they stall it
         // (retransmissions back off for many minutes): bounded here.
+        let fragments_before = ip_counter(&from.ns, "FragCreates");
         let (tx, rx) = std::sync::mpsc::channel();
         let (ns, dst) = (from.ns.clone(), to_node.id.ipv6);
         thread::spawn(move || {
@@ -642,9 +643,28 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp() {
             secs(sent.as_ref().ok().map(|s| s.transfer)),
         );
         checks.check(path.as_deref() == Some("direct"), || format!("{label}: path {path:?}, expected direct (the MTU must not push it to the relay)"));
+        // Once the sender learnt the path MTU, TCP is cut to fit it: only
+        // what went before that is fragmented. Fragmenting all of it would
+        // create two fragments per datagram, over 3,000.
+        let fragments = fragments_before.zip(ip_counter(&from.ns, "FragCreates")).map(|(before, after)| after - before);
+        let fitted_datagrams = TRANSFER / 1220;
+        println!("{label}: {fragments:?} IPv4 fragments created during the transfer (about {fitted_datagrams} datagrams)");
+        checks.check(fragments.is_some_and(|n| n < (fitted_datagrams / 4) as u64), || {
+            format!("{label}: {fragments:?} fragments created while sending {TRANSFER} bytes: TCP was not cut to fit the path")
+        });
+        let (mtu, status) = match (from_node.peer(&to_node.id.address), from_node.status()) {
+            (Ok(Some(peer)), Ok(status)) => (peer.get("path_mtu").and_then(Value::as_u64), status),
+            other => (None, Value::String(format!("{other:?}"))),
+        };
+        let cut = status.pointer("/offload/counters/narrow_path_packets").and_then(Value::as_u64);
+        println!("{label}: path MTU for inner packets {mtu:?}, {cut:?} packets sized for the narrow path");
+        // 1280 - IPv4 (20) - UDP (8) - WireGuard (32).
+        checks.check(mtu == Some(1220), || format!("{label}: status shows path_mtu {mtu:?}, expected 1220"));
+        checks.check(cut.is_some_and(|n| n as usize >= TRANSFER / 1220), || format!("{label}: {cut:?} packets cut for the narrow path"));
     }
-    // Both ends really sent datagrams larger than the path: the kernel
-    // fragmented them (and the mesh MTU was not quietly smaller).
+    // Both ends really sent datagrams larger than the path before they
+    // learnt it (full-size pings): the kernel fragmented them, and the mesh
+    // MTU was not quietly smaller.
     for (host, label) in [(&ha, "A"), (&hb, "B")] {
         let fragments = ip_counter(&host.ns, "FragCreates");
         println!("{label}: {fragments:?} IPv4 fragments created");

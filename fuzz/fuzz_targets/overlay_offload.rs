@@ -1,5 +1,7 @@
 //! TUN offloads (`meshtun_overlay::offload`): `split` on any read never
-//! panics and emits packets no longer than a read; the `Coalescer`, fed
+//! panics and emits packets no longer than a read; cutting TCP to fit a
+//! narrow path (any limit) fails exactly when not cutting does and carries
+//! the same TCP bytes from the same sequence number; the `Coalescer`, fed
 //! TCP segments the fuzzer shapes (flows, gaps, flags, sizes) mixed with
 //! raw bytes, loses and reorders nothing: splitting its writes again gives
 //! back every input packet's bytes after the headers, in order, with its
@@ -19,6 +21,7 @@ enum Item {
 #[derive(Arbitrary, Debug)]
 struct Input {
     read: Vec<u8>,
+    max_packet: u16,
     items: Vec<Item>,
 }
 
@@ -34,8 +37,25 @@ fn tcp_payload_and_seq(p: &[u8]) -> Option<(&[u8], u32)> {
 }
 
 fuzz_target!(|input: Input| {
-    let mut read = input.read.clone();
-    let _ = split(&mut read, &mut Vec::new(), |p| assert!(p.len() <= 65535));
+    let mut whole = Vec::new();
+    let plain = split(&mut input.read.clone(), None, &mut Vec::new(), |p| {
+        assert!(p.len() <= 65535);
+        whole.push(p.to_vec());
+    });
+    let mut cut = Vec::new();
+    let fitted = split(&mut input.read.clone(), Some(usize::from(input.max_packet)), &mut Vec::new(), |p| {
+        assert!(p.len() <= 65535);
+        cut.push(p.to_vec());
+    });
+    assert_eq!(plain.is_ok(), fitted.is_ok(), "{plain:?} against {fitted:?}");
+    if plain.is_ok() {
+        let stream = |packets: &[Vec<u8>]| -> Option<(u32, Vec<u8>)> {
+            let (_, first) = tcp_payload_and_seq(packets.first()?)?;
+            Some((first, packets.iter().flat_map(|p| tcp_payload_and_seq(p).map_or(&p[..], |(payload, _)| payload).to_vec()).collect()))
+        };
+        assert!(cut.len() >= whole.len());
+        assert_eq!(stream(&whole), stream(&cut), "cutting to fit changed the bytes carried");
+    }
 
     let mut seq = 1000u32;
     let mut packets = Vec::new();
@@ -76,7 +96,7 @@ fuzz_target!(|input: Input| {
         assert!(w.len() >= VNET_HDR_LEN && w.len() - VNET_HDR_LEN <= 65535 + 40);
         let before = out.len();
         // A write the kernel would refuse to split would be lost: none may be.
-        split(w, &mut Vec::new(), |p| out.push(p.to_vec())).expect("every write splits");
+        split(w, None, &mut Vec::new(), |p| out.push(p.to_vec())).expect("every write splits");
         assert!(out.len() > before);
     }
     assert_eq!(out.len(), packets.len(), "as many packets out as in");

@@ -23,6 +23,7 @@ pub mod ipv4;
 pub mod offload;
 pub mod packet;
 pub mod path;
+pub mod path_mtu;
 pub mod peer;
 mod peer_table;
 pub mod probe;
@@ -344,6 +345,8 @@ pub struct Node {
     buf: Vec<u8>,
     stats: Stats,
     shutting_down: bool,
+    /// Paths narrower than the mesh MTU, as the driver learnt them.
+    path_mtus: path_mtu::PathMtus,
 }
 
 /// Two minutes is WireGuard's REKEY_AFTER_TIME: a session idle that long
@@ -401,6 +404,7 @@ impl Node {
             buf: vec![0; MAX_PACKET + WG_OVERHEAD],
             stats: Stats::default(),
             shutting_down: false,
+            path_mtus: path_mtu::PathMtus::default(),
             config,
         };
         node.refresh_record();
@@ -804,6 +808,7 @@ impl Node {
         if self.next_trust_check <= now {
             self.handshake_limiter.reset_count();
             self.check_trust();
+            self.path_mtus.expire(now);
             self.next_trust_check = now + Duration::from_secs(1);
         }
         self.run_path_timers(now);
@@ -894,6 +899,7 @@ impl Node {
                 .map(|p| {
                     let mut status = p.status(now);
                     status.ipv4 = self.aliases.get(p.addr);
+                    status.path_mtu = p.path.current().and_then(|path| self.path_mtu(path, now));
                     status
                 })
                 .collect(),
@@ -907,6 +913,58 @@ impl Node {
     /// once a second (a full [`Node::status`] formats and allocates per peer).
     pub fn peer_health(&self) -> impl Iterator<Item = peer::PeerHealth> + '_ {
         self.peers.iter().flatten().map(|p| p.health())
+    }
+
+    /// The kernel refused a datagram to `dst` as too large for the path:
+    /// IP packets there may be at most `mtu` bytes (what it learnt from ICMP
+    /// or has as the outgoing link's MTU). Until [`path_mtu::PATH_MTU_TTL`]
+    /// passes, [`Node::max_packet_toward`] sizes packets for that path.
+    pub fn handle_path_mtu(&mut self, dst: SocketAddr, mtu: usize, now: Instant) {
+        tracing::debug!(%dst, mtu, "path narrower than the mesh MTU");
+        self.path_mtus.learn(dst, mtu, now);
+    }
+
+    /// Whether a path MTU is believed for `dst` (the driver asks the kernel
+    /// only when not).
+    pub fn knows_path_mtu(&self, dst: SocketAddr, now: Instant) -> bool {
+        self.path_mtus.get(dst, now).is_some()
+    }
+
+    /// The largest inner packet that reaches the destination of `packet`
+    /// (an IP packet for the TUN's other side, or the headers of a TCP
+    /// super-packet) without being fragmented on its way, when its peer's
+    /// path is known to be narrower than the mesh MTU; `None` otherwise.
+    /// The driver cuts TCP segments to fit.
+    #[inline]
+    pub fn max_packet_toward(&self, packet: &[u8], now: Instant) -> Option<usize> {
+        if self.path_mtus.is_empty() {
+            return None;
+        }
+        self.max_packet_toward_narrow(packet, now)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn max_packet_toward_narrow(&self, packet: &[u8], now: Instant) -> Option<usize> {
+        let dest = match packet::ip_version(packet)? {
+            4 => self.aliases.node_for(ipv4::addresses(packet)?.1)?,
+            6 => MeshAddr::from_ipv6(packet::ipv6_addresses(packet)?.1).ok()?,
+            _ => return None,
+        };
+        let id = *self.by_addr.get(&dest)?;
+        let path = self.peers.get(id.index()).and_then(Option::as_ref)?.path.current()?;
+        self.path_mtu(path, now)
+    }
+
+    /// The largest inner packet `path` carries unfragmented, when narrower
+    /// than the mesh MTU is known.
+    fn path_mtu(&self, path: Path, now: Instant) -> Option<usize> {
+        let (dst, framing) = match path {
+            Path::Direct(dst) => (dst, 0),
+            Path::Relay(relay) => (relay, meshtun_proto::relay::RELAY_HEADER_LEN),
+        };
+        let mtu = self.path_mtus.get(dst, now)?;
+        Some(path_mtu::inner_limit(mtu, dst, framing))
     }
 
     fn refresh_record(&mut self) {

@@ -87,7 +87,12 @@ pub enum OffloadError {
 /// Splits one read from a vnet-header TUN into IP packets with complete
 /// checksums and calls `each` with every one, in order; returns how many.
 /// `scratch` is reused between calls (no allocation once it has grown).
-pub fn split(read: &mut [u8], scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+///
+/// With `max_packet` (the destination's path is narrower than the mesh
+/// MTU: see [`crate::path_mtu`]), TCP segments are cut to fit it instead of
+/// the kernel's MSS, a full-size single segment included; other packets
+/// pass whole and the UDP layer fragments them.
+pub fn split(read: &mut [u8], max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
     let hdr = VnetHdr::parse(read).ok_or(OffloadError::Truncated)?;
     let packet = &mut read[VNET_HDR_LEN..];
     match hdr.gso_type & !GSO_ECN {
@@ -95,13 +100,33 @@ pub fn split(read: &mut [u8], scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])
             if hdr.flags & F_NEEDS_CSUM != 0 {
                 complete_checksum(packet, usize::from(hdr.csum_start), usize::from(hdr.csum_offset))?;
             }
+            if let Some(max) = max_packet.filter(|&max| packet.len() > max) {
+                if let Some(kind) = cuttable_segment(packet) {
+                    return split_tcp(packet, kind, usize::MAX, Some(max), scratch, each);
+                }
+            }
             each(packet);
             Ok(1)
         }
-        kind @ (GSO_TCPV4 | GSO_TCPV6) => split_tcp(packet, kind, usize::from(hdr.gso_size), scratch, each),
+        kind @ (GSO_TCPV4 | GSO_TCPV6) => split_tcp(packet, kind, usize::from(hdr.gso_size), max_packet, scratch, each),
         other => Err(OffloadError::UnsupportedGso(other)),
     }
 }
+
+/// The GSO kind to cut a single TCP segment as, when it may be cut: data
+/// without SYN, RST or URG (whose meaning belongs to one segment).
+fn cuttable_segment(packet: &[u8]) -> Option<u8> {
+    let (ip_len, _) = tcp_headers(packet)?;
+    let flags = packet[ip_len + 13];
+    if flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 {
+        return None;
+    }
+    Some(if packet[0] >> 4 == 4 { GSO_TCPV4 } else { GSO_TCPV6 })
+}
+
+/// The least payload a segment is cut to: below it, fragments cost less
+/// than headers.
+const MIN_CUT_PAYLOAD: usize = 256;
 
 /// Finishes a partial checksum: the field holds the folded pseudo-header
 /// sum, and the checksum covers everything from `start` to the end.
@@ -130,13 +155,17 @@ fn tcp_headers(packet: &[u8]) -> Option<(usize, usize)> {
     (tcp_len >= 20 && ip_len + tcp_len <= packet.len()).then_some((ip_len, tcp_len))
 }
 
-fn split_tcp(packet: &[u8], kind: u8, mss: usize, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+fn split_tcp(packet: &[u8], kind: u8, mss: usize, max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
     let (ip_len, tcp_len) = tcp_headers(packet).ok_or(OffloadError::MalformedSuperPacket)?;
     let version_matches = (packet[0] >> 4 == 4) == (kind == GSO_TCPV4);
     if !version_matches || mss == 0 {
         return Err(OffloadError::MalformedSuperPacket);
     }
     let headers = ip_len + tcp_len;
+    let mss = match max_packet.and_then(|max| max.checked_sub(headers)) {
+        Some(fits) if fits >= MIN_CUT_PAYLOAD => mss.min(fits),
+        _ => mss,
+    };
     let payload = &packet[headers..];
     let seq = u32::from_be_bytes([packet[ip_len + 4], packet[ip_len + 5], packet[ip_len + 6], packet[ip_len + 7]]);
     let id = u16::from_be_bytes([packet[4], packet[5]]);
@@ -488,7 +517,7 @@ mod tests {
             let data = payload(10_000);
             let mut read = kernel_super_packet(v6, 1000, &data, 1388, TCP_PSH | TCP_FIN);
             let mut segments = Vec::new();
-            let n = split(&mut read, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+            let n = split(&mut read, None, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
             assert_eq!(n, 8);
             let mut joined = Vec::new();
             for (i, s) in segments.iter().enumerate() {
@@ -510,7 +539,7 @@ mod tests {
     fn ipv4_segments_get_consecutive_ids_and_exact_lengths() {
         let mut read = kernel_super_packet(false, 5, &payload(3000), 1400, 0);
         let mut segments = Vec::new();
-        split(&mut read, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+        split(&mut read, None, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
         let first_id = u16::from_be_bytes([segments[0][4], segments[0][5]]);
         for (i, s) in segments.iter().enumerate() {
             assert_eq!(u16::from_be_bytes([s[4], s[5]]), first_id.wrapping_add(i as u16));
@@ -519,12 +548,95 @@ mod tests {
         assert_eq!(segments.iter().map(Vec::len).collect::<Vec<_>>(), vec![1440, 1440, 240]);
     }
 
+    /// Each segment's (sequence number, payload), checked for checksums and
+    /// for fitting `max`; and the payloads joined.
+    fn segments_within(segments: &[Vec<u8>], max: usize) -> (Vec<(u32, usize)>, Vec<u8>) {
+        let mut joined = Vec::new();
+        let mut shape = Vec::new();
+        for (i, s) in segments.iter().enumerate() {
+            assert!(s.len() <= max, "segment {i} is {} bytes, over {max}", s.len());
+            assert!(checksums_valid(s), "segment {i} has a bad checksum");
+            let sliced = SlicedPacket::from_ip(s).unwrap();
+            let TransportSlice::Tcp(t) = sliced.transport.unwrap() else { panic!() };
+            shape.push((t.sequence_number(), t.payload().len()));
+            joined.extend_from_slice(t.payload());
+        }
+        (shape, joined)
+    }
+
+    #[test]
+    fn super_packets_toward_a_narrow_path_are_cut_to_fit_it() {
+        for v6 in [false, true] {
+            let data = payload(10_000);
+            let mut read = kernel_super_packet(v6, 1000, &data, 1368, TCP_PSH);
+            let mut segments = Vec::new();
+            let n = split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+            let headers = if v6 { 60 } else { 40 };
+            let mss = 1220 - headers;
+            assert_eq!(n, data.len().div_ceil(mss));
+            let (shape, joined) = segments_within(&segments, 1220);
+            assert_eq!(joined, data);
+            for (i, (seq, len)) in shape.iter().enumerate() {
+                assert_eq!(*seq, 1000 + (i * mss) as u32);
+                assert!(*len == mss || i == n - 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_full_size_single_segment_toward_a_narrow_path_becomes_two() {
+        for v6 in [false, true] {
+            let data = payload(1360);
+            let mut read = kernel_super_packet(v6, 77, &data, 0, TCP_PSH);
+            read[1] = GSO_NONE;
+            let mut segments = Vec::new();
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap(), 2);
+            let (shape, joined) = segments_within(&segments, 1220);
+            assert_eq!(joined, data);
+            assert_eq!(shape[1].0, 77 + shape[0].1 as u32);
+            let psh: Vec<bool> = segments.iter().map(|s| s[if v6 { 40 } else { 20 } + 13] & TCP_PSH != 0).collect();
+            assert_eq!(psh, vec![false, true], "PSH stays on the last segment only");
+        }
+    }
+
+    #[test]
+    fn segments_that_fit_and_packets_that_must_stay_whole_are_not_cut() {
+        // Fits already: passes as it came.
+        let small = tcp(false, 1, TCP_PSH, &payload(500));
+        let mut read = vec![0u8; VNET_HDR_LEN];
+        read.extend_from_slice(&small);
+        let mut out = Vec::new();
+        split(&mut read, Some(1220), &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        assert_eq!(out, vec![small]);
+        // A SYN carrying data, and a datagram that is not TCP: whole (the
+        // UDP layer fragments them).
+        let mut syn = tcp(true, 1, 0, &payload(1360));
+        syn[40 + 13] |= TCP_SYN;
+        let udp = {
+            let mut out = Vec::new();
+            PacketBuilder::ipv6(A6, B6, 64).udp(1, 2).write(&mut out, &payload(1360)).unwrap();
+            out
+        };
+        for packet in [syn, udp] {
+            let mut read = vec![0u8; VNET_HDR_LEN];
+            read.extend_from_slice(&packet);
+            let mut out = Vec::new();
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| out.push(p.to_vec())).unwrap(), 1);
+            assert_eq!(out, vec![packet]);
+        }
+        // A path too narrow to be worth cutting for: the kernel's MSS stays.
+        let mut read = kernel_super_packet(false, 1, &payload(4000), 1380, 0);
+        let mut segments = Vec::new();
+        split(&mut read, Some(200), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+        assert_eq!(segments.iter().map(Vec::len).collect::<Vec<_>>(), vec![1420, 1420, 1280]);
+    }
+
     #[test]
     fn partial_checksums_of_single_packets_are_completed() {
         let mut read = kernel_super_packet(true, 9, &payload(333), 1400, TCP_PSH);
         read[1] = GSO_NONE;
         let mut out = Vec::new();
-        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        split(&mut read, None, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
         assert_eq!(out.len(), 1);
         assert!(checksums_valid(&out[0]));
     }
@@ -535,29 +647,29 @@ mod tests {
         let mut read = vec![0u8; VNET_HDR_LEN];
         read.extend_from_slice(&packet);
         let mut out = Vec::new();
-        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        split(&mut read, None, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
         assert_eq!(out, vec![packet]);
     }
 
     #[test]
     fn malformed_reads_are_errors_not_panics() {
-        assert_eq!(split(&mut [0u8; 4], &mut Vec::new(), |_| {}), Err(OffloadError::Truncated));
+        assert_eq!(split(&mut [0u8; 4], None, &mut Vec::new(), |_| {}), Err(OffloadError::Truncated));
         let mut bad_offsets = kernel_super_packet(false, 1, b"x", 1400, 0);
         bad_offsets[1] = GSO_NONE;
         bad_offsets[8] = 0xff;
-        assert_eq!(split(&mut bad_offsets, &mut Vec::new(), |_| {}), Err(OffloadError::BadChecksumOffsets));
+        assert_eq!(split(&mut bad_offsets, None, &mut Vec::new(), |_| {}), Err(OffloadError::BadChecksumOffsets));
         let mut udp_gso = kernel_super_packet(false, 1, b"x", 1400, 0);
         udp_gso[1] = 5;
-        assert_eq!(split(&mut udp_gso, &mut Vec::new(), |_| {}), Err(OffloadError::UnsupportedGso(5)));
+        assert_eq!(split(&mut udp_gso, None, &mut Vec::new(), |_| {}), Err(OffloadError::UnsupportedGso(5)));
         let mut zero_mss = kernel_super_packet(false, 1, &payload(3000), 0, 0);
-        assert_eq!(split(&mut zero_mss, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
+        assert_eq!(split(&mut zero_mss, None, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
         let mut wrong_version = kernel_super_packet(false, 1, &payload(3000), 1000, 0);
         wrong_version[1] = GSO_TCPV6;
-        assert_eq!(split(&mut wrong_version, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
+        assert_eq!(split(&mut wrong_version, None, &mut Vec::new(), |_| {}), Err(OffloadError::MalformedSuperPacket));
         for len in 0..60 {
             let mut truncated = kernel_super_packet(true, 1, &payload(3000), 1000, 0);
             truncated.truncate(VNET_HDR_LEN + len);
-            let _ = split(&mut truncated, &mut Vec::new(), |_| {});
+            let _ = split(&mut truncated, None, &mut Vec::new(), |_| {});
         }
     }
 
@@ -576,7 +688,7 @@ mod tests {
     fn resegment(write: &[u8]) -> Vec<Vec<u8>> {
         let mut read = write.to_vec();
         let mut out = Vec::new();
-        split(&mut read, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
+        split(&mut read, None, &mut Vec::new(), |p| out.push(p.to_vec())).unwrap();
         out
     }
 

@@ -128,6 +128,9 @@ pub struct PeerStatus {
     pub tx_packets: u64,
     pub rx_packets: u64,
     pub up_for_secs: Option<f64>,
+    /// The largest inner packet the path carries unfragmented, when it is
+    /// known to be narrower than the mesh MTU.
+    pub path_mtu: Option<usize>,
 }
 
 impl Peer {
@@ -235,6 +238,7 @@ impl Peer {
             tx_packets: self.tx_packets,
             rx_packets: self.rx_packets,
             up_for_secs: self.up_since.map(|t| now.saturating_duration_since(t).as_secs_f64()),
+            path_mtu: None,
         }
     }
 }

@@ -1,0 +1,73 @@
+//! Paths narrower than the mesh MTU, in the deterministic simulator: what
+//! the driver reports about a destination sizes the packets toward exactly
+//! the peers whose path goes there, for as long as the kernel would believe it.
+
+mod netsim;
+
+use std::time::Duration;
+
+use meshtun_nat::{FilteringBehavior as F, MappingBehavior as M};
+use meshtun_overlay::path_mtu::PATH_MTU_TTL;
+use netsim::{echo_request, Net, NatType};
+
+const SYMMETRIC: NatType = Some((M::AddressAndPortDependent, F::AddressAndPortDependent));
+
+/// A full-size packet from `a` to `b` as the TUN would hand it over.
+fn packet_to(net: &Net, a: usize, b: usize) -> Vec<u8> {
+    echo_request(net.mesh_ip(a), net.mesh_ip(b), 1, &[0; 1372])
+}
+
+#[test]
+fn a_narrow_direct_path_limits_packets_to_that_peer_only_until_the_report_expires() {
+    let mut net = Net::new(11);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    let c = net.add_host(2, None);
+    net.run_for(Duration::from_millis(500));
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    assert!(net.ping(a, c, Duration::from_secs(2)).is_some());
+    net.run_for(Duration::from_secs(3));
+    let to_b = net.status(a).peers.iter().find(|p| p.ipv6 == net.mesh_ip(b)).unwrap().clone();
+    assert_eq!(to_b.path, "direct");
+    let (to_b_packet, to_c_packet) = (packet_to(&net, a, b), packet_to(&net, a, c));
+    let now = net.now;
+    assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, now), None, "nothing known yet");
+
+    net.hosts[a].node.handle_path_mtu(to_b.endpoint.unwrap(), 1280, now);
+    // IPv4 (20), UDP (8) and WireGuard (32) come off the path MTU.
+    assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, now), Some(1220));
+    assert_eq!(net.hosts[a].node.max_packet_toward(&to_c_packet, now), None, "c's path is not narrow");
+    let status = net.status(a);
+    let mtu_of = |ip| status.peers.iter().find(|p| p.ipv6 == ip).unwrap().path_mtu;
+    assert_eq!((mtu_of(net.mesh_ip(b)), mtu_of(net.mesh_ip(c))), (Some(1220), None));
+
+    // Traffic goes on meanwhile; past the kernel's own expiry the report is
+    // forgotten and full-size datagrams are tried again.
+    net.run_for(PATH_MTU_TTL / 2);
+    assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, net.now), Some(1220));
+    net.run_for(PATH_MTU_TTL / 2 + Duration::from_secs(2));
+    assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, net.now), None);
+    assert_eq!(net.status(a).peers.iter().find(|p| p.ipv6 == net.mesh_ip(b)).unwrap().path_mtu, None);
+}
+
+#[test]
+fn a_narrow_path_to_the_relay_limits_relayed_peers_by_the_relay_header_too() {
+    let mut net = Net::new(12);
+    let a = net.add_host_behind(0, SYMMETRIC);
+    let b = net.add_host_behind(1, SYMMETRIC);
+    net.run_for(Duration::from_millis(500));
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    net.run_for(Duration::from_secs(10));
+    let peer = net.status(a).peers[0].clone();
+    assert_eq!(peer.path, "relay");
+    let now = net.now;
+    net.hosts[a].node.handle_path_mtu(peer.endpoint.unwrap(), 1280, now);
+    let packet = packet_to(&net, a, b);
+    let relay_header = meshtun_proto::relay::RELAY_HEADER_LEN;
+    assert_eq!(net.hosts[a].node.max_packet_toward(&packet, now), Some(1220 - relay_header));
+    // A relayed packet that size leaves as exactly a 1280-byte IP packet.
+    let fitting = echo_request(net.mesh_ip(a), net.mesh_ip(b), 2, &vec![0; 1220 - relay_header - 48]);
+    net.hosts[a].node.handle_tun_packet(&fitting, now);
+    let sizes: Vec<usize> = std::iter::from_fn(|| net.hosts[a].node.poll_transmit()).map(|t| t.payload.len()).collect();
+    assert!(sizes.contains(&(1280 - 20 - 8)), "UDP payloads sent: {sizes:?}");
+}
