@@ -692,7 +692,7 @@ fn print_status(data: &serde_json::Value) {
             s(&p["tx_bytes"]),
             s(&p["rx_bytes"])
         );
-        if let Some(mtu) = p["path_mtu"].as_u64() {
+        if let Some(mtu) = p["inner_mtu"].as_u64() {
             println!("  {:<18} narrow path: packets up to {mtu} B pass unfragmented; TCP is cut to fit", "");
         }
     }

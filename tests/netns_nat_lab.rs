@@ -653,13 +653,13 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
             format!("{label}: {fragments:?} fragments created while sending {TRANSFER} bytes: TCP was not cut to fit the path")
         });
         let (mtu, status) = match (from_node.peer(&to_node.id.address), from_node.status()) {
-            (Ok(Some(peer)), Ok(status)) => (peer.get("path_mtu").and_then(Value::as_u64), status),
+            (Ok(Some(peer)), Ok(status)) => (peer.get("inner_mtu").and_then(Value::as_u64), status),
             other => (None, Value::String(format!("{other:?}"))),
         };
         let cut = status.pointer("/offload/counters/narrow_path_packets").and_then(Value::as_u64);
         println!("{label}: path MTU for inner packets {mtu:?}, {cut:?} packets sized for the narrow path");
         // 1280 - IPv4 (20) - UDP (8) - WireGuard (32).
-        checks.check(mtu == Some(1220), || format!("{label}: status shows path_mtu {mtu:?}, expected 1220"));
+        checks.check(mtu == Some(1220), || format!("{label}: status shows inner_mtu {mtu:?}, expected 1220"));
         checks.check(cut.is_some_and(|n| n as usize >= TRANSFER / 1220), || format!("{label}: {cut:?} packets cut for the narrow path"));
     }
     // Both ends really sent datagrams larger than the path before they

@@ -899,7 +899,7 @@ impl Node {
                 .map(|p| {
                     let mut status = p.status(now);
                     status.ipv4 = self.aliases.get(p.addr);
-                    status.path_mtu = p.path.current().and_then(|path| self.path_mtu(path, now));
+                    status.inner_mtu = p.path.current().and_then(|path| self.inner_mtu(path, now));
                     status
                 })
                 .collect(),
@@ -953,12 +953,12 @@ impl Node {
         };
         let id = *self.by_addr.get(&dest)?;
         let path = self.peers.get(id.index()).and_then(Option::as_ref)?.path.current()?;
-        self.path_mtu(path, now)
+        self.inner_mtu(path, now)
     }
 
     /// The largest inner packet `path` carries unfragmented, when narrower
     /// than the mesh MTU is known.
-    fn path_mtu(&self, path: Path, now: Instant) -> Option<usize> {
+    fn inner_mtu(&self, path: Path, now: Instant) -> Option<usize> {
         let (dst, framing) = match path {
             Path::Direct(dst) => (dst, 0),
             Path::Relay(relay) => (relay, meshtun_proto::relay::RELAY_HEADER_LEN),

@@ -130,7 +130,7 @@ pub struct PeerStatus {
     pub up_for_secs: Option<f64>,
     /// The largest inner packet the path carries unfragmented, when it is
     /// known to be narrower than the mesh MTU.
-    pub path_mtu: Option<usize>,
+    pub inner_mtu: Option<usize>,
 }
 
 impl Peer {
@@ -238,7 +238,7 @@ impl Peer {
             tx_packets: self.tx_packets,
             rx_packets: self.rx_packets,
             up_for_secs: self.up_since.map(|t| now.saturating_duration_since(t).as_secs_f64()),
-            path_mtu: None,
+            inner_mtu: None,
         }
     }
 }

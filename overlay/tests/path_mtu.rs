@@ -38,7 +38,7 @@ fn a_narrow_direct_path_limits_packets_to_that_peer_only_until_the_report_expire
     assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, now), Some(1220));
     assert_eq!(net.hosts[a].node.max_packet_toward(&to_c_packet, now), None, "c's path is not narrow");
     let status = net.status(a);
-    let mtu_of = |ip| status.peers.iter().find(|p| p.ipv6 == ip).unwrap().path_mtu;
+    let mtu_of = |ip| status.peers.iter().find(|p| p.ipv6 == ip).unwrap().inner_mtu;
     assert_eq!((mtu_of(net.mesh_ip(b)), mtu_of(net.mesh_ip(c))), (Some(1220), None));
 
     // Traffic goes on meanwhile; past the kernel's own expiry the report is
@@ -47,7 +47,7 @@ fn a_narrow_direct_path_limits_packets_to_that_peer_only_until_the_report_expire
     assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, net.now), Some(1220));
     net.run_for(PATH_MTU_TTL / 2 + Duration::from_secs(2));
     assert_eq!(net.hosts[a].node.max_packet_toward(&to_b_packet, net.now), None);
-    assert_eq!(net.status(a).peers.iter().find(|p| p.ipv6 == net.mesh_ip(b)).unwrap().path_mtu, None);
+    assert_eq!(net.status(a).peers.iter().find(|p| p.ipv6 == net.mesh_ip(b)).unwrap().inner_mtu, None);
 }
 
 #[test]
