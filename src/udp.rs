@@ -87,6 +87,21 @@ pub fn path_mtu(dst: SocketAddr) -> std::io::Result<usize> {
     usize::try_from(mtu).map_err(|_| std::io::Error::other(format!("negative path MTU {mtu}")))
 }
 
+/// Whether `datagram` is larger than the path to its destination carries
+/// whole, by the kernel's path MTU for it.
+fn exceeds_path_mtu<D: Outgoing>(datagram: &D) -> bool {
+    let dst = datagram.dst();
+    path_mtu(dst).is_ok_and(|mtu| udp_ip_header_len(dst) + datagram.bytes().len() > mtu)
+}
+
+/// IP and UDP header bytes in front of a datagram to `dst`.
+fn udp_ip_header_len(dst: SocketAddr) -> usize {
+    match dst {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => 40 + 8,
+        _ => 20 + 8,
+    }
+}
+
 /// A datagram to send: where to and its bytes.
 pub trait Outgoing {
     fn dst(&self) -> SocketAddr;
@@ -419,16 +434,12 @@ impl EngineSocket {
             match e.kind() {
                 std::io::ErrorKind::WouldBlock => return if sent_datagrams > 0 { Ok(Sent { datagrams: sent_datagrams, too_big }) } else { Err(e) },
                 std::io::ErrorKind::Interrupted => continue,
+                // Older kernels say EINVAL where newer ones say EMSGSIZE
+                // (and EINVAL for other refusals): the path MTU tells.
                 _ if runs[done].len() > 1
-                    && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)) =>
+                    && (e.raw_os_error() == Some(libc::EMSGSIZE)
+                        || (e.raw_os_error() == Some(libc::EINVAL) && exceeds_path_mtu(&batch[runs[done].start]))) =>
                 {
-                    // The kernel or device will not segment for us: send
-                    // one by one from now on (the caller sends the rest).
-                    tracing::debug!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
-                    self.gso.store(false, Ordering::Relaxed);
-                    return Ok(Sent { datagrams: sent_datagrams, too_big });
-                }
-                _ if runs[done].len() > 1 && e.raw_os_error() == Some(libc::EMSGSIZE) => {
                     // The run's segments exceed the path MTU the kernel
                     // knows for its destination (a smaller link on the
                     // way, learnt from ICMP): it will not segment them,
@@ -445,6 +456,15 @@ impl EngineSocket {
                     let singles = run.clone().map(|i| libc::mmsghdr { msg_hdr: libc::msghdr { msg_iov: iovs[i..].as_mut_ptr(), ..single.msg_hdr }, ..single });
                     msgs.splice(done..=done, singles);
                     runs.splice(done..=done, run.map(|i| i..i + 1));
+                }
+                _ if runs[done].len() > 1
+                    && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL | libc::EOPNOTSUPP | libc::ENOPROTOOPT)) =>
+                {
+                    // The kernel or device will not segment for us: send
+                    // one by one from now on (the caller sends the rest).
+                    tracing::debug!(error = %e, "UDP segmentation offload refused; sending datagrams one by one");
+                    self.gso.store(false, Ordering::Relaxed);
+                    return Ok(Sent { datagrams: sent_datagrams, too_big });
                 }
                 _ => {
                     // The first datagram was refused (unreachable, too big):
@@ -650,6 +670,18 @@ mod tests {
         assert!(lo >= 1500, "loopback path MTU {lo}");
         assert_eq!(path_mtu("[::ffff:127.0.0.1]:9".parse().unwrap()).unwrap(), lo);
         assert!(path_mtu("[::1]:9".parse().unwrap()).unwrap() >= 1280);
+    }
+
+    #[test]
+    fn a_datagram_exceeds_the_path_mtu_only_with_its_headers_past_it() {
+        let dst: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let lo = path_mtu(dst).unwrap();
+        let fits = vec![0u8; lo - 28];
+        let too_big = vec![0u8; lo - 27];
+        assert!(!exceeds_path_mtu(&(dst, &fits[..])));
+        assert!(exceeds_path_mtu(&(dst, &too_big[..])));
+        assert_eq!(udp_ip_header_len("[::ffff:127.0.0.1]:9".parse().unwrap()), 28);
+        assert_eq!(udp_ip_header_len("[::1]:9".parse().unwrap()), 48);
     }
 
     #[tokio::test]
