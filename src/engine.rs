@@ -735,8 +735,8 @@ impl Engine {
                 let dst = batch[start].dst;
                 let end = batch[start..].iter().position(|t| t.dst != dst).map_or(batch.len(), |n| start + n);
                 let slot = conns.slot_for(&self.socket, dst, &batch[start].payload, now);
-                if send_all(conns.socket(&self.socket, slot), &batch[start..end]) {
-                    self.learn_path_mtu(dst, now);
+                if let Some(refused) = send_all(conns.socket(&self.socket, slot), &batch[start..end]) {
+                    self.learn_path_mtu(dst, refused, now);
                 }
                 start = end;
             }
@@ -751,17 +751,22 @@ impl Engine {
         wrote
     }
 
-    /// `dst` refused datagrams as larger than its path MTU (they went
-    /// fragmented): the kernel's path MTU for it goes to the node, which
-    /// then sizes TCP segments toward it to fit (see `max_packet_toward`).
+    /// `dst` refused datagrams of `refused` bytes as larger than its path
+    /// MTU (they went fragmented): the kernel's path MTU for it goes to the
+    /// node, which then sizes TCP segments toward it to fit (see
+    /// `max_packet_toward`).
     #[cold]
     #[inline(never)]
-    fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, now: Instant) {
+    fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, refused: usize, now: Instant) {
         if self.node.knows_path_mtu(dst, now) || self.path_mtu_retry_at.is_some_and(|at| now < at) {
             return;
         }
         match udp::path_mtu(dst) {
-            Ok(mtu) => self.node.handle_path_mtu(dst, mtu, now),
+            Ok(mtu) if mtu < udp::udp_ip_header_len(dst) + refused => self.node.handle_path_mtu(dst, mtu, now),
+            Ok(mtu) => {
+                tracing::debug!(%dst, mtu, refused, "datagrams refused, but not for the path MTU");
+                self.path_mtu_retry_at = Some(now + PATH_MTU_RETRY);
+            }
             Err(e) => {
                 tracing::debug!(%dst, error = %e, "could not read the path MTU; datagrams to it stay fragmented");
                 self.path_mtu_retry_at = Some(now + PATH_MTU_RETRY);
@@ -831,15 +836,16 @@ fn drain_socket(node: &mut Node, socket: &EngineSocket, tun_io: &mut TunIo, buf:
 }
 
 /// One run out, waiting (bounded) for room when the socket is full.
-/// Whether the destination refused datagrams as larger than its path MTU.
-fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) -> bool {
+/// The size of datagrams the destination refused as larger than its path
+/// MTU, if it did.
+fn send_all(socket: &EngineSocket, run: &[meshtun_overlay::Transmit]) -> Option<usize> {
     let mut rest = run;
-    let mut too_big = false;
+    let mut too_big = None;
     while !rest.is_empty() {
         match socket.send_batch(rest) {
             Ok(sent) => {
                 rest = &rest[sent.datagrams..];
-                too_big |= sent.too_big.is_some();
+                too_big = too_big.or(sent.too_big.map(|(_, size)| size));
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                 if !socket.wait_writable(SEND_STALL) {

@@ -62,8 +62,8 @@ pub struct Sent {
     /// Datagrams that went (or were refused and dropped).
     pub datagrams: usize,
     /// A destination that refused a run of datagrams as larger than its
-    /// path MTU (they went fragmented): see [`path_mtu`].
-    pub too_big: Option<SocketAddr>,
+    /// path MTU (they went fragmented), and their size: see [`path_mtu`].
+    pub too_big: Option<(SocketAddr, usize)>,
 }
 
 /// The path MTU the kernel holds for `dst`: what ICMP taught it, else the
@@ -95,7 +95,7 @@ fn exceeds_path_mtu<D: Outgoing>(datagram: &D) -> bool {
 }
 
 /// IP and UDP header bytes in front of a datagram to `dst`.
-fn udp_ip_header_len(dst: SocketAddr) -> usize {
+pub fn udp_ip_header_len(dst: SocketAddr) -> usize {
     match dst {
         SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => 40 + 8,
         _ => 20 + 8,
@@ -447,7 +447,8 @@ impl EngineSocket {
                     // one message per datagram, sent by the same loop;
                     // other destinations keep their GSO. The caller hears
                     // of it, to size packets for that path from now on.
-                    too_big = Some(batch[runs[done].start].dst());
+                    let first = &batch[runs[done].start];
+                    too_big = Some((first.dst(), first.bytes().len()));
                     let run = runs[done].clone();
                     let mut single = msgs[done];
                     single.msg_hdr.msg_control = std::ptr::null_mut();
@@ -658,7 +659,7 @@ mod tests {
             refused = refused.or(went.too_big);
         }
         assert_eq!(receive(&receiver, from, datagrams.len()), datagrams);
-        assert_eq!(refused, Some(to), "the caller hears which path was too narrow");
+        assert_eq!(refused, Some((to, 1452)), "the caller hears which path was too narrow for what");
         // Segmentation stays on for the paths that can take it.
         assert!(sender.gso.load(Ordering::Relaxed));
     }
