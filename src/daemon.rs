@@ -222,7 +222,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         saved_aliases,
         cert_not_after,
         started_unix: crate::metrics::unix_now(),
-        path_mtu_retry_at: None,
+        path_mtu_asked: std::collections::HashMap::new(),
     };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()

@@ -42,8 +42,11 @@ const FLUSH_AT: usize = 32;
 /// How long a send waits for room in a full socket or TUN queue before the
 /// rest of the batch is dropped (as a router drops on a full queue).
 const SEND_STALL: Duration = Duration::from_millis(100);
-/// How long after a failed path MTU query the kernel is asked again.
+/// How long after a path MTU query that explained nothing the kernel is
+/// asked again about the same destination.
 const PATH_MTU_RETRY: Duration = Duration::from_secs(10);
+/// Destinations remembered for PATH_MTU_RETRY at most.
+const MAX_PATH_MTU_ASKED: usize = 1024;
 /// How long a stopping daemon waits for backbones to confirm deregistration.
 const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Most sockets connected to single peers at once: each is a file
@@ -135,8 +138,9 @@ pub struct Engine {
     pub saved_aliases: Vec<(meshtun_addr::MeshAddr, std::net::Ipv4Addr)>,
     pub cert_not_after: Option<u64>,
     pub started_unix: f64,
-    /// When to ask the kernel for a path MTU again after it could not say.
-    pub path_mtu_retry_at: Option<Instant>,
+    /// Destinations whose path MTU the kernel was asked for without it
+    /// explaining their refusal, and when (see `learn_path_mtu`).
+    pub path_mtu_asked: std::collections::HashMap<std::net::SocketAddr, Instant>,
 }
 
 /// How the engine stopped.
@@ -754,23 +758,35 @@ impl Engine {
     /// `dst` refused datagrams of `refused` bytes as larger than its path
     /// MTU (they went fragmented): the kernel's path MTU for it goes to the
     /// node, which then sizes TCP segments toward it to fit (see
-    /// `max_packet_toward`).
+    /// `max_packet_toward`). The kernel is asked only when the MTU the node
+    /// believes does not explain the refusal (nothing known yet, or the path
+    /// narrowed again), and at most every PATH_MTU_RETRY per destination
+    /// when its answer did not explain it either.
     #[cold]
     #[inline(never)]
     fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, refused: usize, now: Instant) {
-        if self.node.knows_path_mtu(dst, now) || self.path_mtu_retry_at.is_some_and(|at| now < at) {
+        let needs = udp::udp_ip_header_len(dst) + refused;
+        if self.node.path_mtu(dst, now).is_some_and(|known| needs > known) {
+            // Full-size packets that are not cut (UDP, ICMP): expected.
+            return;
+        }
+        if self.path_mtu_asked.get(&dst).is_some_and(|&at| now < at + PATH_MTU_RETRY) {
             return;
         }
         match udp::path_mtu(dst) {
-            Ok(mtu) if mtu < udp::udp_ip_header_len(dst) + refused => self.node.handle_path_mtu(dst, mtu, now),
-            Ok(mtu) => {
-                tracing::debug!(%dst, mtu, refused, "datagrams refused, but not for the path MTU");
-                self.path_mtu_retry_at = Some(now + PATH_MTU_RETRY);
+            Ok(mtu) if mtu < needs => {
+                self.path_mtu_asked.remove(&dst);
+                self.node.handle_path_mtu(dst, mtu, now);
+                return;
             }
-            Err(e) => {
-                tracing::debug!(%dst, error = %e, "could not read the path MTU; datagrams to it stay fragmented");
-                self.path_mtu_retry_at = Some(now + PATH_MTU_RETRY);
-            }
+            Ok(mtu) => tracing::debug!(%dst, mtu, refused, "datagrams refused, but not for the path MTU"),
+            Err(e) => tracing::debug!(%dst, error = %e, "could not read the path MTU; datagrams to it stay fragmented"),
+        }
+        if self.path_mtu_asked.len() >= MAX_PATH_MTU_ASKED {
+            self.path_mtu_asked.retain(|_, at| now < *at + PATH_MTU_RETRY);
+        }
+        if self.path_mtu_asked.len() < MAX_PATH_MTU_ASKED {
+            self.path_mtu_asked.insert(dst, now);
         }
     }
 
@@ -903,10 +919,11 @@ pub fn unix_now() -> u64 {
 pub struct OffloadStats {
     tun_super_packets_read: u64,
     tun_segments_split: u64,
-    /// TUN reads toward a peer whose path is narrower than the mesh MTU,
-    /// and the packets they became (TCP cut to fit the path).
+    /// TUN reads toward a peer whose path is narrower than the mesh MTU;
+    /// those whose TCP was cut to fit it, and the packets they became.
     narrow_path_reads: u64,
-    narrow_path_packets: u64,
+    narrow_path_cut_reads: u64,
+    narrow_path_cut_packets: u64,
     tun_super_packets_written: u64,
     udp_gro_receives: u64,
     udp_gro_datagrams: u64,
@@ -953,12 +970,13 @@ impl TunIo {
             self.stats.narrow_path_reads += 1;
         }
         match offload::split(read, max_packet, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
-            Ok(1) => self.stats.narrow_path_packets += u64::from(max_packet.is_some()),
-            Ok(segments) => {
+            Ok(offload::Split { packets: 1, .. }) => {}
+            Ok(split) => {
                 self.stats.tun_super_packets_read += 1;
-                self.stats.tun_segments_split += segments as u64;
-                if max_packet.is_some() {
-                    self.stats.narrow_path_packets += segments as u64;
+                self.stats.tun_segments_split += split.packets as u64;
+                if split.cut {
+                    self.stats.narrow_path_cut_reads += 1;
+                    self.stats.narrow_path_cut_packets += split.packets as u64;
                 }
             }
             Err(e) => {

@@ -924,10 +924,10 @@ impl Node {
         self.path_mtus.learn(dst, mtu, now);
     }
 
-    /// Whether a path MTU is believed for `dst` (the driver asks the kernel
-    /// only when not).
-    pub fn knows_path_mtu(&self, dst: SocketAddr, now: Instant) -> bool {
-        self.path_mtus.get(dst, now).is_some()
+    /// The path MTU believed for `dst`, if one was reported (the driver
+    /// asks the kernel again only when a refusal is not explained by it).
+    pub fn path_mtu(&self, dst: SocketAddr, now: Instant) -> Option<usize> {
+        self.path_mtus.get(dst, now)
     }
 
     /// The largest inner packet that reaches the destination of `packet`

@@ -84,15 +84,24 @@ pub enum OffloadError {
     MalformedSuperPacket,
 }
 
+/// What [`split`] made of one read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Split {
+    /// IP packets handed to `each`.
+    pub packets: usize,
+    /// Whether TCP was cut smaller than it came, to fit a narrow path.
+    pub cut: bool,
+}
+
 /// Splits one read from a vnet-header TUN into IP packets with complete
-/// checksums and calls `each` with every one, in order; returns how many.
+/// checksums and calls `each` with every one, in order; says how many.
 /// `scratch` is reused between calls (no allocation once it has grown).
 ///
 /// With `max_packet` (the destination's path is narrower than the mesh
 /// MTU: see [`crate::path_mtu`]), TCP segments are cut to fit it instead of
 /// the kernel's MSS, a full-size single segment included; other packets
 /// pass whole and the UDP layer fragments them.
-pub fn split(read: &mut [u8], max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+pub fn split(read: &mut [u8], max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<Split, OffloadError> {
     let hdr = VnetHdr::parse(read).ok_or(OffloadError::Truncated)?;
     let packet = &mut read[VNET_HDR_LEN..];
     match hdr.gso_type & !GSO_ECN {
@@ -106,22 +115,51 @@ pub fn split(read: &mut [u8], max_packet: Option<usize>, scratch: &mut Vec<u8>, 
                 }
             }
             each(packet);
-            Ok(1)
+            Ok(Split { packets: 1, cut: false })
         }
         kind @ (GSO_TCPV4 | GSO_TCPV6) => split_tcp(packet, kind, usize::from(hdr.gso_size), max_packet, scratch, each),
         other => Err(OffloadError::UnsupportedGso(other)),
     }
 }
 
-/// The GSO kind to cut a single TCP segment as, when it may be cut: data
-/// without SYN, RST or URG (whose meaning belongs to one segment).
+/// The GSO kind to cut a single TCP segment as, when it may be cut: a
+/// whole IP packet (not a fragment, whose TCP header may not even be
+/// there), without SYN, RST or URG (whose meaning belongs to one segment),
+/// and not signed (see [`signed`]).
 fn cuttable_segment(packet: &[u8]) -> Option<u8> {
-    let (ip_len, _) = tcp_headers(packet)?;
+    let (ip_len, tcp_len) = tcp_headers(packet)?;
+    let is_v4 = packet[0] >> 4 == 4;
+    let fragment = is_v4 && u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
     let flags = packet[ip_len + 13];
-    if flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 {
+    if fragment || flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 || signed(&packet[ip_len + 20..ip_len + tcp_len]) {
         return None;
     }
-    Some(if packet[0] >> 4 == 4 { GSO_TCPV4 } else { GSO_TCPV6 })
+    Some(if is_v4 { GSO_TCPV4 } else { GSO_TCPV6 })
+}
+
+const TCP_OPTION_END: u8 = 0;
+const TCP_OPTION_NOP: u8 = 1;
+/// TCP MD5 signature (RFC 2385) and TCP-AO (RFC 5925): the receiver checks
+/// the signature over the segment as sent, so a cut segment is dropped.
+const TCP_OPTION_MD5: u8 = 19;
+const TCP_OPTION_AO: u8 = 29;
+
+/// Whether TCP `options` carry a signature over the segment; malformed
+/// options count as signed (left alone).
+fn signed(options: &[u8]) -> bool {
+    let mut i = 0;
+    while let Some(&kind) = options.get(i) {
+        match kind {
+            TCP_OPTION_END => return false,
+            TCP_OPTION_NOP => i += 1,
+            TCP_OPTION_MD5 | TCP_OPTION_AO => return true,
+            _ => match options.get(i + 1) {
+                Some(&len) if len >= 2 => i += usize::from(len),
+                _ => return true,
+            },
+        }
+    }
+    false
 }
 
 /// The least payload a segment is cut to: below it, fragments cost less
@@ -155,18 +193,19 @@ fn tcp_headers(packet: &[u8]) -> Option<(usize, usize)> {
     (tcp_len >= 20 && ip_len + tcp_len <= packet.len()).then_some((ip_len, tcp_len))
 }
 
-fn split_tcp(packet: &[u8], kind: u8, mss: usize, max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<usize, OffloadError> {
+fn split_tcp(packet: &[u8], kind: u8, mss: usize, max_packet: Option<usize>, scratch: &mut Vec<u8>, mut each: impl FnMut(&[u8])) -> Result<Split, OffloadError> {
     let (ip_len, tcp_len) = tcp_headers(packet).ok_or(OffloadError::MalformedSuperPacket)?;
     let version_matches = (packet[0] >> 4 == 4) == (kind == GSO_TCPV4);
     if !version_matches || mss == 0 {
         return Err(OffloadError::MalformedSuperPacket);
     }
     let headers = ip_len + tcp_len;
+    let payload = &packet[headers..];
+    let kernel_mss = mss;
     let mss = match max_packet.and_then(|max| max.checked_sub(headers)) {
-        Some(fits) if fits >= MIN_CUT_PAYLOAD => mss.min(fits),
+        Some(fits) if fits >= MIN_CUT_PAYLOAD && fits < payload.len().min(mss) && !signed(&packet[ip_len + 20..headers]) => fits,
         _ => mss,
     };
-    let payload = &packet[headers..];
     let seq = u32::from_be_bytes([packet[ip_len + 4], packet[ip_len + 5], packet[ip_len + 6], packet[ip_len + 7]]);
     let id = u16::from_be_bytes([packet[4], packet[5]]);
     let flags = packet[ip_len + 13];
@@ -196,7 +235,7 @@ fn split_tcp(packet: &[u8], kind: u8, mss: usize, max_packet: Option<usize>, scr
         tcp_checksum(scratch, ip_len);
         each(scratch);
     }
-    Ok(count)
+    Ok(Split { packets: count, cut: mss < kernel_mss })
 }
 
 /// Ones' complement sum of `bytes` as big-endian 16-bit words (an odd last
@@ -518,7 +557,7 @@ mod tests {
             let mut read = kernel_super_packet(v6, 1000, &data, 1388, TCP_PSH | TCP_FIN);
             let mut segments = Vec::new();
             let n = split(&mut read, None, &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
-            assert_eq!(n, 8);
+            assert_eq!(n, Split { packets: 8, cut: false });
             let mut joined = Vec::new();
             for (i, s) in segments.iter().enumerate() {
                 assert!(checksums_valid(s), "segment {i} (v6: {v6}) has a bad checksum");
@@ -570,10 +609,11 @@ mod tests {
             let data = payload(10_000);
             let mut read = kernel_super_packet(v6, 1000, &data, 1368, TCP_PSH);
             let mut segments = Vec::new();
-            let n = split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+            let split = split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
             let headers = if v6 { 60 } else { 40 };
             let mss = 1220 - headers;
-            assert_eq!(n, data.len().div_ceil(mss));
+            let n = data.len().div_ceil(mss);
+            assert_eq!(split, Split { packets: n, cut: true });
             let (shape, joined) = segments_within(&segments, 1220);
             assert_eq!(joined, data);
             for (i, (seq, len)) in shape.iter().enumerate() {
@@ -590,7 +630,7 @@ mod tests {
             let mut read = kernel_super_packet(v6, 77, &data, 0, TCP_PSH);
             read[1] = GSO_NONE;
             let mut segments = Vec::new();
-            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap(), 2);
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap(), Split { packets: 2, cut: true });
             let (shape, joined) = segments_within(&segments, 1220);
             assert_eq!(joined, data);
             assert_eq!(shape[1].0, 77 + shape[0].1 as u32);
@@ -621,14 +661,50 @@ mod tests {
             let mut read = vec![0u8; VNET_HDR_LEN];
             read.extend_from_slice(&packet);
             let mut out = Vec::new();
-            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| out.push(p.to_vec())).unwrap(), 1);
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| out.push(p.to_vec())).unwrap(), Split { packets: 1, cut: false });
             assert_eq!(out, vec![packet]);
         }
         // A path too narrow to be worth cutting for: the kernel's MSS stays.
         let mut read = kernel_super_packet(false, 1, &payload(4000), 1380, 0);
         let mut segments = Vec::new();
-        split(&mut read, Some(200), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap();
+        assert!(!split(&mut read, Some(200), &mut Vec::new(), |p| segments.push(p.to_vec())).unwrap().cut);
         assert_eq!(segments.iter().map(Vec::len).collect::<Vec<_>>(), vec![1420, 1420, 1280]);
+    }
+
+    #[test]
+    fn ipv4_fragments_and_signed_segments_are_never_cut() {
+        // A later fragment of a forwarded packet: what follows its IP
+        // header is data, not a TCP header. And a first fragment (MF).
+        for (flags_and_offset, label) in [(185u16, "a later fragment"), (0x2000, "a first fragment")] {
+            let mut packet = tcp(false, 1, 0, &payload(1360));
+            packet[6..8].copy_from_slice(&flags_and_offset.to_be_bytes());
+            ipv4_header_checksum(&mut packet[..20]);
+            let mut read = vec![0u8; VNET_HDR_LEN];
+            read.extend_from_slice(&packet);
+            let mut out = Vec::new();
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |p| out.push(p.to_vec())).unwrap().packets, 1, "{label}");
+            assert_eq!(out, vec![packet], "{label} passes untouched");
+        }
+        // TCP-MD5 (kind 19, 18 bytes) and TCP-AO (kind 29) sign the segment.
+        for option in [[19u8, 18], [29, 18]] {
+            let mut packet = tcp(true, 1, 0, &payload(1360));
+            let mut options = vec![TCP_OPTION_NOP, TCP_OPTION_NOP];
+            options.extend_from_slice(&option);
+            options.extend_from_slice(&[0xab; 16]);
+            // Options go between the 20-byte header and the payload.
+            let data = packet.split_off(40 + 20);
+            packet.extend_from_slice(&options);
+            packet.extend_from_slice(&data);
+            packet[40 + 12] = (((20 + options.len()) / 4) as u8) << 4;
+            let payload_len = (packet.len() - 40) as u16;
+            packet[4..6].copy_from_slice(&payload_len.to_be_bytes());
+            let mut read = vec![0u8; VNET_HDR_LEN];
+            read.extend_from_slice(&packet);
+            assert_eq!(split(&mut read, Some(1220), &mut Vec::new(), |_| {}).unwrap(), Split { packets: 1, cut: false }, "kind {}", option[0]);
+        }
+        // Ordinary options (timestamps) do not stop the cut.
+        assert!(!signed(&[1, 1, 8, 10, 0, 0, 0, 1, 0, 0, 0, 2]));
+        assert!(signed(&[1, 1, 8]), "truncated options are left alone");
     }
 
     #[test]
