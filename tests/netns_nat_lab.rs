@@ -616,51 +616,71 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
         checks.check(summary.contains(" 0% packet loss"), || format!("{label}: full-size pings over the 1280-byte path: {}", out.describe()));
     }
 
-    for (i, (from, from_node, to, to_node, label)) in
-        [(&ha, &na, &hb, &nb, "A -> B"), (&hb, &nb, &ha, &na, "B -> A")].into_iter().enumerate()
-    {
-        let data = payload(TRANSFER, 70 + i as u64);
-        let port = SINK_PORT + i as u16;
-        let sink = start_sink(&to.ns, to_node.id.ipv6, port, Duration::from_secs(40));
-        // Black-holed segments do not fail a TCP transfer, they stall it
-        // (retransmissions back off for many minutes): bounded here.
-        let fragments_before = ip_counter(&from.ns, "FragCreates");
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (ns, dst) = (from.ns.clone(), to_node.id.ipv6);
-        thread::spawn(move || {
-            let _ = tx.send(send_hashed(&ns, dst, port, &data, None, Duration::from_secs(20), || {}));
-        });
-        let sent = rx
-            .recv_timeout(TRANSFER_WITHIN)
-            .unwrap_or_else(|_| Err(format!("not done within {TRANSFER_WITHIN:?}: the path loses full-size datagrams")));
-        let received = if sent.is_ok() { sink.join().expect("sink thread panicked") } else { Err("abandoned".into()) };
-        check_transfer(&mut checks, label, &sent, &received, TRANSFER);
-        let path = from_node.peer(&to_node.id.address).ok().flatten().and_then(|p| p.get("path").and_then(Value::as_str).map(str::to_string));
-        println!(
-            "{label}: {} MiB {} in {}, path {path:?}",
-            TRANSFER / (1024 * 1024),
-            if sent.as_ref().is_ok_and(|s| s.hash_ok) { "intact" } else { "FAILED" },
-            secs(sent.as_ref().ok().map(|s| s.transfer)),
-        );
-        checks.check(path.as_deref() == Some("direct"), || format!("{label}: path {path:?}, expected direct (the MTU must not push it to the relay)"));
-        // Once the sender learnt the path MTU, TCP is cut to fit it: only
-        // what went before that is fragmented. Fragmenting all of it would
-        // create two fragments per datagram, over 3,000.
-        let fragments = fragments_before.zip(ip_counter(&from.ns, "FragCreates")).map(|(before, after)| after - before);
-        let fitted_datagrams = TRANSFER / 1220;
-        println!("{label}: {fragments:?} IPv4 fragments created during the transfer (about {fitted_datagrams} datagrams)");
-        checks.check(fragments.is_some_and(|n| n < (fitted_datagrams / 4) as u64), || {
-            format!("{label}: {fragments:?} fragments created while sending {TRANSFER} bytes: TCP was not cut to fit the path")
-        });
-        let (mtu, status) = match (from_node.peer(&to_node.id.address), from_node.status()) {
-            (Ok(Some(peer)), Ok(status)) => (peer.get("inner_mtu").and_then(Value::as_u64), status),
-            other => (None, Value::String(format!("{other:?}"))),
-        };
-        let cut = status.pointer("/offload/counters/narrow_path_cut_packets").and_then(Value::as_u64);
-        println!("{label}: path MTU for inner packets {mtu:?}, {cut:?} packets cut to fit the narrow path");
-        // 1280 - IPv4 (20) - UDP (8) - WireGuard (32).
-        checks.check(mtu == Some(1220), || format!("{label}: status shows inner_mtu {mtu:?}, expected 1220"));
-        checks.check(cut.is_some_and(|n| n as usize >= TRANSFER / 1220 / 2), || format!("{label}: {cut:?} packets cut to fit the narrow path"));
+    // Then the path narrows again (1200). B's own link: what B believed
+    // (1280) no longer explains the kernel's refusals, and it learns the new
+    // MTU. A learns nothing this time: the kernel sends UDP GSO batches
+    // without DF, so the router fragments them instead of answering with
+    // ICMP (the 1280 came from the warm-up pings, single datagrams with DF);
+    // A's transfer must still arrive intact.
+    for (phase, link_mtu) in [(0u64, 1280usize), (1, 1200)] {
+        if phase > 0 {
+            for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
+                ns.exec_ok(&["ip", "link", "set", dev, "mtu", &link_mtu.to_string()]);
+            }
+        }
+        // Link MTU - IPv4 (20) - UDP (8) - WireGuard (32).
+        let inner = link_mtu as u64 - 60;
+        for (i, (from, from_node, to, to_node, direction)) in
+            [(&ha, &na, &hb, &nb, "A -> B"), (&hb, &nb, &ha, &na, "B -> A")].into_iter().enumerate()
+        {
+            let label = format!("{direction} over {link_mtu}");
+            let label = label.as_str();
+            let data = payload(TRANSFER, 70 + 2 * phase + i as u64);
+            let port = SINK_PORT + (2 * phase) as u16 + i as u16;
+            let sink = start_sink(&to.ns, to_node.id.ipv6, port, Duration::from_secs(40));
+            // Black-holed segments do not fail a TCP transfer, they stall it
+            // (retransmissions back off for many minutes): bounded here.
+            let fragments_before = ip_counter(&from.ns, "FragCreates");
+            let cut_counter = |node: &harness::meshtun::Node| {
+                node.status().ok().and_then(|s| s.pointer("/offload/counters/narrow_path_cut_packets").and_then(Value::as_u64))
+            };
+            let cut_before = cut_counter(from_node).unwrap_or(0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (ns, dst) = (from.ns.clone(), to_node.id.ipv6);
+            thread::spawn(move || {
+                let _ = tx.send(send_hashed(&ns, dst, port, &data, None, Duration::from_secs(20), || {}));
+            });
+            let sent = rx
+                .recv_timeout(TRANSFER_WITHIN)
+                .unwrap_or_else(|_| Err(format!("not done within {TRANSFER_WITHIN:?}: the path loses full-size datagrams")));
+            let received = if sent.is_ok() { sink.join().expect("sink thread panicked") } else { Err("abandoned".into()) };
+            check_transfer(&mut checks, label, &sent, &received, TRANSFER);
+            let path = from_node.peer(&to_node.id.address).ok().flatten().and_then(|p| p.get("path").and_then(Value::as_str).map(str::to_string));
+            println!(
+                "{label}: {} MiB {} in {}, path {path:?}",
+                TRANSFER / (1024 * 1024),
+                if sent.as_ref().is_ok_and(|s| s.hash_ok) { "intact" } else { "FAILED" },
+                secs(sent.as_ref().ok().map(|s| s.transfer)),
+            );
+            checks.check(path.as_deref() == Some("direct"), || format!("{label}: path {path:?}, expected direct (the MTU must not push it to the relay)"));
+            if phase > 0 && direction == "A -> B" {
+                continue;
+            }
+            // Once the sender learnt the path MTU, TCP is cut to fit it: only
+            // what went before that is fragmented. Fragmenting all of it would
+            // create two fragments per datagram, over 3,000.
+            let fragments = fragments_before.zip(ip_counter(&from.ns, "FragCreates")).map(|(before, after)| after - before);
+            let fitted_datagrams = TRANSFER / inner as usize;
+            println!("{label}: {fragments:?} IPv4 fragments created during the transfer (about {fitted_datagrams} datagrams)");
+            checks.check(fragments.is_some_and(|n| n < (fitted_datagrams / 4) as u64), || {
+                format!("{label}: {fragments:?} fragments created while sending {TRANSFER} bytes: TCP was not cut to fit the path")
+            });
+            let mtu = from_node.peer(&to_node.id.address).ok().flatten().and_then(|p| p.get("inner_mtu").and_then(Value::as_u64));
+            let cut = cut_counter(from_node).map(|n| n - cut_before);
+            println!("{label}: path MTU for inner packets {mtu:?}, {cut:?} packets cut to fit the narrow path");
+            checks.check(mtu == Some(inner), || format!("{label}: status shows inner_mtu {mtu:?}, expected {inner}"));
+            checks.check(cut.is_some_and(|n| n as usize >= TRANSFER / inner as usize / 2), || format!("{label}: {cut:?} packets cut to fit the narrow path"));
+        }
     }
     // Both ends really sent datagrams larger than the path before they
     // learnt it (full-size pings): the kernel fragmented them, and the mesh
