@@ -47,6 +47,9 @@ const SEND_STALL: Duration = Duration::from_millis(100);
 const PATH_MTU_RETRY: Duration = Duration::from_secs(10);
 /// Destinations remembered for PATH_MTU_RETRY at most.
 const MAX_PATH_MTU_ASKED: usize = 1024;
+/// How often a batch's first datagram goes alone, with DF, to find links
+/// narrower than the path MTU the kernel knows (see `flush`).
+const DF_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a stopping daemon waits for backbones to confirm deregistration.
 const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Most sockets connected to single peers at once: each is a file
@@ -141,6 +144,8 @@ pub struct Engine {
     /// Destinations whose path MTU the kernel was asked for without it
     /// explaining their refusal, and when (see `learn_path_mtu`).
     pub path_mtu_asked: std::collections::HashMap<std::net::SocketAddr, Instant>,
+    /// When the next batch sends its first datagram alone (see `flush`).
+    pub next_df_probe: Instant,
 }
 
 /// How the engine stopped.
@@ -739,7 +744,20 @@ impl Engine {
                 let dst = batch[start].dst;
                 let end = batch[start..].iter().position(|t| t.dst != dst).map_or(batch.len(), |n| start + n);
                 let slot = conns.slot_for(&self.socket, dst, &batch[start].payload, now);
-                if let Some(refused) = send_all(conns.socket(&self.socket, slot), &batch[start..end]) {
+                let socket = conns.socket(&self.socket, slot);
+                let mut run = &batch[start..end];
+                // The kernel sends a UDP GSO batch without DF, so a narrow
+                // link beyond the first hop fragments it silently and the
+                // path MTU is never learnt. Now and then the first datagram
+                // of a batch goes alone, with DF: if it does not fit, the
+                // link answers with ICMP, the kernel learns the MTU and
+                // refuses the next batch, and TCP is cut to fit.
+                if run.len() > 1 && now >= self.next_df_probe {
+                    self.next_df_probe = now + DF_PROBE_INTERVAL;
+                    send_all(socket, &run[..1]);
+                    run = &run[1..];
+                }
+                if let Some(refused) = send_all(socket, run) {
                     self.learn_path_mtu(dst, refused, now);
                 }
                 start = end;

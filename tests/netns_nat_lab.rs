@@ -616,17 +616,30 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
         checks.check(summary.contains(" 0% packet loss"), || format!("{label}: full-size pings over the 1280-byte path: {}", out.describe()));
     }
 
-    // Then the path narrows again (1200). B's own link: what B believed
-    // (1280) no longer explains the kernel's refusals, and it learns the new
-    // MTU. A learns nothing this time: the kernel sends UDP GSO batches
-    // without DF, so the router fragments them instead of answering with
-    // ICMP (the 1280 came from the warm-up pings, single datagrams with DF);
-    // A's transfer must still arrive intact.
+    // Then the path narrows again (1200), with no pings this time. B's own
+    // link: what B believed (1280) no longer explains the kernel's
+    // refusals, and it learns the new MTU. A's datagrams go as UDP GSO
+    // batches, which the kernel sends without DF: the router would fragment
+    // them silently, and only the lone datagram meshtun sends with DF now
+    // and then draws its ICMP.
     for (phase, link_mtu) in [(0u64, 1280usize), (1, 1200)] {
         if phase > 0 {
             for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
                 ns.exec_ok(&["ip", "link", "set", dev, "mtu", &link_mtu.to_string()]);
             }
+            // One long stream: its datagrams all leave in GSO batches. A
+            // sends a lone datagram with DF at most once a second: wait for
+            // one to be due when the stream starts.
+            thread::sleep(Duration::from_millis(1200));
+            const LONG: usize = 64 * 1024 * 1024;
+            let started = Instant::now();
+            let port = SINK_PORT + 10;
+            let sink = start_sink(&hb.ns, nb.id.ipv6, port, Duration::from_secs(40));
+            let sent = send_hashed(&ha.ns, nb.id.ipv6, port, &payload(LONG, 90), None, Duration::from_secs(30), || {});
+            let received = if sent.is_ok() { sink.join().expect("sink thread panicked") } else { Err("abandoned".into()) };
+            check_transfer(&mut checks, "A -> B while the path narrows", &sent, &received, LONG);
+            let learnt = na.peer(&nb.id.address).ok().flatten().and_then(|p| p.get("inner_mtu").and_then(Value::as_u64));
+            println!("A -> B over 1200: after one 64 MiB stream A believes inner_mtu {learnt:?} ({:?})", started.elapsed());
         }
         // Link MTU - IPv4 (20) - UDP (8) - WireGuard (32).
         let inner = link_mtu as u64 - 60;
@@ -640,7 +653,11 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
             let sink = start_sink(&to.ns, to_node.id.ipv6, port, Duration::from_secs(40));
             // Black-holed segments do not fail a TCP transfer, they stall it
             // (retransmissions back off for many minutes): bounded here.
-            let fragments_before = ip_counter(&from.ns, "FragCreates");
+            // Where fragments would be made: the sender, or the router for
+            // a link beyond the sender's datagrams without DF.
+            let fragmenters = if direction == "A -> B" { vec![&from.ns, &router.ns] } else { vec![&from.ns] };
+            let fragments_made = || fragmenters.iter().map(|ns| ip_counter(ns, "FragCreates")).sum::<Option<u64>>();
+            let fragments_before = fragments_made();
             let cut_counter = |node: &harness::meshtun::Node| {
                 node.status().ok().and_then(|s| s.pointer("/offload/counters/narrow_path_cut_packets").and_then(Value::as_u64))
             };
@@ -663,13 +680,10 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
                 secs(sent.as_ref().ok().map(|s| s.transfer)),
             );
             checks.check(path.as_deref() == Some("direct"), || format!("{label}: path {path:?}, expected direct (the MTU must not push it to the relay)"));
-            if phase > 0 && direction == "A -> B" {
-                continue;
-            }
             // Once the sender learnt the path MTU, TCP is cut to fit it: only
             // what went before that is fragmented. Fragmenting all of it would
             // create two fragments per datagram, over 3,000.
-            let fragments = fragments_before.zip(ip_counter(&from.ns, "FragCreates")).map(|(before, after)| after - before);
+            let fragments = fragments_before.zip(fragments_made()).map(|(before, after)| after - before);
             let fitted_datagrams = TRANSFER / inner as usize;
             println!("{label}: {fragments:?} IPv4 fragments created during the transfer (about {fitted_datagrams} datagrams)");
             checks.check(fragments.is_some_and(|n| n < (fitted_datagrams / 4) as u64), || {
