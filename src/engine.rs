@@ -749,10 +749,11 @@ impl Engine {
                 // The kernel sends a UDP GSO batch without DF, so a narrow
                 // link beyond the first hop fragments it silently and the
                 // path MTU is never learnt. Now and then the first datagram
-                // of a batch goes alone, with DF: if it does not fit, the
+                // of a batch, when none is larger (a full-size one, not an
+                // ACK before the data), goes alone, with DF: if it does not fit, the
                 // link answers with ICMP, the kernel learns the MTU and
                 // refuses the next batch, and TCP is cut to fit.
-                if run.len() > 1 && now >= self.next_df_probe {
+                if run.len() > 1 && now >= self.next_df_probe && run.iter().all(|t| t.payload.len() <= run[0].payload.len()) {
                     self.next_df_probe = now + DF_PROBE_INTERVAL;
                     send_all(socket, &run[..1]);
                     run = &run[1..];
