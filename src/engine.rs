@@ -784,7 +784,7 @@ impl Engine {
     #[cold]
     #[inline(never)]
     fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, refused: usize, now: Instant) {
-        let needs = udp::udp_ip_header_len(dst) + refused;
+        let needs = meshtun_overlay::path_mtu::udp_ip_header_len(dst) + refused;
         if self.node.path_mtu(dst, now).is_some_and(|known| needs > known) {
             // Full-size packets that are not cut (UDP, ICMP): expected.
             return;

@@ -70,10 +70,7 @@ pub struct Sent {
 /// outgoing link's MTU. Asked through a socket connected to `dst`
 /// (`IP_MTU`/`IPV6_MTU`); nothing is sent.
 pub fn path_mtu(dst: SocketAddr) -> std::io::Result<usize> {
-    let dst = match dst {
-        SocketAddr::V6(v6) => v6.ip().to_ipv4_mapped().map_or(dst, |v4| SocketAddr::new(v4.into(), v6.port())),
-        v4 => v4,
-    };
+    let dst = normalise(dst);
     let socket = socket2::Socket::new(socket2::Domain::for_address(dst), socket2::Type::DGRAM, None)?;
     socket.connect(&dst.into())?;
     let (level, option) = if dst.is_ipv4() { (libc::IPPROTO_IP, libc::IP_MTU) } else { (libc::IPPROTO_IPV6, libc::IPV6_MTU) };
@@ -91,15 +88,7 @@ pub fn path_mtu(dst: SocketAddr) -> std::io::Result<usize> {
 /// whole, by the kernel's path MTU for it.
 fn exceeds_path_mtu<D: Outgoing>(datagram: &D) -> bool {
     let dst = datagram.dst();
-    path_mtu(dst).is_ok_and(|mtu| udp_ip_header_len(dst) + datagram.bytes().len() > mtu)
-}
-
-/// IP and UDP header bytes in front of a datagram to `dst`.
-pub fn udp_ip_header_len(dst: SocketAddr) -> usize {
-    match dst {
-        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => 40 + 8,
-        _ => 20 + 8,
-    }
+    path_mtu(dst).is_ok_and(|mtu| meshtun_overlay::path_mtu::udp_ip_header_len(dst) + datagram.bytes().len() > mtu)
 }
 
 /// A datagram to send: where to and its bytes.
@@ -681,8 +670,6 @@ mod tests {
         let too_big = vec![0u8; lo - 27];
         assert!(!exceeds_path_mtu(&(dst, &fits[..])));
         assert!(exceeds_path_mtu(&(dst, &too_big[..])));
-        assert_eq!(udp_ip_header_len("[::ffff:127.0.0.1]:9".parse().unwrap()), 28);
-        assert_eq!(udp_ip_header_len("[::1]:9".parse().unwrap()), 48);
     }
 
     #[tokio::test]

@@ -124,14 +124,15 @@ pub fn split(read: &mut [u8], max_packet: Option<usize>, scratch: &mut Vec<u8>, 
 
 /// The GSO kind to cut a single TCP segment as, when it may be cut: a
 /// whole IP packet (not a fragment, whose TCP header may not even be
-/// there), without SYN, RST or URG (whose meaning belongs to one segment),
-/// and not signed (see [`signed`]).
+/// there), without SYN, RST or URG (whose meaning belongs to one segment).
+/// A signed one ([`signed`]) is left whole by `split_tcp`, as a signed
+/// super-packet is.
 fn cuttable_segment(packet: &[u8]) -> Option<u8> {
-    let (ip_len, tcp_len) = tcp_headers(packet)?;
+    let (ip_len, _) = tcp_headers(packet)?;
     let is_v4 = packet[0] >> 4 == 4;
     let fragment = is_v4 && u16::from_be_bytes([packet[6], packet[7]]) & 0x3fff != 0;
     let flags = packet[ip_len + 13];
-    if fragment || flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 || signed(&packet[ip_len + 20..ip_len + tcp_len]) {
+    if fragment || flags & (TCP_SYN | TCP_RST | TCP_URG) != 0 {
         return None;
     }
     Some(if is_v4 { GSO_TCPV4 } else { GSO_TCPV6 })

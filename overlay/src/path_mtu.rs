@@ -24,9 +24,9 @@ pub const PATH_MTU_TTL: Duration = Duration::from_secs(600);
 /// distinct destinations cannot grow the table without bound.
 pub const MAX_REMEMBERED: usize = 4096;
 
-/// Bytes a datagram carries besides the inner packet: UDP header, and
-/// WireGuard's data header (16) and tag (16). boringtun does not pad.
-const UDP_AND_WIREGUARD: usize = 8 + 16 + 16;
+/// Bytes a datagram carries besides the inner packet: WireGuard's data
+/// header (16) and tag (16). boringtun does not pad.
+const WIREGUARD: usize = 16 + 16;
 
 /// The smallest path MTU believed: IPv4's minimum (RFC 791). A smaller
 /// report is a bug or a forgery, and cutting packets to it would cost more
@@ -82,12 +82,16 @@ impl PathMtus {
 /// packets of `mtu` bytes to `dst`, with `framing` more bytes per datagram
 /// (a relay's header).
 pub fn inner_limit(mtu: usize, dst: SocketAddr, framing: usize) -> usize {
-    let ip_header = match dst {
-        SocketAddr::V4(_) => 20,
-        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_some() => 20,
-        SocketAddr::V6(_) => 40,
-    };
-    mtu.saturating_sub(ip_header + UDP_AND_WIREGUARD + framing)
+    mtu.saturating_sub(udp_ip_header_len(dst) + WIREGUARD + framing)
+}
+
+/// IP and UDP header bytes in front of a datagram to `dst` (an IPv4-mapped
+/// IPv6 address goes as IPv4).
+pub fn udp_ip_header_len(dst: SocketAddr) -> usize {
+    match dst {
+        SocketAddr::V6(v6) if v6.ip().to_ipv4_mapped().is_none() => 40 + 8,
+        _ => 20 + 8,
+    }
 }
 
 #[cfg(test)]
@@ -139,6 +143,8 @@ mod tests {
         assert_eq!(inner_limit(1280, addr("[::ffff:198.18.0.2]:1"), 0), 1280 - 20 - 8 - 32);
         assert_eq!(inner_limit(1280, addr("[2001:db8::2]:1"), 0), 1280 - 40 - 8 - 32);
         assert_eq!(inner_limit(1280, addr("198.18.0.2:1"), 11), 1280 - 20 - 8 - 32 - 11);
+        assert_eq!(udp_ip_header_len(addr("[::ffff:127.0.0.1]:9")), 28);
+        assert_eq!(udp_ip_header_len(addr("[::1]:9")), 48);
         // The mesh MTU fills a 1500-byte IPv6 path exactly.
         assert_eq!(inner_limit(1500, addr("[2001:db8::2]:1"), 0), 1420);
     }
