@@ -492,6 +492,9 @@ impl Engine {
                 now = Instant::now();
             }
         };
+        // Closing the timerfd takes it out of the epoll set: once it had
+        // rung, leave()'s waits would otherwise return at once and spin.
+        drop(alarm);
         self.leave(&mut tun_io, &mut scratch, &mut conns);
         Ok(Exit { down, tun: self.tun })
     }
