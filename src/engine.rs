@@ -404,7 +404,13 @@ impl Engine {
         // after them share its instant (they take microseconds).
         let mut now = unix_set;
         let down = 'run: loop {
-            self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
+            // Packets' own flushes come right after their reads; this one
+            // sends what timers and requests queued. Skipped when nothing
+            // waits: even an empty flush touches a cold queue or two, and
+            // after a packet this is on the way to sleep.
+            if self.node.backlog() > 0 || self.node.has_events() || !tun_io.blocked.is_empty() {
+                self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
+            }
             let answered = self.node.has_answers();
             if answered {
                 self.answer_requests(&mut waiting, now);
