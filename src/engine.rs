@@ -946,7 +946,7 @@ pub fn key_expiry(rotation: Duration, issued: u64) -> u64 {
 /// The engine's timer: a timerfd in the epoll set, so `epoll_wait` sleeps
 /// without a timeout. A timeout arms and cancels a kernel timer on every
 /// sleep (half of the wake-ups in request-response traffic), and that put
-/// about 2.5 us on every sleep of this VM; the timerfd is set again only
+/// 1.5-2 us on every sleep of this VM; the timerfd is set again only
 /// when a deadline comes earlier than the one it holds. A later deadline
 /// leaves it: it rings early, the loop finds nothing due and sets it anew.
 struct Alarm {
