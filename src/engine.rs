@@ -404,13 +404,7 @@ impl Engine {
         // after them share its instant (they take microseconds).
         let mut now = unix_set;
         let down = 'run: loop {
-            // Packets' own flushes come right after their reads; this one
-            // sends what timers and requests queued. Skipped when nothing
-            // waits: even an empty flush touches a cold queue or two, and
-            // after a packet this is on the way to sleep.
-            if self.node.backlog() > 0 || self.node.has_events() || !tun_io.blocked.is_empty() {
-                self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
-            }
+            self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
             let answered = self.node.has_answers();
             if answered {
                 self.answer_requests(&mut waiting, now);
@@ -749,6 +743,11 @@ impl Engine {
     /// sendmmsg(2), then the TUN's packets, then the events. Whether it
     /// wrote to the TUN.
     fn flush(&mut self, tun_io: &mut TunIo, batch: &mut Vec<meshtun_overlay::Transmit>, conns: &mut ConnectedSockets, now: Instant) -> bool {
+        // The loop's own flush, on the way to sleep after a packet, mostly
+        // finds nothing: even so, the queues below are cold lines to touch.
+        if self.node.backlog() == 0 && !self.node.has_events() && tun_io.blocked.is_empty() {
+            return false;
+        }
         loop {
             batch.clear();
             while batch.len() < DRAIN_BATCH {
