@@ -308,6 +308,21 @@ stats() {  # test tunnel -> "min med max" (or NA)
         awk '{v[NR] = $1} END {if (NR == 0) {print "NA NA NA"; exit}
              m = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2; print v[1], m, v[NR]}'
 }
+# Paired ping: a tunnel's slice over meshtun's slice of the same round ->
+# "rounds median q1 q3 meshtun-faster ci-low ci-high". The 95% confidence
+# interval of the median is distribution-free: the order statistics
+# n/2 -+ 0.98 sqrt(n) (sign test); NA below 6 rounds.
+paired() {
+    awk -F'\t' -v tu="$1" '$1 == "pingslice" && $4 != "NA" {v[$2 "/" $3] = $4; round[$3] = 1}
+        END {for (r in round) if ((tu "/" r) in v && ("mt/" r) in v && v["mt/" r] > 0) print v[tu "/" r] / v["mt/" r]}' "$RESULTS" |
+        sort -g | awk '{r[NR] = $1; if ($1 > 1) w++}
+            END {if (NR == 0) {print 0; exit}
+                 m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
+                 q1 = r[int((NR + 3) / 4)]; q3 = r[int((3 * NR + 3) / 4)]
+                 k = int(NR / 2 - 0.98 * sqrt(NR))
+                 if (k >= 1) {lo = r[k]; hi = r[NR - k + 1]} else {lo = "NA"; hi = "NA"}
+                 print NR, m, q1, q3, w + 0, lo, hi}'
+}
 echo
 echo "== results: $RUNS run(s) x ${SECS} s, $(nproc) CPUs, $(uname -r); load now: $(uptime | sed 's/.*load average: //')"
 printf '%-6s %-20s %28s %10s\n' test tunnel "min / median / max" "vs meshtun"
@@ -331,13 +346,10 @@ if has ping "$TESTS" && has mt "$TUNNELS"; then
     echo "ping, paired by round (a tunnel's slice over meshtun's slice of the same round; above 1: meshtun faster):"
     for t in ${TUNNELS//,/ }; do
         [ "$t" = mt ] && continue
-        awk -F'\t' -v tu="$t" '$1 == "pingslice" && $4 != "NA" {v[$2 "/" $3] = $4; round[$3] = 1}
-            END {for (r in round) if ((tu "/" r) in v && ("mt/" r) in v && v["mt/" r] > 0) print v[tu "/" r] / v["mt/" r]}' "$RESULTS" |
-            sort -g | awk -v label="$(name "$t")" '{r[NR] = $1; if ($1 > 1) w++}
-                END {if (NR == 0) exit
-                     m = (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2
-                     q1 = r[int((NR + 3) / 4)]; q3 = r[int((3 * NR + 3) / 4)]
-                     printf "  %-22s median %.3f, quartiles %.3f-%.3f, %d rounds, meshtun faster in %d\n", label, m, q1, q3, NR, w}'
+        read -r n m q1 q3 w lo hi <<<"$(paired "$t")"
+        [ "$n" = 0 ] && continue
+        printf "  %-22s median %.3f (95%% CI %s), quartiles %.3f-%.3f, %d rounds, meshtun faster in %d\n" "$(name "$t")" "$m" \
+            "$( [ "$lo" = NA ] && echo "needs 6 rounds" || printf '%.3f-%.3f' "$lo" "$hi")" "$q1" "$q3" "$n" "$w"
     done
 fi
 echo
@@ -351,6 +363,52 @@ for t in ${TUNNELS//,/ }; do
 done
 echo "(CPU: both ends' processes, per GB over the throughput tests and per ping (both ends, each way) over the ping test; RSS: the larger of the two ends' processes)"
 for n in "${NOTES[@]}"; do echo "note: $n"; done
+
+# ---- the issue's targets, judged on this run's own figures ------------------
+if has mt "$TUNNELS"; then
+    echo
+    echo "targets (this run's figures; the per-peer memory target is loadgen's: see bench/README.md):"
+    read -r _ mt_tcp _ <<<"$(stats tcp1 mt)"
+    verdict() { awk -v x="$1" -v min="$2" 'BEGIN {print (x >= min) ? "met" : "NOT met"}'; }
+    if has tcp1 "$TESTS" && [ "$mt_tcp" != NA ]; then
+        for pair in "bt 3" "wg 4"; do
+            read -r t at_least <<<"$pair"
+            has "$t" "$TUNNELS" || continue
+            read -r _ other _ <<<"$(stats tcp1 "$t")"
+            [ "$other" = NA ] && continue
+            x=$(awk -v a="$mt_tcp" -v b="$other" 'BEGIN {printf "%.2f", a / b}')
+            echo "  single-stream TCP >= ${at_least}x $(name "$t"): ${x}x, $(verdict "$x" "$at_least")"
+        done
+        if has raw "$TUNNELS"; then
+            read -r _ raw_tcp _ <<<"$(stats tcp1 raw)"
+            if [ "$raw_tcp" != NA ]; then
+                x=$(awk -v a="$mt_tcp" -v b="$raw_tcp" 'BEGIN {printf "%.3f", a / b}')
+                echo "  single-stream TCP >= 25% of the raw veth (stretch): $(awk -v x="$x" 'BEGIN {printf "%.1f%%", 100 * x}'), $(verdict "$x" 0.25)"
+            fi
+        fi
+    fi
+    if has ping "$TESTS" && has bt "$TUNNELS"; then
+        read -r n m _ _ _ lo hi <<<"$(paired bt)"
+        if [ "$n" != 0 ]; then
+            # The paired median is boringtun-cli's RTT over meshtun's: at or
+            # above 1, meshtun adds no more. The interval says whether the
+            # run can tell the two apart at all.
+            if [ "$lo" = NA ]; then
+                noise="too few rounds for an interval"
+            else
+                ci=$(printf '95%% CI %.3f-%.3f' "$lo" "$hi")
+                if awk -v l="$lo" -v h="$hi" 'BEGIN {exit !(l <= 1 && h >= 1)}'; then noise="$ci: within this run's noise"
+                elif awk -v h="$hi" 'BEGIN {exit !(h < 1)}'; then noise="$ci: meshtun slower beyond the noise"
+                else noise="$ci: meshtun faster beyond the noise"; fi
+            fi
+            echo "  ping RTT no worse than boringtun-cli's: paired median $(printf '%.3f' "$m"), $(verdict "$m" 1) ($noise)"
+        fi
+    fi
+    if [ -n "${IDLE_RSS[mt]:-}" ]; then
+        mib=$(awk -v k="${IDLE_RSS[mt]}" 'BEGIN {printf "%.1f", k / 1024}')
+        echo "  idle daemon RSS < 15 MB: $mib MiB, $(awk -v k="${IDLE_RSS[mt]}" 'BEGIN {print (k * 1024 < 15e6) ? "met" : "NOT met"}')"
+    fi
+fi
 
 # ---- --quick is a check, not only a report -----------------------------------
 # CI runs --quick: a meshtun that moves nothing (NA) or a tiny fraction of
