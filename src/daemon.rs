@@ -192,7 +192,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
     let mut tasks = vec![
         tokio::spawn(control::serve_with_events(listener, control_tx, Some(source))),
         forward(control_rx, engine.clone(), Slow::Control),
-        tokio::spawn(tick(engine.clone())),
+        tokio::spawn(refresh_endpoints(engine.clone())),
         tokio::spawn(stop_on_signal(signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?, engine.clone())),
     ];
     if let Some(listener) = metrics_listener {
@@ -262,17 +262,12 @@ fn forward<T: Send + 'static>(mut from: mpsc::Receiver<T>, to: EngineHandle, wra
     })
 }
 
-async fn tick(to: EngineHandle) {
-    let mut watch = tokio::time::interval(crate::events::TICK);
-    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+async fn refresh_endpoints(to: EngineHandle) {
     let mut refresh = tokio::time::interval(ENDPOINT_REFRESH);
     refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let sent = tokio::select! {
-            _ = watch.tick() => to.send(Slow::Watch),
-            _ = refresh.tick() => to.send(Slow::Refresh),
-        };
-        if !sent {
+        refresh.tick().await;
+        if !to.send(Slow::Refresh) {
             return;
         }
     }

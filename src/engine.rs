@@ -10,7 +10,6 @@
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +24,7 @@ use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
 use crate::control::{self, Request};
-use crate::events::Hub;
+use crate::events::{self, Hub};
 use crate::requests::{DnsReply, Waiting};
 use crate::state::StateDir;
 use crate::udp::{self, EngineSocket};
@@ -69,8 +68,6 @@ const CONNECT_RETRY: Duration = Duration::from_secs(60);
 pub enum Slow {
     Control(control::Pending),
     Metrics(crate::metrics::HttpRequest),
-    /// Once a second: events derived from status, certificate expiry.
-    Watch,
     /// Re-read the interface addresses.
     Refresh,
     /// SIGTERM or SIGINT.
@@ -83,17 +80,11 @@ pub enum Slow {
 pub struct EngineHandle {
     tx: mpsc::Sender<Slow>,
     wake: Arc<EventFd>,
-    /// Set while a `Watch` is queued: a busy engine skips ticks rather than
-    /// queueing them.
-    watch_queued: Arc<AtomicBool>,
 }
 
 impl EngineHandle {
     /// Whether the engine is still there to take it.
     pub fn send(&self, slow: Slow) -> bool {
-        if matches!(slow, Slow::Watch) && self.watch_queued.swap(true, Ordering::AcqRel) {
-            return true;
-        }
         if self.tx.send(slow).is_err() {
             return false;
         }
@@ -106,14 +97,12 @@ impl EngineHandle {
 pub struct Inbox {
     rx: mpsc::Receiver<Slow>,
     wake: Arc<EventFd>,
-    watch_queued: Arc<AtomicBool>,
 }
 
 pub fn channel() -> anyhow::Result<(EngineHandle, Inbox)> {
     let wake = Arc::new(EventFd::from_flags(EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC).context("cannot create an eventfd")?);
-    let watch_queued = Arc::new(AtomicBool::new(false));
     let (tx, rx) = mpsc::channel();
-    Ok((EngineHandle { tx, wake: wake.clone(), watch_queued: watch_queued.clone() }, Inbox { rx, wake, watch_queued }))
+    Ok((EngineHandle { tx, wake: wake.clone() }, Inbox { rx, wake }))
 }
 
 /// Everything the engine owns while the daemon runs.
@@ -403,6 +392,10 @@ impl Engine {
         // One clock read per wake-up: its packets and the turn of the loop
         // after them share its instant (they take microseconds).
         let mut now = unix_set;
+        // The once-a-second watch runs on the core's timer grid, in the
+        // wake-ups that tick its sessions and its own checks.
+        let grid = self.node.timer_grid();
+        let mut next_watch = grid.at_or_after(now + events::TICK);
         let down = 'run: loop {
             self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
             let answered = self.node.has_answers();
@@ -420,6 +413,10 @@ impl Engine {
             if self.next_rotation.is_some_and(|at| at <= now) {
                 self.scheduled_rotation();
             }
+            if next_watch <= now {
+                self.watch(&mut conns, now);
+                next_watch = grid.next_period(next_watch, events::TICK, now);
+            }
             if answered {
                 // Answers may have queued packets (pings): send them before sleeping.
                 self.flush(&mut tun_io, &mut scratch.batch, &mut conns, now);
@@ -427,8 +424,7 @@ impl Engine {
             let deadline = [self.node.poll_timeout(), waiting.next_expiry(), self.next_rotation]
                 .into_iter()
                 .flatten()
-                .min()
-                .unwrap_or(now + Duration::from_secs(1));
+                .fold(next_watch, Instant::min);
             if deadline <= now {
                 self.node.handle_timeout(now);
                 now = Instant::now();
@@ -476,9 +472,6 @@ impl Engine {
             if woken {
                 let _ = inbox.wake.read();
                 while let Ok(slow) = inbox.rx.try_recv() {
-                    if matches!(slow, Slow::Watch) {
-                        inbox.watch_queued.store(false, Ordering::Release);
-                    }
                     match self.handle_slow(slow, &mut waiting, &tun_io, &mut conns, &alarm) {
                         Some(stop) => break 'run stop,
                         None => continue,
@@ -497,6 +490,18 @@ impl Engine {
         drop(alarm);
         self.leave(&mut tun_io, &mut scratch, &mut conns);
         Ok(Exit { down, tun: self.tun })
+    }
+
+    /// Once a second: connected sockets unused for long are closed, and
+    /// the events derived from the peers' health and the certificate's
+    /// expiry go out.
+    #[inline(never)]
+    fn watch(&mut self, conns: &mut ConnectedSockets, now: Instant) {
+        conns.expire(now);
+        self.hub.tick(self.node.peer_health(), now);
+        if let Some(not_after) = self.cert_not_after {
+            self.hub.certificate(not_after, unix_now());
+        }
     }
 
     /// Hands the core's answers to the DNS and control requests waiting for
@@ -536,13 +541,6 @@ impl Engine {
             Slow::Stop(signal) => {
                 tracing::info!("{signal}: leaving the mesh");
                 return Some(None);
-            }
-            Slow::Watch => {
-                conns.expire(now);
-                self.hub.tick(self.node.peer_health(), now);
-                if let Some(not_after) = self.cert_not_after {
-                    self.hub.certificate(not_after, unix_now());
-                }
             }
             Slow::Refresh => {
                 self.node.set_local_endpoints(udp::local_endpoints(self.listen_port, &self.interface), now);
@@ -1200,14 +1198,13 @@ mod tests {
     }
 
     #[test]
-    fn a_queued_watch_tick_is_not_queued_twice_and_the_engine_wakes() {
+    fn every_queued_message_wakes_the_engine_and_waits_in_order() {
         let (handle, inbox) = channel().unwrap();
-        assert!(handle.send(Slow::Watch));
-        assert!(handle.send(Slow::Watch));
         assert!(handle.send(Slow::Refresh));
+        assert!(handle.send(Slow::Stop("SIGTERM")));
         assert_eq!(inbox.wake.read().unwrap(), 2, "one wake-up per queued message");
         let queued: Vec<_> = inbox.rx.try_iter().collect();
-        assert!(matches!(queued.as_slice(), [Slow::Watch, Slow::Refresh]));
+        assert!(matches!(queued.as_slice(), [Slow::Refresh, Slow::Stop("SIGTERM")]));
     }
 
     #[test]

@@ -26,7 +26,7 @@ const SESSION_DEAD_AFTER: Duration = Duration::from_secs(180);
 /// path agent's quick probe rounds end after 4 s).
 const PUNCH_WINDOW: Duration = Duration::from_secs(10);
 
-/// How often the main loop hands the hub a status snapshot.
+/// How often the engine hands the hub its peers' health (`Engine::watch`).
 pub const TICK: Duration = Duration::from_secs(1);
 
 /// Logs a core event, inside a `peer` span when it concerns one peer, so

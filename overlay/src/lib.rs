@@ -19,6 +19,7 @@
 
 mod backbone_client;
 pub mod firewall;
+pub mod grid;
 pub mod ipv4;
 pub mod offload;
 pub mod packet;
@@ -809,7 +810,7 @@ impl Node {
             self.handshake_limiter.reset_count();
             self.check_trust();
             self.path_mtus.expire(now);
-            self.next_trust_check = now + Duration::from_secs(1);
+            self.next_trust_check = self.peers.grid().next_period(self.next_trust_check, Duration::from_secs(1), now);
         }
         self.run_path_timers(now);
         if self.peers.next_wg_tick().is_some_and(|t| t <= now) {
@@ -828,6 +829,12 @@ impl Node {
             .into_iter()
             .flatten()
             .min()
+    }
+
+    /// The grid the node's timers fall on, for a driver that has periodic
+    /// work of its own to put on it.
+    pub fn timer_grid(&self) -> grid::TimerGrid {
+        self.peers.grid()
     }
 
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
@@ -1520,7 +1527,7 @@ impl Node {
         let peer_public = PublicKey::from(record.wg_key);
         let probe_key = probe::probe_key(&self.wg_secret, &peer_public);
         let candidates: Vec<SocketAddr> = record.endpoints.iter().copied().filter(|e| !own.contains(e)).collect();
-        let path = PathAgent::new(&candidates, relay, now);
+        let path = PathAgent::new(&candidates, relay, self.peers.grid(), now);
         let tunn = self.new_tunn(id, record.wg_key);
         self.events.push_back(Event::PeerAdded {
             peer: addr.to_string(),

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::grid::TimerGrid;
 use crate::probe::TxId;
 
 const QUICK_ROUNDS: [Duration; 6] = [
@@ -96,31 +97,38 @@ pub struct PathAgent {
     direct_last_rx: Option<Instant>,
     /// When the first keepalive since the last answer went out.
     unanswered_since: Option<Instant>,
+    /// When that silence lasts ACTIVE_DEAD_AFTER: the path is checked then
+    /// rather than at the next keepalive, up to a second later.
+    dead_check: Option<Instant>,
     last_activity: Option<Instant>,
     started: Instant,
     round: usize,
     next_round: Instant,
     next_keepalive: Option<Instant>,
     relay_reason: Option<&'static str>,
+    /// Keepalives and reprobes go on the node's timer grid.
+    grid: TimerGrid,
 }
 
 /// Pings the node should send: (destination, transaction id).
 pub type Pings = Vec<(SocketAddr, TxId)>;
 
 impl PathAgent {
-    pub fn new(candidates: &[SocketAddr], relay: Option<SocketAddr>, now: Instant) -> PathAgent {
+    pub fn new(candidates: &[SocketAddr], relay: Option<SocketAddr>, grid: TimerGrid, now: Instant) -> PathAgent {
         let mut agent = PathAgent {
             candidates: Vec::new(),
             current: relay.map(Path::Relay),
             relay,
             direct_last_rx: None,
             unanswered_since: None,
+            dead_check: None,
             last_activity: None,
             started: now,
             round: 0,
             next_round: now,
             next_keepalive: None,
             relay_reason: relay.map(|_| "no probe answered yet"),
+            grid,
         };
         agent.set_candidates(candidates);
         agent
@@ -226,12 +234,13 @@ impl PathAgent {
     fn heard_on_current(&mut self, now: Instant) {
         self.direct_last_rx = Some(now);
         self.unanswered_since = None;
+        self.dead_check = None;
     }
 
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.next_round;
-        if let Some(k) = self.next_keepalive {
-            next = next.min(k);
+        for at in [self.next_keepalive, self.dead_check].into_iter().flatten() {
+            next = next.min(at);
         }
         next
     }
@@ -240,9 +249,12 @@ impl PathAgent {
     pub fn on_timeout(&mut self, now: Instant, mut txid: impl FnMut() -> TxId) -> (Pings, Option<PathChange>) {
         let mut pings = Vec::new();
         let mut change = None;
+        if self.dead_check.is_some_and(|at| at <= now) {
+            self.dead_check = None;
+        }
         if let (Some(Path::Direct(addr)), Some(since)) = (self.current, self.unanswered_since) {
             let limit = if self.is_active(now) { ACTIVE_DEAD_AFTER } else { IDLE_DEAD_AFTER };
-            if now.saturating_duration_since(since) > limit {
+            if now.saturating_duration_since(since) >= limit {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     c.rtt = None;
                     c.last_pong = None;
@@ -256,6 +268,7 @@ impl PathAgent {
                 self.relay_reason = Some("direct path stopped answering");
                 self.direct_last_rx = None;
                 self.unanswered_since = None;
+                self.dead_check = None;
                 self.next_keepalive = None;
                 self.restart_probing(now);
             }
@@ -270,8 +283,8 @@ impl PathAgent {
             let relayed = !matches!(self.current, Some(Path::Direct(_)));
             self.next_round = match QUICK_ROUNDS.get(self.round) {
                 Some(offset) => self.started + *offset,
-                None if relayed => now + RELAYED_REPROBE,
-                None => now + IDLE_KEEPALIVE * 4,
+                None if relayed => self.grid.at_or_after(now + RELAYED_REPROBE),
+                None => self.grid.at_or_after(now + IDLE_KEEPALIVE * 4),
             }
             .max(now + Duration::from_millis(1));
         }
@@ -280,11 +293,14 @@ impl PathAgent {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     if let Some(id) = ping(c, now, &mut txid, true) {
                         pings.push((addr, id));
-                        self.unanswered_since.get_or_insert(now);
+                        if self.unanswered_since.is_none() {
+                            self.unanswered_since = Some(now);
+                            self.dead_check = Some(self.grid.at_or_after(now + ACTIVE_DEAD_AFTER));
+                        }
                     }
                 }
                 let interval = if self.is_active(now) { ACTIVE_KEEPALIVE } else { IDLE_KEEPALIVE };
-                self.next_keepalive = Some(now + interval);
+                self.next_keepalive = Some(self.grid.next_period(at, interval, now));
             }
         }
         (pings, change)
@@ -351,7 +367,7 @@ impl PathAgent {
         let change = PathChange { from: self.current, to: Path::Direct(from), reason };
         self.current = Some(Path::Direct(from));
         self.heard_on_current(now);
-        self.next_keepalive = Some(now + ACTIVE_KEEPALIVE);
+        self.next_keepalive = Some(self.grid.at_or_after(now + ACTIVE_KEEPALIVE));
         Some(change)
     }
 
@@ -392,7 +408,7 @@ mod tests {
     #[test]
     fn a_new_peer_starts_on_the_relay_and_probes_every_candidate() {
         let now = Instant::now();
-        let mut agent = PathAgent::new(&[addr("10.0.0.2:1"), addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), now);
+        let mut agent = PathAgent::new(&[addr("10.0.0.2:1"), addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), TimerGrid::new(now), now);
         assert_eq!(agent.current(), Some(Path::Relay(addr("198.18.0.1:7400"))));
         let (pings, change) = agent.on_timeout(now, counter());
         assert_eq!(pings.len(), 2);
@@ -402,7 +418,7 @@ mod tests {
     #[test]
     fn the_first_pong_moves_traffic_off_the_relay() {
         let now = Instant::now();
-        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), now);
+        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), TimerGrid::new(now), now);
         let (pings, _) = agent.on_timeout(now, counter());
         let change = agent.on_pong(pings[0].0, pings[0].1, now + Duration::from_millis(20)).unwrap();
         assert_eq!(change.to, Path::Direct(addr("198.18.0.2:1")));
@@ -412,7 +428,7 @@ mod tests {
     #[test]
     fn a_pong_with_an_unknown_transaction_id_changes_nothing() {
         let now = Instant::now();
-        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), now);
+        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(addr("198.18.0.1:7400")), TimerGrid::new(now), now);
         agent.on_timeout(now, counter());
         assert!(agent.on_pong(addr("198.18.0.2:1"), [99; 12], now).is_none());
         assert!(agent.on_pong(addr("203.0.113.1:1"), [1; 12], now).is_none());
@@ -423,7 +439,7 @@ mod tests {
     fn the_local_path_wins_over_a_slightly_faster_hairpin_but_not_a_much_faster_one() {
         let now = Instant::now();
         let (local, public) = (addr("10.0.0.2:1"), addr("198.18.0.2:1"));
-        let mut agent = PathAgent::new(&[local, public], Some(addr("198.18.0.1:7400")), now);
+        let mut agent = PathAgent::new(&[local, public], Some(addr("198.18.0.1:7400")), TimerGrid::new(now), now);
         let mut ids = counter();
         let (pings, _) = agent.on_timeout(now, &mut ids);
         // The hairpin answers first, then the local path slightly slower.
@@ -436,7 +452,7 @@ mod tests {
     fn direct_paths_switch_only_with_hysteresis() {
         let now = Instant::now();
         let (a, b) = (addr("198.18.0.2:1"), addr("198.18.0.3:1"));
-        let mut agent = PathAgent::new(&[a, b], None, now);
+        let mut agent = PathAgent::new(&[a, b], None, TimerGrid::new(now), now);
         let mut ids = counter();
         let (pings, _) = agent.on_timeout(now, &mut ids);
         agent.on_pong(a, pings[0].1, now + Duration::from_millis(10));
@@ -449,7 +465,7 @@ mod tests {
     fn a_silent_direct_path_falls_back_to_the_relay_while_traffic_flows() {
         let now = Instant::now();
         let relay = addr("198.18.0.1:7400");
-        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(relay), now);
+        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], Some(relay), TimerGrid::new(now), now);
         let mut ids = counter();
         let (pings, _) = agent.on_timeout(now, &mut ids);
         agent.on_pong(pings[0].0, pings[0].1, now);
@@ -472,7 +488,7 @@ mod tests {
     #[test]
     fn a_ping_from_an_unknown_address_becomes_a_candidate_and_is_pinged_back() {
         let now = Instant::now();
-        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], None, now);
+        let mut agent = PathAgent::new(&[addr("198.18.0.2:1")], None, TimerGrid::new(now), now);
         let back = agent.on_ping(addr("198.18.0.2:5555"), now, counter());
         assert_eq!(back.map(|(a, _)| a), Some(addr("198.18.0.2:5555")));
         assert_eq!(agent.candidates().len(), 2);

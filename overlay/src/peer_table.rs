@@ -25,10 +25,11 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use crate::grid::{self, TimerGrid};
 use crate::peer::Peer;
 
 /// How often boringtun's timers are driven while a session is active.
-pub const WG_TICK: Duration = Duration::from_millis(250);
+pub const WG_TICK: Duration = grid::TICK;
 /// A session untouched this long (and not handshaking) has no short
 /// WireGuard timer left: the longest is REKEY_TIMEOUT + KEEPALIVE_TIMEOUT
 /// (15 s) after the last packet.
@@ -77,8 +78,8 @@ pub struct PeerTable {
     /// Slots whose session is awake (the list may hold stale entries).
     awake_count: usize,
     sleepers: BTreeSet<(Instant, u32)>,
-    /// The 250 ms grid every WireGuard tick falls on.
-    epoch: Instant,
+    /// The grid every WireGuard tick falls on.
+    grid: TimerGrid,
     /// When the last timer pass ran.
     last_pass: Instant,
     /// The grid point after the last WireGuard tick: asked for on every
@@ -101,7 +102,7 @@ impl PeerTable {
             awake: Vec::new(),
             awake_count: 0,
             sleepers: BTreeSet::new(),
-            epoch: now,
+            grid: TimerGrid::new(now),
             last_pass: now,
             next_grid: now + WG_TICK,
             persistent_keepalive: persistent_keepalive.filter(|&s| s > 0).map(|s| Duration::from_secs(s.into())),
@@ -320,7 +321,7 @@ impl PeerTable {
                 self.awake.push(index);
             }
         }
-        self.next_grid = self.grid_after(now);
+        self.next_grid = self.grid.after(now);
         let awake = std::mem::take(&mut self.awake);
         let mut keep = Vec::with_capacity(awake.len());
         for index in awake {
@@ -366,7 +367,7 @@ impl PeerTable {
                 // which one it was is unknown.
                 meta.keepalive_sent = (keepalive && quiet).then_some(now);
             }
-            let wake = if quiet { sleep_until(peer, now, meta.keepalive_sent, expired, self.persistent_keepalive, self.epoch) } else { None };
+            let wake = if quiet { sleep_until(peer, now, meta.keepalive_sent, expired, self.persistent_keepalive, self.grid) } else { None };
             match wake {
                 None => keep.push(index),
                 Some(at) => {
@@ -382,11 +383,9 @@ impl PeerTable {
         self.awake = keep;
     }
 
-    /// The first grid point strictly after `t`.
-    fn grid_after(&self, t: Instant) -> Instant {
-        let since = t.saturating_duration_since(self.epoch);
-        let ticks = since.as_nanos() / WG_TICK.as_nanos() + 1;
-        self.epoch + WG_TICK * ticks as u32
+    /// The node's timer grid, which the WireGuard ticks fall on.
+    pub fn grid(&self) -> TimerGrid {
+        self.grid
     }
 }
 
@@ -458,7 +457,7 @@ fn sleep_until(
     keepalive_sent: Option<Instant>,
     expired: bool,
     persistent_keepalive: Option<Duration>,
-    epoch: Instant,
+    grid: TimerGrid,
 ) -> Option<Option<Instant>> {
     if expired {
         // Nothing runs until a packet starts a new handshake.
@@ -473,14 +472,7 @@ fn sleep_until(
         let established = now.checked_sub(age).unwrap_or(now);
         SESSION_TIMERS.iter().map(|&t| established + t).find(|&t| t > now)
     });
-    Some(keepalive_due.into_iter().chain(session_due).min().map(|at| grid_at_or_after(epoch, at)))
-}
-
-/// The first point of the `WG_TICK` grid from `epoch` at or after `t`.
-fn grid_at_or_after(epoch: Instant, t: Instant) -> Instant {
-    let since = t.saturating_duration_since(epoch);
-    let ticks = since.as_nanos().div_ceil(WG_TICK.as_nanos());
-    epoch + WG_TICK * ticks as u32
+    Some(keepalive_due.into_iter().chain(session_due).min().map(|at| grid.at_or_after(at)))
 }
 
 #[cfg(test)]
@@ -512,7 +504,7 @@ mod tests {
             cert: None,
         };
         let tunn = Box::new(Tunn::new(secret, theirs, None, Some(25), i, None));
-        Peer::new(PeerId(i), record, tunn, PathAgent::new(&[], None, now), [0; 32], now)
+        Peer::new(PeerId(i), record, tunn, PathAgent::new(&[], None, TimerGrid::new(now), now), [0; 32], now)
     }
 
     fn table(n: u32, now: Instant) -> PeerTable {
@@ -547,7 +539,7 @@ mod tests {
             if let Some(p) = t.get_mut(i).and_then(Option::as_mut) {
                 let next = if i % 10 == 3 { now + Duration::from_millis(i as u64) } else { far };
                 p.handshake = Some(HandshakeRetry { started: now, next, attempts: 1 });
-                p.path = PathAgent::new(&[], None, far);
+                p.path = PathAgent::new(&[], None, TimerGrid::new(far), far);
             }
         }
         let pass = now + Duration::from_millis(40);
@@ -614,13 +606,5 @@ mod tests {
             assert_eq!(t.paths.get_mut().dirty.capacity(), dirty_room, "round {round}");
             assert_eq!(t.touched.capacity(), touched_room, "round {round}");
         }
-    }
-
-    #[test]
-    fn quiet_sessions_wake_on_the_tick_grid() {
-        let epoch = Instant::now();
-        let t = epoch + Duration::from_millis(1001);
-        assert_eq!(grid_at_or_after(epoch, t), epoch + Duration::from_millis(1250));
-        assert_eq!(grid_at_or_after(epoch, epoch + Duration::from_millis(1250)), epoch + Duration::from_millis(1250));
     }
 }

@@ -123,6 +123,8 @@ pub struct Host {
     pub delivered: Vec<Vec<u8>>,
     pub events: Vec<meshtun_overlay::Event>,
     pub answers: Vec<meshtun_overlay::Answer>,
+    /// How often the node's own deadline woke it (its `handle_timeout`).
+    pub timer_wakeups: u64,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -150,6 +152,9 @@ pub struct Net {
     pub loss: f64,
     pub latency: Duration,
     pub heartbeat: Duration,
+    /// How late a node's timers run after their deadline, as a real
+    /// driver's wake-up is: timers that reschedule from `now` drift by it.
+    pub timer_latency: Duration,
 }
 
 impl Net {
@@ -170,6 +175,7 @@ impl Net {
             loss: 0.0,
             latency: Duration::from_millis(10),
             heartbeat: Duration::from_secs(5),
+            timer_latency: Duration::ZERO,
         }
     }
 
@@ -206,7 +212,7 @@ impl Net {
         let mut config = config;
         adjust(&mut config);
         let node = Node::new(config, identity(identity_index), StaticSecret::from([i as u8 + 1; 32]), self.now);
-        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new() });
+        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new(), timer_wakeups: 0 });
         i
     }
 
@@ -387,7 +393,7 @@ impl Net {
             let next_timer = self
                 .hosts
                 .iter()
-                .filter_map(|h| h.node.poll_timeout())
+                .filter_map(|h| h.node.poll_timeout().map(|t| t + self.timer_latency))
                 .chain(self.backbone.poll_timeout())
                 .chain(self.extra.iter().filter_map(|b| b.dir.poll_timeout()))
                 .min();
@@ -415,7 +421,8 @@ impl Net {
                 b.dir.handle_timeout(now);
             }
             for h in &mut self.hosts {
-                if h.node.poll_timeout().is_some_and(|t| t <= now) {
+                if h.node.poll_timeout().is_some_and(|t| t + self.timer_latency <= now) {
+                    h.timer_wakeups += 1;
                     h.node.handle_timeout(now);
                 }
             }

@@ -1,0 +1,53 @@
+//! How often a node's own timers wake its driver, in the simulator with a
+//! driver that wakes late, as a real one does (the engine reads the clock
+//! after `epoll_wait` returns). Every wake-up costs a connected host tens of
+//! microseconds of CPU with cold caches; a fleet's idle agents pay it all
+//! day.
+
+mod netsim;
+
+use std::time::Duration;
+
+use netsim::Net;
+
+/// What one wake-up of the real engine takes to notice the clock.
+const WAKE_LATENCY: Duration = Duration::from_micros(80);
+
+/// Runs `span` and counts the timer wake-ups of host `a`.
+fn wakeups_over(net: &mut Net, a: usize, span: Duration) -> u64 {
+    let before = net.hosts[a].timer_wakeups;
+    net.run_for(span);
+    net.hosts[a].timer_wakeups - before
+}
+
+#[test]
+fn a_node_with_an_awake_session_wakes_only_on_the_wireguard_tick_grid() {
+    let mut net = Net::new(71);
+    net.timer_latency = WAKE_LATENCY;
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    net.ping(a, b, Duration::from_secs(2)).expect("first ping");
+    net.run_for(Duration::from_secs(2));
+    assert_eq!(net.path(a, b), "direct");
+
+    // Traffic every 100 ms keeps the session awake and the path active
+    // (keepalives every second), and the once-a-second checks run: all of
+    // them fit on the session's 250 ms tick grid.
+    let before = (net.hosts[a].timer_wakeups, net.now);
+    for _ in 0..40 {
+        net.ping(a, b, Duration::from_secs(1)).expect("ping");
+        let spent = net.now - net.start;
+        let next = Duration::from_millis(100) * (spent.as_millis() as u32 / 100 + 1);
+        net.run_for(next - spent);
+    }
+    let busy = net.hosts[a].timer_wakeups - before.0;
+    let span = net.now - before.1;
+    let ticks = span.as_millis() as u64 / 250;
+    assert!(busy <= ticks + 2, "{busy} timer wake-ups in {span:?} of traffic: the tick grid has {ticks}");
+
+    // Idle but awake (before the session goes quiet): the same.
+    let idle = wakeups_over(&mut net, a, span);
+    println!("timer wake-ups: {busy} in {span:?} of traffic, {idle} idle; the tick grid has {ticks}");
+    assert!(idle <= ticks + 2, "{idle} timer wake-ups in {span:?} idle: the tick grid has {ticks}");
+}
