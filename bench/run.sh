@@ -311,7 +311,7 @@ stats() {  # test tunnel -> "min med max" (or NA)
 # Paired ping: a tunnel's slice over meshtun's slice of the same round ->
 # "rounds median q1 q3 meshtun-faster ci-low ci-high". The 95% confidence
 # interval of the median is distribution-free: the order statistics
-# n/2 -+ 0.98 sqrt(n) (sign test); NA below 6 rounds.
+# n/2 -+ 0.98 sqrt(n) (sign test); NA below 8 rounds.
 paired() {
     awk -F'\t' -v tu="$1" '$1 == "pingslice" && $4 != "NA" {v[$2 "/" $3] = $4; round[$3] = 1}
         END {for (r in round) if ((tu "/" r) in v && ("mt/" r) in v && v["mt/" r] > 0) print v[tu "/" r] / v["mt/" r]}' "$RESULTS" |
@@ -349,7 +349,7 @@ if has ping "$TESTS" && has mt "$TUNNELS"; then
         read -r n m q1 q3 w lo hi <<<"$(paired "$t")"
         [ "$n" = 0 ] && continue
         printf "  %-22s median %.3f (95%% CI %s), quartiles %.3f-%.3f, %d rounds, meshtun faster in %d\n" "$(name "$t")" "$m" \
-            "$( [ "$lo" = NA ] && echo "needs 6 rounds" || printf '%.3f-%.3f' "$lo" "$hi")" "$q1" "$q3" "$n" "$w"
+            "$( [ "$lo" = NA ] && echo "needs 8 rounds" || printf '%.3f-%.3f' "$lo" "$hi")" "$q1" "$q3" "$n" "$w"
     done
 fi
 echo
