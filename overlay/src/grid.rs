@@ -44,8 +44,9 @@ impl TimerGrid {
     }
 
     fn point(&self, ticks: u128) -> Instant {
-        // 2^32 ticks of 250 ms are 34 years: past any node's uptime.
-        self.epoch + TICK * u32::try_from(ticks).unwrap_or(u32::MAX)
+        // u64 nanoseconds reach 584 years past the node's start.
+        let nanos = ticks.saturating_mul(TICK.as_nanos());
+        self.epoch + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 }
 

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::grid::TimerGrid;
+use crate::grid::{TimerGrid, TICK};
 use crate::probe::TxId;
 
 const QUICK_ROUNDS: [Duration; 6] = [
@@ -97,9 +97,6 @@ pub struct PathAgent {
     direct_last_rx: Option<Instant>,
     /// When the first keepalive since the last answer went out.
     unanswered_since: Option<Instant>,
-    /// When that silence lasts ACTIVE_DEAD_AFTER: the path is checked then
-    /// rather than at the next keepalive, up to a second later.
-    dead_check: Option<Instant>,
     last_activity: Option<Instant>,
     started: Instant,
     round: usize,
@@ -121,7 +118,6 @@ impl PathAgent {
             relay,
             direct_last_rx: None,
             unanswered_since: None,
-            dead_check: None,
             last_activity: None,
             started: now,
             round: 0,
@@ -234,13 +230,12 @@ impl PathAgent {
     fn heard_on_current(&mut self, now: Instant) {
         self.direct_last_rx = Some(now);
         self.unanswered_since = None;
-        self.dead_check = None;
     }
 
     pub fn poll_timeout(&self) -> Instant {
         let mut next = self.next_round;
-        for at in [self.next_keepalive, self.dead_check].into_iter().flatten() {
-            next = next.min(at);
+        if let Some(k) = self.next_keepalive {
+            next = next.min(k);
         }
         next
     }
@@ -249,11 +244,11 @@ impl PathAgent {
     pub fn on_timeout(&mut self, now: Instant, mut txid: impl FnMut() -> TxId) -> (Pings, Option<PathChange>) {
         let mut pings = Vec::new();
         let mut change = None;
-        if self.dead_check.is_some_and(|at| at <= now) {
-            self.dead_check = None;
-        }
         if let (Some(Path::Direct(addr)), Some(since)) = (self.current, self.unanswered_since) {
             let limit = if self.is_active(now) { ACTIVE_DEAD_AFTER } else { IDLE_DEAD_AFTER };
+            // At least, not over: the keepalives keep their phase on the
+            // grid, so the one `limit` after the first unanswered one
+            // gives the path up rather than the one a period later.
             if now.saturating_duration_since(since) >= limit {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     c.rtt = None;
@@ -268,7 +263,6 @@ impl PathAgent {
                 self.relay_reason = Some("direct path stopped answering");
                 self.direct_last_rx = None;
                 self.unanswered_since = None;
-                self.dead_check = None;
                 self.next_keepalive = None;
                 self.restart_probing(now);
             }
@@ -293,10 +287,12 @@ impl PathAgent {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     if let Some(id) = ping(c, now, &mut txid, true) {
                         pings.push((addr, id));
-                        if self.unanswered_since.is_none() {
-                            self.unanswered_since = Some(now);
-                            self.dead_check = Some(self.grid.at_or_after(now + ACTIVE_DEAD_AFTER));
-                        }
+                        // From when it was due, so that the wake-up's own
+                        // lateness (which varies) cannot put the keepalive
+                        // `limit` later just short of it; from a tick ago at
+                        // most (after a suspended host's long sleep).
+                        let due = now.checked_sub(TICK).map_or(at, |floor| at.max(floor));
+                        self.unanswered_since.get_or_insert(due);
                     }
                 }
                 let interval = if self.is_active(now) { ACTIVE_KEEPALIVE } else { IDLE_KEEPALIVE };
@@ -350,8 +346,11 @@ impl PathAgent {
         let better = match self.current {
             Some(Path::Direct(cur)) => match self.candidates.iter().find(|c| c.addr == cur) {
                 Some(cur) => {
+                    // A current path without an RTT (it failed, and no relay
+                    // took over) loses to any answer: saturate, never overflow.
                     let cur_rtt = cur.rtt.unwrap_or(Duration::MAX);
-                    rtt * 4 < cur_rtt * 3 || (rank < cur.rank && rtt * 4 <= cur_rtt * 5)
+                    let rtt4 = rtt.saturating_mul(4);
+                    rtt4 < cur_rtt.saturating_mul(3) || (rank < cur.rank && rtt4 <= cur_rtt.saturating_mul(5))
                 }
                 None => true,
             },
@@ -483,6 +482,73 @@ mod tests {
         }
         let after = fell_back_at.expect("fell back");
         assert!(after <= Duration::from_secs(5), "{after:?}");
+    }
+
+    #[test]
+    fn a_silent_active_path_is_given_up_three_seconds_after_its_first_unanswered_keepalive_even_when_woken_late() {
+        let now = Instant::now();
+        let relay = addr("198.18.0.1:7400");
+        let direct = addr("198.18.0.2:1");
+        let mut agent = PathAgent::new(&[direct], Some(relay), TimerGrid::new(now), now);
+        let mut ids = counter();
+        let (pings, _) = agent.on_timeout(now, &mut ids);
+        agent.on_pong(direct, pings[0].1, now + Duration::from_millis(5));
+        // Wake-ups come late by a varying amount: the first unanswered
+        // keepalive's more than the later ones'.
+        let (first_late, later_late) = (Duration::from_micros(300), Duration::from_micros(20));
+        let mut t = now;
+        let mut first_unanswered = None;
+        let gave_up = loop {
+            // Traffic every 100 ms; the agent's timers run only when due,
+            // as the node's timer pass runs them.
+            let late = if first_unanswered.is_none() { first_late } else { later_late };
+            let due = agent.poll_timeout() + late;
+            while t + Duration::from_millis(100) < due {
+                t += Duration::from_millis(100);
+                agent.on_activity(t);
+            }
+            t = due;
+            agent.on_activity(t);
+            let (pings, change) = agent.on_timeout(t, &mut ids);
+            if let Some(change) = change {
+                assert_eq!(change.to, Path::Relay(relay));
+                break t;
+            }
+            if first_unanswered.is_none() && agent.unanswered_since.is_some() {
+                assert!(pings.iter().any(|&(to, _)| to == direct), "a keepalive went out");
+                first_unanswered = Some(t);
+            }
+            assert!(t < now + Duration::from_secs(10), "never gave up");
+        };
+        let silent = gave_up - first_unanswered.expect("a keepalive went out");
+        assert!(silent <= ACTIVE_DEAD_AFTER + TICK, "{silent:?}");
+        assert!(silent + first_late >= ACTIVE_DEAD_AFTER, "{silent:?}");
+    }
+
+    #[test]
+    fn an_answer_after_a_failed_path_without_a_relay_wins_without_overflowing() {
+        let now = Instant::now();
+        let (a, b) = (addr("198.18.0.2:1"), addr("198.18.0.3:1"));
+        let mut agent = PathAgent::new(&[a, b], None, TimerGrid::new(now), now);
+        let mut ids = counter();
+        let (pings, _) = agent.on_timeout(now, &mut ids);
+        agent.on_pong(a, pings[0].1, now + Duration::from_millis(5));
+        let b_ping = pings[1].1;
+        // a goes silent while traffic flows: with no relay the agent stays
+        // on a, which has lost its RTT.
+        let mut t = now;
+        let failed = loop {
+            agent.on_activity(t);
+            t = agent.poll_timeout().min(t + Duration::from_millis(100));
+            if agent.on_timeout(t, &mut ids).1.is_some() {
+                break t;
+            }
+            assert!(t < now + Duration::from_secs(10), "never gave up");
+        };
+        assert_eq!(agent.current(), Some(Path::Direct(a)));
+        // b answers (late): it is better than a path with no RTT.
+        let change = agent.on_pong(b, b_ping, failed + Duration::from_millis(1));
+        assert_eq!(change.map(|c| c.to), Some(Path::Direct(b)));
     }
 
     #[test]

@@ -44,6 +44,8 @@ fn a_node_with_an_awake_session_wakes_only_on_the_wireguard_tick_grid() {
     let busy = net.hosts[a].timer_wakeups - before.0;
     let span = net.now - before.1;
     let ticks = span.as_millis() as u64 / 250;
+    // Allowed 2 more: the backbone heartbeat (every 5 s here) is not on
+    // the grid. Before the grid this node woke about 22 times.
     assert!(busy <= ticks + 2, "{busy} timer wake-ups in {span:?} of traffic: the tick grid has {ticks}");
 
     // Idle but awake (before the session goes quiet): the same.
