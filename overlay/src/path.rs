@@ -447,16 +447,24 @@ mod tests {
         assert_eq!(change.map(|c| c.to), Some(Path::Direct(local)));
     }
 
-    #[test]
-    fn direct_paths_switch_only_with_hysteresis() {
-        let now = Instant::now();
+    /// An agent without a relay, probing candidates a and b, on a since a
+    /// answered after `a_rtt`; b's probe is still unanswered.
+    fn on_a_of_two(now: Instant, a_rtt: Duration) -> (PathAgent, impl FnMut() -> TxId, SocketAddr, SocketAddr, TxId) {
         let (a, b) = (addr("198.18.0.2:1"), addr("198.18.0.3:1"));
         let mut agent = PathAgent::new(&[a, b], None, TimerGrid::new(now), now);
         let mut ids = counter();
         let (pings, _) = agent.on_timeout(now, &mut ids);
-        agent.on_pong(a, pings[0].1, now + Duration::from_millis(10));
+        agent.on_pong(a, pings[0].1, now + a_rtt);
+        assert_eq!(pings[1].0, b);
+        (agent, ids, a, b, pings[1].1)
+    }
+
+    #[test]
+    fn direct_paths_switch_only_with_hysteresis() {
+        let now = Instant::now();
+        let (mut agent, _, a, b, b_ping) = on_a_of_two(now, Duration::from_millis(10));
         // b is 10% faster: not enough to switch (and it ranks later).
-        assert!(agent.on_pong(b, pings[1].1, now + Duration::from_millis(9)).is_none());
+        assert!(agent.on_pong(b, b_ping, now + Duration::from_millis(9)).is_none());
         assert_eq!(agent.current(), Some(Path::Direct(a)));
     }
 
@@ -528,12 +536,7 @@ mod tests {
     #[test]
     fn an_answer_after_a_failed_path_without_a_relay_wins_without_overflowing() {
         let now = Instant::now();
-        let (a, b) = (addr("198.18.0.2:1"), addr("198.18.0.3:1"));
-        let mut agent = PathAgent::new(&[a, b], None, TimerGrid::new(now), now);
-        let mut ids = counter();
-        let (pings, _) = agent.on_timeout(now, &mut ids);
-        agent.on_pong(a, pings[0].1, now + Duration::from_millis(5));
-        let b_ping = pings[1].1;
+        let (mut agent, mut ids, a, b, b_ping) = on_a_of_two(now, Duration::from_millis(5));
         // a goes silent while traffic flows: with no relay the agent stays
         // on a, which has lost its RTT.
         let mut t = now;
