@@ -476,20 +476,24 @@ mod tests {
         let mut ids = counter();
         let (pings, _) = agent.on_timeout(now, &mut ids);
         agent.on_pong(pings[0].0, pings[0].1, now);
-        let mut t = now;
-        let mut fell_back_at = None;
-        while t < now + Duration::from_secs(10) {
+        let (at, change) = silence_with_traffic(&mut agent, &mut ids, now).expect("fell back");
+        assert_eq!(change.to, Path::Relay(relay));
+        let after = at - now;
+        assert!(after <= Duration::from_secs(5), "{after:?}");
+    }
+
+    /// Traffic flows from `start` (activity at least every 100 ms) and no
+    /// answer comes: the first path change and when, within 10 s.
+    fn silence_with_traffic(agent: &mut PathAgent, ids: &mut impl FnMut() -> TxId, start: Instant) -> Option<(Instant, PathChange)> {
+        let mut t = start;
+        while t < start + Duration::from_secs(10) {
             agent.on_activity(t);
             t = agent.poll_timeout().min(t + Duration::from_millis(100));
-            let (_, change) = agent.on_timeout(t, &mut ids);
-            if let Some(change) = change {
-                assert_eq!(change.to, Path::Relay(relay));
-                fell_back_at = Some(t - now);
-                break;
+            if let (_, Some(change)) = agent.on_timeout(t, &mut *ids) {
+                return Some((t, change));
             }
         }
-        let after = fell_back_at.expect("fell back");
-        assert!(after <= Duration::from_secs(5), "{after:?}");
+        None
     }
 
     #[test]
@@ -539,15 +543,7 @@ mod tests {
         let (mut agent, mut ids, a, b, b_ping) = on_a_of_two(now, Duration::from_millis(5));
         // a goes silent while traffic flows: with no relay the agent stays
         // on a, which has lost its RTT.
-        let mut t = now;
-        let failed = loop {
-            agent.on_activity(t);
-            t = agent.poll_timeout().min(t + Duration::from_millis(100));
-            if agent.on_timeout(t, &mut ids).1.is_some() {
-                break t;
-            }
-            assert!(t < now + Duration::from_secs(10), "never gave up");
-        };
+        let (failed, _) = silence_with_traffic(&mut agent, &mut ids, now).expect("never gave up");
         assert_eq!(agent.current(), Some(Path::Direct(a)));
         // b answers (late): it is better than a path with no RTT.
         let change = agent.on_pong(b, b_ping, failed + Duration::from_millis(1));

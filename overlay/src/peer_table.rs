@@ -25,11 +25,9 @@ use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use crate::grid::{self, TimerGrid};
+use crate::grid::{TimerGrid, TICK};
 use crate::peer::Peer;
 
-/// How often boringtun's timers are driven while a session is active.
-pub const WG_TICK: Duration = grid::TICK;
 /// A session untouched this long (and not handshaking) has no short
 /// WireGuard timer left: the longest is REKEY_TIMEOUT + KEEPALIVE_TIMEOUT
 /// (15 s) after the last packet.
@@ -45,7 +43,7 @@ const TICK_BUF: usize = 512;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Wg {
-    /// Ticked every `WG_TICK`.
+    /// Ticked every `TICK`.
     Awake,
     /// Ticked at this time (None: only when touched).
     Asleep(Option<Instant>),
@@ -104,7 +102,7 @@ impl PeerTable {
             sleepers: BTreeSet::new(),
             grid: TimerGrid::new(now),
             last_pass: now,
-            next_grid: now + WG_TICK,
+            next_grid: now + TICK,
             persistent_keepalive: persistent_keepalive.filter(|&s| s > 0).map(|s| Duration::from_secs(s.into())),
             woken_output: Vec::new(),
             buf: vec![0; TICK_BUF],
@@ -560,7 +558,7 @@ mod tests {
             t.take(i);
         }
         let mut ticked = 0;
-        t.tick_wireguard(now + WG_TICK, |_, _| ticked += 1);
+        t.tick_wireguard(now + TICK, |_, _| ticked += 1);
         assert_eq!(t.next_wg_tick(), None);
         assert_eq!(ticked, 0);
     }
@@ -575,11 +573,11 @@ mod tests {
         // Touching a parked peer does not wake timers it no longer has.
         t.get_mut(1);
         let mut ticked = Vec::new();
-        t.tick_wireguard(now + WG_TICK, |p, _| ticked.push(p.id));
+        t.tick_wireguard(now + TICK, |p, _| ticked.push(p.id));
         t.take(0);
-        t.tick_wireguard(now + WG_TICK * 2, |p, _| ticked.push(p.id));
+        t.tick_wireguard(now + TICK * 2, |p, _| ticked.push(p.id));
         assert_eq!(t.next_wg_tick(), None, "nothing left to tick: {ticked:?}");
-        t.unpark(1, tunn, now + WG_TICK * 2);
+        t.unpark(1, tunn, now + TICK * 2);
         assert!(t.next_wg_tick().is_some(), "a new session is ticked again");
     }
 
