@@ -843,11 +843,8 @@ impl Node {
 
     /// Gives back a transmit's payload or a TUN packet once the driver is
     /// done with it: the node reuses the buffer (it keeps a bounded few).
-    pub fn recycle(&mut self, mut buffer: Vec<u8>) {
-        if self.spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_MAX_CAPACITY {
-            buffer.clear();
-            self.spare.push(buffer);
-        }
+    pub fn recycle(&mut self, buffer: Vec<u8>) {
+        recycle_into(&mut self.spare, buffer);
     }
 
     pub fn poll_tun(&mut self) -> Option<Vec<u8>> {
@@ -1601,12 +1598,24 @@ impl Node {
         }
         // A parked peer handshakes again; boringtun queues the packet
         // meanwhile (bounded), as for a new peer.
-        self.unpark(id, false, now);
+        if self.peers.get(id.index()).and_then(Option::as_ref).is_some_and(|p| p.is_parked()) {
+            self.unpark(id, false, now);
+        }
         let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
         peer.on_data(now, self.config.park_idle_after);
         let Some(tunn) = peer.tunn.as_mut() else { return };
-        match tunn.encapsulate(packet, &mut self.buf) {
-            boringtun::noise::TunnResult::WriteToNetwork(out) => {
+        // Sealed straight into the buffer that leaves: no copy, and the
+        // node's scratch buffer stays out of the packet path's cache lines.
+        let mut out = spare_of_len(&mut self.spare, need);
+        let sealed = match tunn.encapsulate(packet, &mut out) {
+            boringtun::noise::TunnResult::WriteToNetwork(sealed) => Ok(sealed.len()),
+            boringtun::noise::TunnResult::Done => Err(None),
+            boringtun::noise::TunnResult::Err(error) => Err(Some(error)),
+            _ => Err(None),
+        };
+        match sealed {
+            Ok(len) => {
+                out.truncate(len);
                 peer.tx_packets += 1;
                 self.stats.tx_packets += 1;
                 self.stats.tx_bytes += packet.len() as u64;
@@ -1614,14 +1623,15 @@ impl Node {
                 if out.first() == Some(&1) && peer.handshake.is_none() {
                     peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
                 }
-                send_wg(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
+                send_wg_owned(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
             }
-            boringtun::noise::TunnResult::Done => {}
-            boringtun::noise::TunnResult::Err(error) => {
-                tracing::trace!(peer = %peer.addr, ?error, "encapsulate failed");
-                self.stats.count_drop(DropReason::WireGuard);
+            Err(error) => {
+                if let Some(error) = error {
+                    tracing::trace!(peer = %peer.addr, ?error, "encapsulate failed");
+                    self.stats.count_drop(DropReason::WireGuard);
+                }
+                recycle_into(&mut self.spare, out);
             }
-            _ => {}
         }
     }
 
@@ -1745,8 +1755,16 @@ impl Node {
         }
         let mut datagram = datagram;
         let mut first = true;
+        // Data is opened straight into the buffer that goes to the TUN
+        // (see `encapsulate`); handshakes use the scratch buffer.
+        let mut opened = (message_type == Some(4)).then(|| spare_of_len(&mut self.spare, datagram.len()));
+        let opened_at = opened.as_ref().map(|b| b.as_ptr());
         while let Some(tunn) = peer.tunn.as_mut() {
-            let result = tunn.decapsulate(Some(from.ip()), datagram, &mut self.buf);
+            let out = match opened.as_mut() {
+                Some(buffer) if first => buffer.as_mut_slice(),
+                _ => self.buf.as_mut_slice(),
+            };
+            let result = tunn.decapsulate(Some(from.ip()), datagram, out);
             datagram = &[];
             match result {
                 boringtun::noise::TunnResult::Done => {
@@ -1810,7 +1828,9 @@ impl Node {
                         peer.path.on_activity(now);
                         self.stats.rx_packets += 1;
                         self.stats.rx_bytes += packet.len() as u64;
-                        self.tun_out.push_back(copy_into_spare(&mut self.spare, packet));
+                        let (len, in_place) = (packet.len(), opened_at == Some(packet.as_ptr()));
+                        let delivered = if in_place { take_opened(&mut opened, len) } else { copy_into_spare(&mut self.spare, packet) };
+                        self.tun_out.push_back(delivered);
                     }
                     break;
                 }
@@ -1834,7 +1854,9 @@ impl Node {
                             peer.path.on_activity(now);
                             self.stats.rx_packets += 1;
                             self.stats.rx_bytes += packet.len() as u64;
-                            self.tun_out.push_back(copy_into_spare(&mut self.spare, packet));
+                            let (len, in_place) = (packet.len(), opened_at == Some(packet.as_ptr()));
+                            let delivered = if in_place { take_opened(&mut opened, len) } else { copy_into_spare(&mut self.spare, packet) };
+                            self.tun_out.push_back(delivered);
                         } else {
                             self.stats.count_drop(DropReason::Malformed);
                         }
@@ -1843,6 +1865,9 @@ impl Node {
                 }
             }
             first = false;
+        }
+        if let Some(buffer) = opened {
+            recycle_into(&mut self.spare, buffer);
         }
     }
 
@@ -2064,6 +2089,20 @@ fn send_wg(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, spare: &mut Ve
     }
 }
 
+/// [`send_wg`] for a datagram already in a buffer of its own.
+fn send_wg_owned(transmits: &mut VecDeque<Transmit>, stats: &mut Stats, spare: &mut Vec<Vec<u8>>, peer: &Peer, datagram: Vec<u8>) {
+    match peer.path.current() {
+        Some(Path::Direct(dst)) => {
+            stats.count_tx(PathKind::Direct, datagram.len(), &datagram);
+            transmits.push_back(Transmit { dst, payload: datagram })
+        }
+        _ => {
+            send_wg(transmits, stats, spare, peer, &datagram);
+            recycle_into(spare, datagram);
+        }
+    }
+}
+
 /// Most buffers [`Node::recycle`] keeps, and the largest it keeps.
 const SPARE_BUFFERS: usize = 128;
 const SPARE_MAX_CAPACITY: usize = 4096;
@@ -2072,10 +2111,35 @@ const SPARE_MAX_CAPACITY: usize = 4096;
 fn copy_into_spare(spare: &mut Vec<Vec<u8>>, bytes: &[u8]) -> Vec<u8> {
     match spare.pop() {
         Some(mut buffer) => {
+            buffer.clear();
             buffer.extend_from_slice(bytes);
             buffer
         }
         None => bytes.to_vec(),
+    }
+}
+
+/// A recycled buffer (or a new one) `len` bytes long, to be written over.
+/// Recycled buffers keep their length, so one of about the same size as
+/// last time needs no zeroing.
+fn spare_of_len(spare: &mut Vec<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut buffer = spare.pop().unwrap_or_default();
+    buffer.resize(len, 0);
+    buffer
+}
+
+/// The buffer a packet was opened into, cut to the packet. (`opened_at`
+/// in `handle_wireguard` says the packet is there; it is set only with
+/// `opened`.)
+fn take_opened(opened: &mut Option<Vec<u8>>, len: usize) -> Vec<u8> {
+    let mut buffer = opened.take().unwrap_or_default();
+    buffer.truncate(len);
+    buffer
+}
+
+fn recycle_into(spare: &mut Vec<Vec<u8>>, buffer: Vec<u8>) {
+    if spare.len() < SPARE_BUFFERS && buffer.capacity() <= SPARE_MAX_CAPACITY {
+        spare.push(buffer);
     }
 }
 
