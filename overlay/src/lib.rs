@@ -1608,31 +1608,27 @@ impl Node {
         // node's scratch buffer stays out of the packet path's cache lines.
         let mut out = spare_of_len(&mut self.spare, need);
         let sealed = match tunn.encapsulate(packet, &mut out) {
-            boringtun::noise::TunnResult::WriteToNetwork(sealed) => Ok(sealed.len()),
-            boringtun::noise::TunnResult::Done => Err(None),
-            boringtun::noise::TunnResult::Err(error) => Err(Some(error)),
-            _ => Err(None),
+            boringtun::noise::TunnResult::WriteToNetwork(sealed) => Some(sealed.len()),
+            boringtun::noise::TunnResult::Err(error) => {
+                tracing::trace!(peer = %peer.addr, ?error, "encapsulate failed");
+                self.stats.count_drop(DropReason::WireGuard);
+                None
+            }
+            _ => None,
         };
-        match sealed {
-            Ok(len) => {
-                out.truncate(len);
-                peer.tx_packets += 1;
-                self.stats.tx_packets += 1;
-                self.stats.tx_bytes += packet.len() as u64;
-                peer.path.on_activity(now);
-                if out.first() == Some(&1) && peer.handshake.is_none() {
-                    peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
-                }
-                send_wg_owned(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
-            }
-            Err(error) => {
-                if let Some(error) = error {
-                    tracing::trace!(peer = %peer.addr, ?error, "encapsulate failed");
-                    self.stats.count_drop(DropReason::WireGuard);
-                }
-                recycle_into(&mut self.spare, out);
-            }
+        let Some(len) = sealed else {
+            recycle_into(&mut self.spare, out);
+            return;
+        };
+        out.truncate(len);
+        peer.tx_packets += 1;
+        self.stats.tx_packets += 1;
+        self.stats.tx_bytes += packet.len() as u64;
+        peer.path.on_activity(now);
+        if out.first() == Some(&1) && peer.handshake.is_none() {
+            peer.handshake = Some(HandshakeRetry { started: now, next: now + HANDSHAKE_RETRY, attempts: 1 });
         }
+        send_wg_owned(&mut self.transmits, &mut self.stats, &mut self.spare, peer, out);
     }
 
     /// The handshake limiter's verdict on an initiation: under load it is
