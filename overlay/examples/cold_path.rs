@@ -57,9 +57,14 @@ impl Samples {
 
     fn summary(&mut self) -> (f64, f64, f64) {
         self.0.sort();
-        let at = |q: f64| self.0[((self.0.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+        let at = |q: f64| quantile(&self.0, q).as_secs_f64() * 1e6;
         (at(0.25), at(0.5), at(0.75))
     }
+}
+
+/// The `q` quantile of sorted, non-empty `values`.
+fn quantile<T: Copy>(values: &[T], q: f64) -> T {
+    values[((values.len() - 1) as f64 * q) as usize]
 }
 
 /// Two nodes of the simulator with a direct session between them.
@@ -127,57 +132,67 @@ fn op_boringtun_receive(tunn: &mut Tunn, datagram: &[u8], out: &mut [u8]) -> usi
     }
 }
 
+/// Both tunnels, ready to carry the echo request.
+struct Pairs {
+    net: Net,
+    now: Instant,
+    a_addr: SocketAddr,
+    packet: Vec<u8>,
+    bt_a: Tunn,
+    bt_b: Tunn,
+    out: Vec<u8>,
+    inner: Vec<u8>,
+}
+
+impl Pairs {
+    /// The four operations once, each timed into `samples` (after evicting
+    /// the caches when given an evictor).
+    fn pass(&mut self, samples: &mut [Samples; 4], mut evictor: Option<&mut Evictor>) {
+        self.now += Duration::from_millis(10);
+        let (now, packet, a_addr) = (self.now, &self.packet, self.a_addr);
+        let (ha, hb) = self.net.hosts.split_at_mut(1);
+        let (na, nb) = (&mut ha[0].node, &mut hb[0].node);
+
+        let datagram = samples[0].time(evictor.as_deref_mut(), || op_meshtun_send(na, packet, now));
+        let datagram = datagram.expect("the node sends the echo request");
+        let delivered = samples[1].time(evictor.as_deref_mut(), || op_meshtun_receive(nb, a_addr, &datagram.payload, now));
+        assert_eq!(delivered.as_deref(), Some(&packet[..]), "the peer delivers the echo request");
+        na.recycle(datagram.payload);
+        nb.recycle(delivered.unwrap_or_default());
+        while na.poll_transmit().is_some() || nb.poll_transmit().is_some() {}
+
+        let (bt_a, bt_b, out, inner) = (&mut self.bt_a, &mut self.bt_b, &mut self.out, &mut self.inner);
+        let sent = samples[2].time(evictor.as_deref_mut(), || op_boringtun_send(bt_a, packet, out));
+        assert!(sent > 0, "boringtun encapsulates");
+        let got = samples[3].time(evictor.as_deref_mut(), || op_boringtun_receive(bt_b, &out[..sent], inner));
+        assert_eq!(got, packet.len(), "boringtun decapsulates");
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(500);
+    let rounds: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(500).max(1);
     // For a profiler counting cache misses: no warm rounds to dilute them.
     let cold_only = args.iter().any(|a| a == "--cold-only");
     let mut evictor = Evictor { memory: vec![0; EVICT_BYTES], round: 0 };
 
-    let mut net = meshtun_pair();
-    let (a_ip, b_ip) = (net.mesh_ip(0), net.mesh_ip(1));
-    let a_addr = net.hosts[0].internal;
-    let packet = echo_request(a_ip, b_ip, 1, &[0x5a; 56]);
-    let (mut bt_a, mut bt_b) = boringtun_pair();
-    let (mut out, mut inner) = (vec![0u8; 2048], vec![0u8; 2048]);
+    let net = meshtun_pair();
+    let packet = echo_request(net.mesh_ip(0), net.mesh_ip(1), 1, &[0x5a; 56]);
+    let (bt_a, bt_b) = boringtun_pair();
+    let mut pairs =
+        Pairs { now: net.now, a_addr: net.hosts[0].internal, net, packet, bt_a, bt_b, out: vec![0; 2048], inner: vec![0; 2048] };
 
     let names = ["meshtun send", "meshtun receive", "boringtun send", "boringtun receive"];
     let mut cold: [Samples; 4] = Default::default();
     let mut warm: [Samples; 4] = Default::default();
     let mut untimed: [Samples; 4] = Default::default();
-    let mut now = net.now;
     // Cold: caches evicted before each operation. Warm: the operation again
     // right after itself.
-    for round in 0..rounds * 2 {
-        let is_cold = round % 2 == 0;
-        if cold_only && !is_cold {
-            continue;
-        }
-        let repeats = if is_cold { 1 } else { 2 };
-        for repeat in 0..repeats {
-            let samples = match (is_cold, repeat + 1 == repeats) {
-                (_, false) => &mut untimed,
-                (true, true) => &mut cold,
-                (false, true) => &mut warm,
-            };
-            now += Duration::from_millis(10);
-            let (ha, hb) = net.hosts.split_at_mut(1);
-            let (na, nb) = (&mut ha[0].node, &mut hb[0].node);
-
-            let datagram = samples[0].time(is_cold.then_some(&mut evictor), || op_meshtun_send(na, &packet, now));
-            let datagram = datagram.expect("the node sends the echo request");
-            let delivered =
-                samples[1].time(is_cold.then_some(&mut evictor), || op_meshtun_receive(nb, a_addr, &datagram.payload, now));
-            assert_eq!(delivered.as_deref(), Some(&packet[..]), "the peer delivers the echo request");
-            na.recycle(datagram.payload);
-            nb.recycle(delivered.unwrap_or_default());
-            while na.poll_transmit().is_some() || nb.poll_transmit().is_some() {}
-
-            let sent = samples[2].time(is_cold.then_some(&mut evictor), || op_boringtun_send(&mut bt_a, &packet, &mut out));
-            assert!(sent > 0, "boringtun encapsulates");
-            let got =
-                samples[3].time(is_cold.then_some(&mut evictor), || op_boringtun_receive(&mut bt_b, &out[..sent], &mut inner));
-            assert_eq!(got, packet.len(), "boringtun decapsulates");
+    for _ in 0..rounds {
+        pairs.pass(&mut cold, Some(&mut evictor));
+        if !cold_only {
+            pairs.pass(&mut untimed, None);
+            pairs.pass(&mut warm, None);
         }
     }
 
@@ -190,18 +205,17 @@ fn main() {
         })
         .collect();
     paired.sort_by(f64::total_cmp);
-    println!("one {}-byte echo request, {rounds} rounds (us: quartile / median / quartile)", packet.len());
+    println!("one {}-byte echo request, {rounds} rounds (us: quartile / median / quartile)", pairs.packet.len());
     println!("{:<20} {:>24} {:>24}", "", "cold caches", "warm");
     for (i, name) in names.iter().enumerate() {
         let (c1, c2, c3) = cold[i].summary();
         let (w1, w2, w3) = if cold_only { (0.0, 0.0, 0.0) } else { warm[i].summary() };
         println!("{name:<20} {c1:>7.2} / {c2:>6.2} / {c3:>6.2} {w1:>7.2} / {w2:>6.2} / {w3:>6.2}");
     }
-    let at = |q: f64| paired[((paired.len() - 1) as f64 * q) as usize];
     println!(
         "meshtun over boringtun, send + receive with cold caches, paired by round: median {:.3} (quartiles {:.3}-{:.3})",
-        at(0.5),
-        at(0.25),
-        at(0.75)
+        quantile(&paired, 0.5),
+        quantile(&paired, 0.25),
+        quantile(&paired, 0.75)
     );
 }
