@@ -105,6 +105,23 @@ pub fn channel() -> anyhow::Result<(EngineHandle, Inbox)> {
     Ok((EngineHandle { tx, wake: wake.clone() }, Inbox { rx, wake }))
 }
 
+/// Prefetch hints for what a packet meets in the engine and the core after
+/// a wake-up (see [`Node::prefetch_packet_path`]): the engine's fields, the
+/// read buffers' heads (the kernel writes the packet there), the TUN's
+/// offload state and the connected sockets.
+#[inline(never)]
+fn prefetch_wake_up(engine: &Engine, tun_io: &TunIo, scratch: &Scratch, conns: &ConnectedSockets) {
+    use meshtun_overlay::prefetch;
+    engine.node.prefetch_packet_path();
+    prefetch::object(engine);
+    prefetch::object(tun_io);
+    prefetch::bytes(tun_io.single.as_ptr(), 128);
+    prefetch::slice_head(&scratch.udp_read, 256);
+    prefetch::slice_head(&scratch.tun_read, 256);
+    prefetch::object(conns);
+    prefetch::slice_head(&conns.slots, 512);
+}
+
 /// Everything the engine owns while the daemon runs.
 pub struct Engine {
     pub node: Node,
@@ -436,6 +453,9 @@ impl Engine {
                 Err(Errno::EINTR) => 0,
                 Err(e) => return Err(e).context("epoll_wait failed"),
             };
+            // After idle, what the packet will touch is out of the caches:
+            // start loading it now, in parallel and while the read runs.
+            prefetch_wake_up(&self, &tun_io, &scratch, &conns);
             now = Instant::now();
             alarm.wake_ups += 1;
             if n == 0 {

@@ -8,6 +8,10 @@
 //!
 //!     cargo run --release -p meshtun-overlay --example cold_path [rounds] [--cold-only]
 //!
+//! meshtun's operations run twice a round: as they are, and with
+//! `Node::prefetch_packet_path` before each (then a 2 us wait standing in
+//! for the read's system call, as in the daemon), rows marked "pf".
+//!
 //! Prints the median and quartiles in microseconds, cold and warm. Not a
 //! test: the figures are for comparing builds and designs on one machine.
 
@@ -45,10 +49,7 @@ impl Evictor {
 struct Samples(Vec<Duration>);
 
 impl Samples {
-    fn time<T>(&mut self, evictor: Option<&mut Evictor>, f: impl FnOnce() -> T) -> T {
-        if let Some(e) = evictor {
-            e.evict();
-        }
+    fn time<T>(&mut self, f: impl FnOnce() -> T) -> T {
         let start = Instant::now();
         let out = f();
         self.0.push(start.elapsed());
@@ -65,6 +66,26 @@ impl Samples {
 /// The `q` quantile of sorted, non-empty `values`.
 fn quantile<T: Copy>(values: &[T], q: f64) -> T {
     values[((values.len() - 1) as f64 * q) as usize]
+}
+
+/// About what the system call that reads a datagram or a TUN packet
+/// takes on this machine: the time a prefetch has before the packet.
+const READ_SYSCALL: Duration = Duration::from_micros(2);
+
+/// What a wake-up does before the core sees the packet: the caches are
+/// cold (when evicting), the driver asks the node to prefetch (when told
+/// to), and the read takes its time.
+fn wake_up(evictor: Option<&mut Evictor>, prefetch: Option<&Node>) {
+    if let Some(e) = evictor {
+        e.evict();
+    }
+    if let Some(node) = prefetch {
+        node.prefetch_packet_path();
+        let start = Instant::now();
+        while start.elapsed() < READ_SYSCALL {
+            std::hint::spin_loop();
+        }
+    }
 }
 
 /// Two nodes of the simulator with a direct session between them.
@@ -145,29 +166,40 @@ struct Pairs {
 }
 
 impl Pairs {
-    /// The four operations once, each timed into `samples` (after evicting
-    /// the caches when given an evictor).
-    fn pass(&mut self, samples: &mut [Samples; 4], mut evictor: Option<&mut Evictor>) {
-        self.now += Duration::from_millis(10);
-        let (now, packet, a_addr) = (self.now, &self.packet, self.a_addr);
-        let (ha, hb) = self.net.hosts.split_at_mut(1);
-        let (na, nb) = (&mut ha[0].node, &mut hb[0].node);
+    /// The operations once, each timed into `samples` (after evicting the
+    /// caches when given an evictor): meshtun's, meshtun's again with the
+    /// node's prefetch before each, then boringtun's.
+    fn pass(&mut self, samples: &mut [Samples; ROWS], mut evictor: Option<&mut Evictor>) {
+        for (prefetch, rows) in [(false, 0), (true, 4)] {
+            self.now += Duration::from_millis(10);
+            let (now, packet, a_addr) = (self.now, &self.packet, self.a_addr);
+            let (ha, hb) = self.net.hosts.split_at_mut(1);
+            let (na, nb) = (&mut ha[0].node, &mut hb[0].node);
 
-        let datagram = samples[0].time(evictor.as_deref_mut(), || op_meshtun_send(na, packet, now));
-        let datagram = datagram.expect("the node sends the echo request");
-        let delivered = samples[1].time(evictor.as_deref_mut(), || op_meshtun_receive(nb, a_addr, &datagram.payload, now));
-        assert_eq!(delivered.as_deref(), Some(&packet[..]), "the peer delivers the echo request");
-        na.recycle(datagram.payload);
-        nb.recycle(delivered.unwrap_or_default());
-        while na.poll_transmit().is_some() || nb.poll_transmit().is_some() {}
+            wake_up(evictor.as_deref_mut(), prefetch.then_some(&*na));
+            let datagram = samples[rows].time(|| op_meshtun_send(na, packet, now));
+            let datagram = datagram.expect("the node sends the echo request");
+            wake_up(evictor.as_deref_mut(), prefetch.then_some(&*nb));
+            let delivered = samples[rows + 1].time(|| op_meshtun_receive(nb, a_addr, &datagram.payload, now));
+            assert_eq!(delivered.as_deref(), Some(&packet[..]), "the peer delivers the echo request");
+            na.recycle(datagram.payload);
+            nb.recycle(delivered.unwrap_or_default());
+            while na.poll_transmit().is_some() || nb.poll_transmit().is_some() {}
+        }
 
         let (bt_a, bt_b, out, inner) = (&mut self.bt_a, &mut self.bt_b, &mut self.out, &mut self.inner);
-        let sent = samples[2].time(evictor.as_deref_mut(), || op_boringtun_send(bt_a, packet, out));
+        wake_up(evictor.as_deref_mut(), None);
+        let sent = samples[2].time(|| op_boringtun_send(bt_a, &self.packet, out));
         assert!(sent > 0, "boringtun encapsulates");
-        let got = samples[3].time(evictor.as_deref_mut(), || op_boringtun_receive(bt_b, &out[..sent], inner));
-        assert_eq!(got, packet.len(), "boringtun decapsulates");
+        wake_up(evictor, None);
+        let got = samples[3].time(|| op_boringtun_receive(bt_b, &out[..sent], inner));
+        assert_eq!(got, self.packet.len(), "boringtun decapsulates");
     }
 }
+
+/// Rows of samples: meshtun send and receive, boringtun's, and meshtun's
+/// with the prefetch.
+const ROWS: usize = 6;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -182,10 +214,10 @@ fn main() {
     let mut pairs =
         Pairs { now: net.now, a_addr: net.hosts[0].internal, net, packet, bt_a, bt_b, out: vec![0; 2048], inner: vec![0; 2048] };
 
-    let names = ["meshtun send", "meshtun receive", "boringtun send", "boringtun receive"];
-    let mut cold: [Samples; 4] = Default::default();
-    let mut warm: [Samples; 4] = Default::default();
-    let mut untimed: [Samples; 4] = Default::default();
+    let names = ["meshtun send", "meshtun receive", "boringtun send", "boringtun receive", "meshtun send, pf", "meshtun receive, pf"];
+    let mut cold: [Samples; ROWS] = Default::default();
+    let mut warm: [Samples; ROWS] = Default::default();
+    let mut untimed: [Samples; ROWS] = Default::default();
     // Cold: caches evicted before each operation. Warm: the operation again
     // right after itself.
     for _ in 0..rounds {
@@ -198,13 +230,17 @@ fn main() {
 
     // Paired by round: both tunnels' operations of one round met the same
     // machine, so their ratio is steadier than either figure alone.
-    let mut paired: Vec<f64> = (0..rounds)
-        .map(|r| {
-            let sum = |a: usize, b: usize| (cold[a].0[r] + cold[b].0[r]).as_secs_f64();
-            sum(0, 1) / sum(2, 3)
-        })
-        .collect();
-    paired.sort_by(f64::total_cmp);
+    let paired = |x: usize, y: usize| {
+        let mut ratios: Vec<f64> = (0..rounds)
+            .map(|r| {
+                let sum = |a: usize, b: usize| (cold[a].0[r] + cold[b].0[r]).as_secs_f64();
+                sum(x, x + 1) / sum(y, y + 1)
+            })
+            .collect();
+        ratios.sort_by(f64::total_cmp);
+        ratios
+    };
+    let (paired, prefetched) = (paired(0, 2), paired(4, 0));
     println!("one {}-byte echo request, {rounds} rounds (us: quartile / median / quartile)", pairs.packet.len());
     println!("{:<20} {:>24} {:>24}", "", "cold caches", "warm");
     for (i, name) in names.iter().enumerate() {
@@ -217,5 +253,11 @@ fn main() {
         quantile(&paired, 0.5),
         quantile(&paired, 0.25),
         quantile(&paired, 0.75)
+    );
+    println!(
+        "meshtun with prefetch over without, paired by round: median {:.3} (quartiles {:.3}-{:.3})",
+        quantile(&prefetched, 0.5),
+        quantile(&prefetched, 0.25),
+        quantile(&prefetched, 0.75)
     );
 }

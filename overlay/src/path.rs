@@ -111,6 +111,11 @@ pub struct PathAgent {
 pub type Pings = Vec<(SocketAddr, TxId)>;
 
 impl PathAgent {
+    /// Prefetch hints for the candidates a packet's path checks reach.
+    pub(crate) fn prefetch(&self) {
+        crate::prefetch::slice_head(&self.candidates, 128);
+    }
+
     pub fn new(candidates: &[SocketAddr], relay: Option<SocketAddr>, grid: TimerGrid, now: Instant) -> PathAgent {
         let mut agent = PathAgent {
             candidates: Vec::new(),

@@ -119,6 +119,30 @@ impl PeerTable {
         self.meta.push(Meta { wg: Wg::Asleep(None), listed: false, touched: false, keepalive_sent: None, active: now });
     }
 
+    /// Prefetch hints for what a packet of the peer in `index` touches
+    /// here (see `Node::prefetch_packet_path`); the peer, if any.
+    pub fn prefetch_slot(&self, index: usize) -> Option<&Peer> {
+        use crate::prefetch;
+        let (slot, meta) = (self.peers.get(index)?, self.meta.get(index)?);
+        prefetch::object(slot);
+        prefetch::object(meta);
+        prefetch::vec_end(&self.touched);
+        if let Ok(paths) = self.paths.try_borrow() {
+            prefetch::slice_head(&paths.filed[index.min(paths.filed.len())..], 1);
+            prefetch::slice_head(&paths.is_dirty[index.min(paths.is_dirty.len())..], 1);
+            prefetch::vec_end(&paths.dirty);
+        }
+        let peer = slot.as_deref()?;
+        prefetch::object(peer);
+        peer.path.prefetch();
+        if let Some(tunn) = &peer.tunn {
+            // All of it: which of its session slots is current is boringtun's
+            // own, and 11 KB load in parallel well within a system call.
+            prefetch::object(&**tunn);
+        }
+        Some(peer)
+    }
+
     pub fn get(&self, index: usize) -> Option<&Option<Box<Peer>>> {
         self.peers.get(index)
     }

@@ -283,6 +283,9 @@ impl Net {
     /// Hands a packet to host `i`'s engine as if read from its TUN.
     pub fn inject(&mut self, i: usize, packet: &[u8]) {
         let now = self.now;
+        // As the daemon does at each wake-up: the hint must change nothing,
+        // whatever state the node is in.
+        self.hosts[i].node.prefetch_packet_path();
         self.hosts[i].node.handle_tun_packet(packet, now);
     }
 
@@ -355,6 +358,7 @@ impl Net {
         if let Some(n) = self.nats.iter().position(|nat| nat.public_ip == f.to.ip()) {
             if let Some(internal) = self.nats[n].inbound(f.from, f.to.port(), now) {
                 if let Some(h) = self.hosts.iter_mut().find(|h| h.nat == Some(n) && h.internal == internal) {
+                    h.node.prefetch_packet_path();
                     h.node.handle_udp(f.from, &f.payload, now);
                     // As the daemon does: buffers go back for reuse, so the
                     // simulations also prove a reused buffer carries only
@@ -369,6 +373,7 @@ impl Net {
         let sender_lan = self.hosts.iter().find(|h| h.internal == f.from).and_then(|h| h.nat);
         if let Some(h) = self.hosts.iter_mut().find(|h| h.internal == f.to) {
             if h.nat.is_none() || h.nat == sender_lan {
+                h.node.prefetch_packet_path();
                 h.node.handle_udp(f.from, &f.payload, now);
                 h.node.recycle(f.payload);
             }
