@@ -46,3 +46,26 @@ fn line(at: *const u8) {
     #[cfg(not(target_arch = "x86_64"))]
     let _ = at;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hints_on_any_address_never_fault() {
+        bytes(std::ptr::null(), 4096);
+        bytes(0xffff_8000_0000_0000_usize as *const u8, 256);
+        let freed = {
+            let buffer = vec![7u8; 8192];
+            buffer.as_ptr()
+        };
+        bytes(freed, 8192);
+        let empty: Vec<u64> = Vec::new();
+        vec_end(&empty);
+        slice_head(&empty, 64);
+        let values = [1u32, 2, 3];
+        object(&values);
+        slice_head(&values, 1 << 20);
+        assert_eq!(values, [1, 2, 3]);
+    }
+}
