@@ -113,7 +113,7 @@ pub fn channel() -> anyhow::Result<(EngineHandle, Inbox)> {
 fn prefetch_wake_up(engine: &Engine, tun_io: &TunIo, scratch: &Scratch, conns: &ConnectedSockets) {
     use meshtun_overlay::prefetch;
     engine.node.prefetch_packet_path();
-    prefetch::object(engine);
+    prefetch::object_around(engine, &engine.node);
     prefetch::object(tun_io);
     prefetch::bytes(tun_io.single.as_ptr(), 128);
     prefetch::slice_head(&scratch.udp_read, 256);

@@ -230,7 +230,7 @@ fn main() {
 
     // Paired by round: both tunnels' operations of one round met the same
     // machine, so their ratio is steadier than either figure alone.
-    let paired = |x: usize, y: usize| {
+    let paired_ratios = |x: usize, y: usize| {
         let mut ratios: Vec<f64> = (0..rounds)
             .map(|r| {
                 let sum = |a: usize, b: usize| (cold[a].0[r] + cold[b].0[r]).as_secs_f64();
@@ -240,7 +240,11 @@ fn main() {
         ratios.sort_by(f64::total_cmp);
         ratios
     };
-    let (paired, prefetched) = (paired(0, 2), paired(4, 0));
+    // Before the summaries below sort each row's samples.
+    let paired = [
+        ("meshtun over boringtun, send + receive with cold caches", paired_ratios(0, 2)),
+        ("meshtun with prefetch over without", paired_ratios(4, 0)),
+    ];
     println!("one {}-byte echo request, {rounds} rounds (us: quartile / median / quartile)", pairs.packet.len());
     println!("{:<20} {:>24} {:>24}", "", "cold caches", "warm");
     for (i, name) in names.iter().enumerate() {
@@ -248,16 +252,12 @@ fn main() {
         let (w1, w2, w3) = if cold_only { (0.0, 0.0, 0.0) } else { warm[i].summary() };
         println!("{name:<20} {c1:>7.2} / {c2:>6.2} / {c3:>6.2} {w1:>7.2} / {w2:>6.2} / {w3:>6.2}");
     }
-    println!(
-        "meshtun over boringtun, send + receive with cold caches, paired by round: median {:.3} (quartiles {:.3}-{:.3})",
-        quantile(&paired, 0.5),
-        quantile(&paired, 0.25),
-        quantile(&paired, 0.75)
-    );
-    println!(
-        "meshtun with prefetch over without, paired by round: median {:.3} (quartiles {:.3}-{:.3})",
-        quantile(&prefetched, 0.5),
-        quantile(&prefetched, 0.25),
-        quantile(&prefetched, 0.75)
-    );
+    for (label, ratios) in paired {
+        println!(
+            "{label}, paired by round: median {:.3} (quartiles {:.3}-{:.3})",
+            quantile(&ratios, 0.5),
+            quantile(&ratios, 0.25),
+            quantile(&ratios, 0.75)
+        );
+    }
 }

@@ -349,7 +349,7 @@ pub struct Node {
     shutting_down: bool,
     /// The peer whose data passed last: the likeliest for the next packet
     /// ([`Node::prefetch_packet_path`]).
-    recent_peer: PeerId,
+    recent_peer: Option<PeerId>,
     /// Paths narrower than the mesh MTU, as the driver learnt them.
     path_mtus: path_mtu::PathMtus,
 }
@@ -409,7 +409,7 @@ impl Node {
             buf: vec![0; MAX_PACKET + WG_OVERHEAD],
             stats: Stats::default(),
             shutting_down: false,
-            recent_peer: PeerId(u32::MAX),
+            recent_peer: None,
             path_mtus: path_mtu::PathMtus::default(),
             config,
         };
@@ -790,7 +790,7 @@ impl Node {
         // Where the next entries go, empty as the queues usually are.
         prefetch::bytes(self.transmits.as_slices().0.as_ptr().cast(), 2 * std::mem::size_of::<Transmit>());
         prefetch::bytes(self.tun_out.as_slices().0.as_ptr().cast(), 1);
-        if let Some(peer) = self.peers.prefetch_slot(self.recent_peer.index()) {
+        if let Some(peer) = self.recent_peer.and_then(|id| self.peers.prefetch_slot(id.index())) {
             std::hint::black_box(self.by_addr.get(&peer.addr));
         }
     }
@@ -1631,7 +1631,7 @@ impl Node {
         }
         let Some(peer) = self.peers.get_mut(id.index()).and_then(Option::as_mut) else { return };
         peer.on_data(now, self.config.park_idle_after);
-        self.recent_peer = id;
+        self.recent_peer = Some(id);
         let Some(tunn) = peer.tunn.as_mut() else { return };
         // Sealed straight into the buffer that leaves: no copy, and the
         // node's scratch buffer stays out of the packet path's cache lines.
@@ -1821,7 +1821,7 @@ impl Node {
                 boringtun::noise::TunnResult::WriteToTunnelV6(packet, src) => {
                     authenticated(peer, origin, now, &mut self.events);
                     peer.on_data(now, self.config.park_idle_after);
-                    self.recent_peer = id;
+                    self.recent_peer = Some(id);
                     let dst = packet::ipv6_addresses(packet).map(|(_, d)| d);
                     let for_my_group = dst.is_some_and(|d| {
                         meshtun_addr::group_network(d) == Some(self.me.network)

@@ -128,8 +128,10 @@ impl PeerTable {
         prefetch::object(meta);
         prefetch::vec_end(&self.touched);
         if let Ok(paths) = self.paths.try_borrow() {
-            prefetch::slice_head(&paths.filed[index.min(paths.filed.len())..], 1);
-            prefetch::slice_head(&paths.is_dirty[index.min(paths.is_dirty.len())..], 1);
+            if let (Some(filed), Some(dirty)) = (paths.filed.get(index), paths.is_dirty.get(index)) {
+                prefetch::object(filed);
+                prefetch::object(dirty);
+            }
             prefetch::vec_end(&paths.dirty);
         }
         let peer = slot.as_deref()?;

@@ -22,6 +22,18 @@ pub fn object<T>(value: &T) {
     bytes((value as *const T).cast(), std::mem::size_of::<T>());
 }
 
+/// The lines holding `*outer` but not those of `*inner`, a part of it
+/// that is hinted on its own (so its lines are not hinted twice).
+#[inline(always)]
+pub fn object_around<T, U>(outer: &T, inner: &U) {
+    let start = (outer as *const T).cast::<u8>();
+    let end = start as usize + std::mem::size_of::<T>();
+    let inner_start = (inner as *const U as usize).clamp(start as usize, end);
+    let inner_end = (inner as *const U as usize + std::mem::size_of::<U>()).clamp(inner_start, end);
+    bytes(start, inner_start - start as usize);
+    bytes(start.wrapping_add(inner_end - start as usize), end - inner_end);
+}
+
 /// The first `len` bytes of a slice's elements (fewer if it is shorter).
 #[inline(always)]
 pub fn slice_head<T>(values: &[T], len: usize) {
@@ -65,6 +77,8 @@ mod tests {
         slice_head(&empty, 64);
         let values = [1u32, 2, 3];
         object(&values);
+        object_around(&values, &values[1]);
+        object_around(&values, &freed);
         slice_head(&values, 1 << 20);
         assert_eq!(values, [1, 2, 3]);
     }
