@@ -777,8 +777,9 @@ impl Node {
     /// use, and the slot, peer and session of the peer whose data passed
     /// last. A driver calls it as a wake-up begins, before the system call
     /// that reads the packet: after idle these lines are out of the caches,
-    /// and loaded this way they arrive in parallel while the system call
-    /// runs, rather than one stall at a time as the packet meets them. A
+    /// and loaded this way they arrive in parallel, much of it while the
+    /// system call runs, rather than one stall at a time as the packet
+    /// meets them. A
     /// hint only: it changes nothing, and a wrong guess costs a few loads.
     #[inline(never)]
     pub fn prefetch_packet_path(&self) {
