@@ -23,6 +23,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use nix::sys::time::TimeSpec;
 use nix::sys::timerfd::{ClockId, Expiration, TimerFd, TimerFlags, TimerSetTimeFlags};
 
+use crate::clock::WakeClock;
 use crate::control::{self, Request};
 use crate::events::{self, Hub};
 use crate::requests::{DnsReply, Waiting};
@@ -404,9 +405,11 @@ impl Engine {
         };
         let mut events = [EpollEvent::empty(); 16];
         let mut follow = FollowUps::default();
+        let mut clock = WakeClock::new();
         // The daemon set the core's wall clock just before.
-        let mut unix_set = Instant::now();
-        // One clock read per wake-up: its packets and the turn of the loop
+        let mut unix_set = clock.now();
+        // One clock read per wake-up (from the TSC where the kernel keeps
+        // time with it: see clock.rs): its packets and the turn of the loop
         // after them share its instant (they take microseconds).
         let mut now = unix_set;
         // The once-a-second watch runs on the core's timer grid, in the
@@ -444,7 +447,7 @@ impl Engine {
                 .fold(next_watch, Instant::min);
             if deadline <= now {
                 self.node.handle_timeout(now);
-                now = Instant::now();
+                now = clock.now();
                 continue;
             }
             alarm.arm(deadline, now)?;
@@ -456,7 +459,7 @@ impl Engine {
             // After idle, what the packet will touch is out of the caches:
             // start loading it now, in parallel and while the read runs.
             prefetch_wake_up(&self, &tun_io, &scratch, &conns);
-            now = Instant::now();
+            now = clock.now();
             alarm.wake_ups += 1;
             if n == 0 {
                 continue;
@@ -492,7 +495,7 @@ impl Engine {
             if woken {
                 let _ = inbox.wake.read();
                 while let Ok(slow) = inbox.rx.try_recv() {
-                    match self.handle_slow(slow, &mut waiting, &tun_io, &mut conns, &alarm) {
+                    match self.handle_slow(slow, &mut waiting, &tun_io, &mut conns, &alarm, &clock) {
                         Some(stop) => break 'run stop,
                         None => continue,
                     }
@@ -502,7 +505,7 @@ impl Engine {
                 // These wake-ups can take long (a status, a key rotation's
                 // fsync) and hand the node fresh instants of their own: the
                 // next turn of the loop reads the clock again.
-                now = Instant::now();
+                now = clock.now();
             }
         };
         // Closing the timerfd takes it out of the epoll set: once it had
@@ -555,7 +558,15 @@ impl Engine {
     }
 
     /// `Some` to stop, with the `meshtun down` to answer if that was why.
-    fn handle_slow(&mut self, slow: Slow, waiting: &mut Waiting, tun_io: &TunIo, conns: &mut ConnectedSockets, alarm: &Alarm) -> Option<Option<control::Pending>> {
+    fn handle_slow(
+        &mut self,
+        slow: Slow,
+        waiting: &mut Waiting,
+        tun_io: &TunIo,
+        conns: &mut ConnectedSockets,
+        alarm: &Alarm,
+        clock: &WakeClock,
+    ) -> Option<Option<control::Pending>> {
         let now = Instant::now();
         match slow {
             Slow::Stop(signal) => {
@@ -591,6 +602,7 @@ impl Engine {
                                 "wake_ups": alarm.wake_ups,
                                 "timer_sets": alarm.sets,
                                 "timer_rings": alarm.rings,
+                                "clock": clock.describe(),
                             });
                             control::ok_envelope(data)
                         }

@@ -4,6 +4,7 @@ mod backbone_server;
 mod assets;
 mod cli_error;
 mod cli_mesh;
+mod clock;
 mod config;
 mod control;
 mod daemon;
