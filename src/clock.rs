@@ -2,19 +2,23 @@
 //! time-stamp counter where the kernel itself keeps time with it.
 //!
 //! Why not `Instant::now()` every time: after an idle wait the vDSO's
-//! `clock_gettime` finds its code and data pages out of the TLB, and in a
-//! virtual machine each of those misses is a two-dimensional page walk.
-//! Measured in the bench's lab (a KVM guest, clocksource `tsc`), the
-//! wake-up's one `Instant::now()` took 2.6-3.2 us at the median, as much
-//! as the rest of the user-space work before the packet's read, and a
-//! ping's round trip pays it at four wake-ups. `rdtsc` touches no memory.
+//! `clock_gettime` finds its code and data out of the caches and TLB
+//! (TLB misses are dear in a virtual machine). Measured in the bench's lab
+//! (a KVM guest, clocksource `tsc`), the wake-up's one `Instant::now()`
+//! took 2.6-3.2 us at the median, half the user-space time from the
+//! wake-up to the packet's read, and a ping's round trip pays it at four
+//! wake-ups. `rdtsc` reads a register.
 //!
 //! The counter only interpolates: a true reading anchors it at least once
 //! a second (and after any idle wait longer than that), and the counter's
 //! rate is measured between true readings, never assumed. Backwards or
-//! implausible counts fall back to true readings. Where the kernel does
-//! not trust the counter (another clocksource, no invariant TSC, not
-//! x86-64), every reading is a true one.
+//! implausible counts fall back to true readings. The rate is measured
+//! against the kernel's monotonic clock, NTP's slewing included, so a
+//! reading is off by at most the change in slew over one second (under
+//! half a millisecond at NTP's 500 ppm limit; the core's timers are on a
+//! 250 ms grid). Where the kernel does not trust the counter (another
+//! clocksource, no invariant TSC, not x86-64), every reading is a true
+//! one.
 
 use std::time::{Duration, Instant};
 
