@@ -200,6 +200,15 @@ mod tests {
         }
     }
 
+    /// A clock that measured the counter's rate between 0 and 300 ms.
+    fn calibrated() -> (Machine, Interpolation) {
+        let m = Machine { start: Instant::now() };
+        let mut clock = Interpolation::default();
+        m.read(&mut clock, 0);
+        m.read(&mut clock, 300_000_000);
+        (m, clock)
+    }
+
     #[test]
     fn readings_are_true_ones_until_the_counter_rate_is_measured() {
         let m = Machine { start: Instant::now() };
@@ -212,10 +221,7 @@ mod tests {
 
     #[test]
     fn once_measured_the_counter_interpolates_to_within_a_nanosecond_or_two() {
-        let m = Machine { start: Instant::now() };
-        let mut clock = Interpolation::default();
-        m.read(&mut clock, 0);
-        m.read(&mut clock, 300_000_000);
+        let (m, mut clock) = calibrated();
         let true_so_far = clock.true_readings;
         for ns in [300_000_001, 300_123_457, 900_000_000, 1_299_999_000] {
             let got = m.read(&mut clock, ns).as_nanos() as i128;
@@ -226,10 +232,7 @@ mod tests {
 
     #[test]
     fn a_second_past_its_anchor_the_counter_takes_a_true_reading_again() {
-        let m = Machine { start: Instant::now() };
-        let mut clock = Interpolation::default();
-        m.read(&mut clock, 0);
-        m.read(&mut clock, 300_000_000);
+        let (m, mut clock) = calibrated();
         let before = clock.true_readings;
         m.read(&mut clock, 1_300_000_001);
         assert_eq!(clock.true_readings, before + 1);
@@ -237,10 +240,7 @@ mod tests {
 
     #[test]
     fn a_counter_that_went_back_is_not_believed() {
-        let m = Machine { start: Instant::now() };
-        let mut clock = Interpolation::default();
-        m.read(&mut clock, 0);
-        m.read(&mut clock, 300_000_000);
+        let (m, mut clock) = calibrated();
         let before = clock.true_readings;
         // The counter reads lower than at the anchor; the true clock says 400 ms.
         let got = clock.at(m.tsc_at(100_000_000), m.exact_at(400_000_000));
@@ -250,10 +250,7 @@ mod tests {
 
     #[test]
     fn a_counter_that_stood_still_between_true_readings_is_given_up() {
-        let m = Machine { start: Instant::now() };
-        let mut clock = Interpolation::default();
-        m.read(&mut clock, 0);
-        m.read(&mut clock, 300_000_000);
+        let (m, mut clock) = calibrated();
         // Over a second and a half the counter advanced one tick.
         let tsc = m.tsc_at(300_000_000) + 1;
         let at = m.start + Duration::from_millis(1_800);
