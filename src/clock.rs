@@ -112,7 +112,7 @@ impl Interpolation {
         if width > MAX_READ_TICKS {
             return now;
         }
-        let tsc = before + width / 2;
+        let tsc = before.wrapping_add(width / 2);
         self.anchor = Some((now, tsc));
         match self.rate_from {
             Some((from, from_tsc)) if now.saturating_duration_since(from) >= CALIBRATE_OVER => {
@@ -166,6 +166,9 @@ fn counter_available() -> bool {
 
 /// The kernel keeps time with the TSC and the CPU says it ticks at a
 /// constant rate through power states: the kernel checked it is usable.
+/// Asked once, as the engine starts; should the kernel later give up on
+/// the TSC, the counter is still only trusted within a second of a true
+/// reading, at a rate measured against the kernel's clock.
 fn kernel_trusts_counter() -> bool {
     let source = std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource").unwrap_or_default();
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
