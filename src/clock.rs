@@ -78,27 +78,33 @@ impl WakeClock {
 #[derive(Default)]
 struct Interpolation {
     anchor: Option<(Instant, u64)>,
-    /// Nanoseconds per tick, fixed point with 32 fractional bits; 0 until
-    /// the rate is measured (or after it stopped making sense).
-    ns_per_tick: u64,
-    /// Ticks in ANCHOR_PERIOD at that rate.
-    period_ticks: u64,
+    /// None until the rate is measured (or after it stopped making sense).
+    rate: Option<Rate>,
     /// The true reading the next rate measurement starts from.
     rate_from: Option<(Instant, u64)>,
     true_readings: u64,
     counter_readings: u64,
 }
 
+/// The counter's measured rate.
+#[derive(Clone, Copy)]
+struct Rate {
+    /// Nanoseconds per tick, fixed point with 32 fractional bits.
+    ns_per_tick: u64,
+    /// Ticks in ANCHOR_PERIOD at that rate.
+    period_ticks: u64,
+}
+
 impl Interpolation {
     /// The time at counter value `tsc`; `exact` takes a true reading,
     /// bracketed by two counter values.
     fn at(&mut self, tsc: u64, exact: impl FnOnce() -> (u64, Instant, u64)) -> Instant {
-        if let Some((anchor, anchor_tsc)) = self.anchor {
+        if let (Some((anchor, anchor_tsc)), Some(rate)) = (self.anchor, self.rate) {
             let ticks = tsc.wrapping_sub(anchor_tsc);
             // A counter that went back wraps to a huge count: a true reading.
-            if self.ns_per_tick != 0 && ticks < self.period_ticks {
+            if ticks < rate.period_ticks {
                 self.counter_readings += 1;
-                let ns = (u128::from(ticks) * u128::from(self.ns_per_tick)) >> 32;
+                let ns = (u128::from(ticks) * u128::from(rate.ns_per_tick)) >> 32;
                 return anchor + Duration::from_nanos(ns as u64);
             }
         }
@@ -131,11 +137,12 @@ impl Interpolation {
         if !plausible {
             // Stopped, jumped or went back: true readings until it has
             // been steady over a whole measurement again.
-            self.ns_per_tick = 0;
+            self.rate = None;
             return;
         }
-        self.ns_per_tick = ((ns << 32) / u128::from(ticks)) as u64;
-        self.period_ticks = ((ANCHOR_PERIOD.as_nanos() << 32) / u128::from(self.ns_per_tick)) as u64;
+        let ns_per_tick = ((ns << 32) / u128::from(ticks)) as u64;
+        let period_ticks = ((ANCHOR_PERIOD.as_nanos() << 32) / u128::from(ns_per_tick)) as u64;
+        self.rate = Some(Rate { ns_per_tick, period_ticks });
     }
 }
 
@@ -258,7 +265,7 @@ mod tests {
         let tsc = m.tsc_at(300_000_000) + 1;
         let at = m.start + Duration::from_millis(1_800);
         clock.at(u64::MAX / 2, move || (tsc, at, tsc));
-        assert_eq!(clock.ns_per_tick, 0, "rate forgotten");
+        assert!(clock.rate.is_none(), "rate forgotten");
         let got = clock.at(tsc + 10, m.exact_at(1_900_000_000));
         assert_eq!(got.duration_since(m.start), Duration::from_millis(1_900), "a true reading");
     }
