@@ -352,6 +352,11 @@ pub struct Node {
     recent_peer: Option<PeerId>,
     /// Paths narrower than the mesh MTU, as the driver learnt them.
     path_mtus: path_mtu::PathMtus,
+    /// The next deadline as [`Node::poll_timeout`] last worked it out.
+    /// Every `&mut self` entry point clears it but the four that only
+    /// move packets and buffers (`poll_transmit`, `poll_tun`,
+    /// `poll_event`, `recycle`), which no timer depends on.
+    kept_deadline: std::cell::Cell<Option<Option<Instant>>>,
 }
 
 /// Two minutes is WireGuard's REKEY_AFTER_TIME: a session idle that long
@@ -411,6 +416,7 @@ impl Node {
             shutting_down: false,
             recent_peer: None,
             path_mtus: path_mtu::PathMtus::default(),
+            kept_deadline: std::cell::Cell::new(None),
             config,
         };
         node.refresh_record();
@@ -460,6 +466,7 @@ impl Node {
 
     /// Replaces the directly reachable endpoints (interfaces changed).
     pub fn set_local_endpoints(&mut self, endpoints: Vec<SocketAddr>, now: Instant) {
+        self.kept_deadline.take();
         if endpoints != self.config.local_endpoints {
             self.config.local_endpoints = endpoints;
             self.refresh_record();
@@ -469,12 +476,14 @@ impl Node {
 
     /// Replaces the backbone list (addresses re-resolved by the driver).
     pub fn set_backbones(&mut self, backbones: Vec<SocketAddr>, now: Instant) {
+        self.kept_deadline.take();
         self.backbones.set_backbones(backbones, now);
     }
 
     /// Wall-clock time (unix seconds) for certificate and key expiry; the
     /// driver sets it before handing in events.
     pub fn set_unix_time(&mut self, unix_secs: u64) {
+        self.kept_deadline.take();
         self.unix_now = unix_secs;
     }
 
@@ -484,6 +493,7 @@ impl Node {
     /// re-handshake with it on their next packet, and peers look the new
     /// key up when its first handshake reaches them.
     pub fn rotate_wg_key(&mut self, secret: StaticSecret, version: u32, expires_unix: u64, now: Instant) {
+        self.kept_deadline.take();
         let public = PublicKey::from(&secret);
         self.wg_secret = secret;
         self.wg_public = public;
@@ -620,6 +630,7 @@ impl Node {
     /// Changes what this node declares about itself; the new record reaches
     /// the backbones at once (and in every heartbeat after).
     pub fn set_tags(&mut self, hostname: Option<String>, capabilities: Vec<String>, groups: Vec<String>, now: Instant) {
+        self.kept_deadline.take();
         self.config.hostname = hostname;
         self.config.capabilities = capabilities;
         self.config.groups = groups;
@@ -631,12 +642,14 @@ impl Node {
     /// driver; the answer comes from [`Node::poll_answer`]. Answers are
     /// cached briefly: the directory is eventually consistent anyway.
     pub fn query(&mut self, query: Query, now: Instant) -> Token {
+        self.kept_deadline.take();
         self.query_with_cache(query, true, now)
     }
 
     /// Like [`Node::query`] but always asks the backbones (an operator's
     /// `meshtun find` wants the directory as it is now).
     pub fn query_fresh(&mut self, query: Query, now: Instant) -> Token {
+        self.kept_deadline.take();
         self.query_with_cache(query, false, now)
     }
 
@@ -673,6 +686,7 @@ impl Node {
     /// and opening a session if needed); the reply comes back as
     /// [`Answer::Pong`]. Measures the mesh path itself.
     pub fn ping(&mut self, to: MeshAddr, now: Instant) -> Token {
+        self.kept_deadline.take();
         let token = Token(self.rng.next_u64());
         let seq = self.next_ping_seq;
         self.next_ping_seq = self.next_ping_seq.wrapping_add(1).max(1);
@@ -693,11 +707,13 @@ impl Node {
     }
 
     pub fn poll_answer(&mut self) -> Option<Answer> {
+        self.kept_deadline.take();
         self.answers.pop_front()
     }
 
     /// Names a group this node may send to without being a member.
     pub fn learn_group_name(&mut self, name: String) {
+        self.kept_deadline.take();
         if !self.known_group_names.contains(&name) {
             self.known_group_names.push(name);
         }
@@ -731,6 +747,7 @@ impl Node {
 
     /// An IP packet read from the TUN.
     pub fn handle_tun_packet(&mut self, packet: &[u8], now: Instant) {
+        self.kept_deadline.take();
         if packet::ip_version(packet) == Some(4) {
             self.handle_tun_ipv4(packet, now);
             return;
@@ -799,11 +816,13 @@ impl Node {
     /// A read from the TUN the driver could not make packets of (see
     /// [`offload::split`]): dropped and counted as malformed.
     pub fn handle_malformed_tun_read(&mut self) {
+        self.kept_deadline.take();
         self.drop_packet(DropReason::Malformed);
     }
 
     /// A UDP datagram received on the node's socket.
     pub fn handle_udp(&mut self, from: SocketAddr, datagram: &[u8], now: Instant) {
+        self.kept_deadline.take();
         match classify(datagram) {
             DatagramKind::Backbone => self.handle_backbone_datagram(from, datagram, now),
             DatagramKind::WireGuard => {
@@ -832,6 +851,7 @@ impl Node {
     }
 
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.kept_deadline.take();
         self.backbones.handle_timeout(now, &mut self.transmits, &mut self.events);
         self.retry_lookups(now);
         self.retry_relay_grants(now);
@@ -849,7 +869,21 @@ impl Node {
         self.unreachable_until.retain(|_, until| *until > now);
     }
 
+    /// When [`Node::handle_timeout`] is next due. Kept from one call to the
+    /// next until an entry point that can change a timer runs, so a driver
+    /// can ask while the lines behind it are warm (before its send) and
+    /// again, for one cold line, on its way to sleep.
     pub fn poll_timeout(&self) -> Option<Instant> {
+        if let Some(kept) = self.kept_deadline.get() {
+            debug_assert_eq!(kept, self.next_deadline(), "an entry point changed a timer without clearing the kept deadline");
+            return kept;
+        }
+        let next = self.next_deadline();
+        self.kept_deadline.set(Some(next));
+        next
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
         let lookups = self.lookups.values().map(|l| l.next_retry).min();
         let grants = self.relay_grants.values().map(|g| g.next_retry).min();
         let paths = self.peers.next_path_deadline();
@@ -901,6 +935,7 @@ impl Node {
     /// backbone. The driver keeps polling until [`Node::is_deregistered`] or
     /// its own deadline.
     pub fn shutdown(&mut self, now: Instant) {
+        self.kept_deadline.take();
         self.shutting_down = true;
         self.backbones.deregister(now, &mut self.transmits);
     }
@@ -953,6 +988,7 @@ impl Node {
     /// or has as the outgoing link's MTU). Until [`path_mtu::PATH_MTU_TTL`]
     /// passes, [`Node::max_packet_toward`] sizes packets for that path.
     pub fn handle_path_mtu(&mut self, dst: SocketAddr, mtu: usize, now: Instant) {
+        self.kept_deadline.take();
         tracing::debug!(%dst, mtu, "path narrower than the mesh MTU");
         self.path_mtus.learn(dst, mtu, now);
     }

@@ -53,3 +53,25 @@ fn a_node_with_an_awake_session_wakes_only_on_the_wireguard_tick_grid() {
     println!("timer wake-ups: {busy} in {span:?} of traffic, {idle} idle; the tick grid has {ticks}");
     assert!(idle <= ticks + 2, "{idle} timer wake-ups in {span:?} idle: the tick grid has {ticks}");
 }
+
+#[test]
+fn the_deadline_kept_between_calls_moves_with_a_lookup_and_its_answer() {
+    use meshtun_addr::NetworkId;
+    use meshtun_proto::Query;
+    let mut net = Net::new(73);
+    let a = net.add_host(0, None);
+    net.run_for(Duration::from_secs(3));
+    let now = net.now;
+    let idle = net.hosts[a].node.poll_timeout().expect("a registered node has timers");
+    assert_eq!(net.hosts[a].node.poll_timeout(), Some(idle), "asked again, the kept deadline");
+    // A lookup the backbone has not answered yet retries sooner than the
+    // idle node's timers: the deadline kept before it must not hide that.
+    let query = Query::Capability { network: NetworkId::PUBLIC, name: "nobody-has-this".into() };
+    net.hosts[a].node.query(query, now);
+    let waiting = net.hosts[a].node.poll_timeout().expect("a lookup in flight has a retry");
+    assert!(waiting < idle, "the retry ({:?} away) comes before the idle timers ({:?} away)", waiting - now, idle - now);
+    // Once answered (an empty answer), the retry is gone again.
+    net.run_for(Duration::from_millis(50));
+    let after = net.hosts[a].node.poll_timeout().expect("still registered");
+    assert!(after > waiting, "the answered lookup no longer sets the deadline");
+}
