@@ -353,9 +353,10 @@ pub struct Node {
     /// Paths narrower than the mesh MTU, as the driver learnt them.
     path_mtus: path_mtu::PathMtus,
     /// The next deadline as [`Node::poll_timeout`] last worked it out.
-    /// Every `&mut self` entry point clears it but the four that only
-    /// move packets and buffers (`poll_transmit`, `poll_tun`,
-    /// `poll_event`, `recycle`), which no timer depends on.
+    /// Every `&mut self` entry point clears it but those that only take
+    /// from the node's queues or give a buffer back (`poll_transmit`,
+    /// `poll_tun`, `poll_event`, `poll_answer`, `recycle`), which no timer
+    /// depends on.
     kept_deadline: std::cell::Cell<Option<Option<Instant>>>,
 }
 
@@ -707,7 +708,6 @@ impl Node {
     }
 
     pub fn poll_answer(&mut self) -> Option<Answer> {
-        self.kept_deadline.take();
         self.answers.pop_front()
     }
 
