@@ -224,6 +224,7 @@ pub async fn run(options: UpOptions, json: bool) -> anyhow::Result<()> {
         started_unix: crate::metrics::unix_now(),
         path_mtu_asked: std::collections::HashMap::new(),
         next_df_probe: std::time::Instant::now(),
+        next_lone_datagram_check: std::time::Instant::now(),
     };
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()

@@ -52,6 +52,10 @@ const MAX_PATH_MTU_ASKED: usize = 1024;
 /// How often a batch's first datagram goes alone, with DF, to find links
 /// narrower than the path MTU the kernel knows (see `flush`).
 const DF_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Lone datagrams larger than this (bytes of UDP payload) are checked
+/// against the kernel's path MTU now and then (see `flush`): smaller ones
+/// fit any path the mesh is likely to meet.
+const LONE_DATAGRAM_CHECK_ABOVE: usize = 1200;
 /// How long a stopping daemon waits for backbones to confirm deregistration.
 const DEREGISTER_GRACE: Duration = Duration::from_secs(2);
 /// Most sockets connected to single peers at once: each is a file
@@ -155,6 +159,9 @@ pub struct Engine {
     pub path_mtu_asked: std::collections::HashMap<std::net::SocketAddr, Instant>,
     /// When the next batch sends its first datagram alone (see `flush`).
     pub next_df_probe: Instant,
+    /// When a large lone datagram is next checked against the kernel's
+    /// path MTU (see `flush`).
+    pub next_lone_datagram_check: Instant,
 }
 
 /// How the engine stopped.
@@ -819,6 +826,14 @@ impl Engine {
                 if let Some(refused) = send_all(socket, run) {
                     self.learn_path_mtu(dst, refused, now);
                 }
+                // A lone datagram goes with DF: one that did not fit taught
+                // the kernel the path MTU, and it fragments the next ones
+                // silently, never refusing them as it refuses a batch.
+                if let [lone] = run {
+                    if lone.payload.len() > LONE_DATAGRAM_CHECK_ABOVE && now >= self.next_lone_datagram_check {
+                        self.check_lone_datagram_path(dst, lone.payload.len(), now);
+                    }
+                }
                 start = end;
             }
             for sent in batch.drain(..) {
@@ -864,6 +879,25 @@ impl Engine {
         }
         if self.path_mtu_asked.len() < MAX_PATH_MTU_ASKED {
             self.path_mtu_asked.insert(dst, now);
+        }
+    }
+
+    /// A lone datagram of `len` bytes went to `dst`: if the kernel's path
+    /// MTU for it (learnt from ICMP, or its own link's) says it was
+    /// fragmented, the node learns the path, as from a refused batch. At
+    /// most once per DF_PROBE_INTERVAL.
+    #[cold]
+    #[inline(never)]
+    fn check_lone_datagram_path(&mut self, dst: std::net::SocketAddr, len: usize, now: Instant) {
+        self.next_lone_datagram_check = now + DF_PROBE_INTERVAL;
+        let needs = meshtun_overlay::path_mtu::udp_ip_header_len(dst) + len;
+        if self.node.path_mtu(dst, now).is_some_and(|known| needs > known) {
+            return;
+        }
+        match udp::path_mtu(dst) {
+            Ok(mtu) if mtu < needs => self.node.handle_path_mtu(dst, mtu, now),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(%dst, error = %e, "could not read the path MTU"),
         }
     }
 
@@ -1094,7 +1128,17 @@ impl TunIo {
         if max_packet.is_some() {
             self.stats.narrow_path_reads += 1;
         }
-        match offload::split(read, max_packet, &mut self.split_scratch, |packet| node.handle_tun_packet(packet, now)) {
+        // What is still larger than the path after the split was not TCP
+        // the split may cut: its sender is told the path's size.
+        let limit = max_packet.unwrap_or(usize::MAX);
+        let each = |packet: &[u8]| {
+            if packet.len() > limit {
+                node.handle_tun_packet_beyond_path(packet, limit, now);
+            } else {
+                node.handle_tun_packet(packet, now);
+            }
+        };
+        match offload::split(read, max_packet, &mut self.split_scratch, each) {
             Ok(offload::Split { packets: 1, .. }) => {}
             Ok(split) => {
                 self.stats.tun_super_packets_read += 1;

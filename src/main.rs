@@ -223,7 +223,8 @@ struct UpArgs {
     listen_port: u16,
     /// Interface MTU. 1420 fits WireGuard over IPv6 in a 1500-byte underlay. A
     /// smaller underlay still works: TCP is cut to fit the path once its MTU is
-    /// known, other full-size packets go fragmented (its MTU minus 80 avoids that).
+    /// known, and senders of other full-size packets are told its size (below
+    /// IPv6's 1280-byte minimum they go fragmented; its MTU minus 80 avoids that).
     #[arg(long, default_value_t = 1420, value_parser = clap::value_parser!(u16).range(config::Mtu::RANGE))]
     mtu: u16,
     /// Turn off segmentation offloads (TUN TSO and coalescing, UDP GSO/GRO)
@@ -694,7 +695,7 @@ fn print_status(data: &serde_json::Value) {
             s(&p["rx_bytes"])
         );
         if let Some(mtu) = p["inner_mtu"].as_u64() {
-            println!("  {:<18} narrow path: packets up to {mtu} B pass unfragmented; TCP is cut to fit", "");
+            println!("  {:<18} narrow path: packets up to {mtu} B pass unfragmented; TCP is cut to fit, other senders are told the size", "");
         }
     }
 }

@@ -715,6 +715,101 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
     checks.finish();
 }
 
+#[test]
+fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_stops_fragmenting() {
+    let name = "senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_stops_fragmenting";
+    if !require_root(name) {
+        return;
+    }
+    require_nat_tools();
+    // A cloud overlay's 1400-byte link: 1340 bytes of inner packet fit,
+    // enough for IPv6 (at least 1280) to be told.
+    const LINK_MTU: &str = "1400";
+    const INNER: u64 = 1340;
+    const PINGS: usize = 20;
+    let lab = NatLab::new("ptb");
+    let router = lab.router(NatKind::FullCone);
+    let hb = lab.host_behind(&router, "b");
+    let ha = lab.public_host("a");
+    for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
+        ns.exec_ok(&["ip", "link", "set", dev, "mtu", LINK_MTU]);
+    }
+    let bb = lab.start_backbone(&[bb_addr()]);
+    let na = lab.start_node(&ha, "alpha", &bb);
+    let nb = lab.start_node(&hb, "beta", &bb);
+    let mut checks = Checks::new();
+    let outer_fragments = || [&ha.ns, &hb.ns, &router.ns].iter().map(|ns| ip_counter(ns, "FragCreates")).sum::<Option<u64>>();
+    let inner_fragments = |ns: &harness::Ns| snmp6_counter(ns, "Ip6FragCreates");
+    let signals = |node: &harness::meshtun::Node| {
+        node.status().ok().and_then(|s| s.pointer("/stats/too_big_signals").and_then(Value::as_u64))
+    };
+
+    // ICMPv6 echoes of 1400 bytes (more than the 1340 that fit), with path
+    // MTU discovery as every IPv6 sender does it. The first few teach the
+    // engines the path and the senders its size.
+    for (from, to, label) in [(&ha, &nb, "A -> B"), (&hb, &na, "B -> A")] {
+        let ping = |count: &str, interval: &str| {
+            from.ns.exec_timeout(
+                &["ping", "-6", "-n", "-c", count, "-i", interval, "-W", "2", "-s", "1352", "-M", "want", &to.id.ipv6.to_string()],
+                Duration::from_secs(30),
+            )
+        };
+        let _ = ping("4", "0.4");
+        let (outer_before, inner_before) = (outer_fragments(), inner_fragments(&from.ns));
+        let out = ping(&PINGS.to_string(), "0.05");
+        let summary = out.stdout.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+        let outer = outer_before.zip(outer_fragments()).map(|(before, after)| after - before);
+        let inner = inner_before.zip(inner_fragments(&from.ns)).map(|(before, after)| after - before);
+        println!("{label}: {PINGS} pings of 1400 bytes: {summary}; tunnel (IPv4) fragments {outer:?}, sender's own IPv6 fragments {inner:?}");
+        checks.check(summary.contains(" 0% packet loss"), || format!("{label}: 1400-byte pings over the 1400-byte path: {}", out.describe()));
+        // Without the answer every echo and every reply would leave the
+        // tunnel as two fragments: 2 x 2 x PINGS.
+        checks.check(outer.is_some_and(|n| n <= 2), || format!("{label}: {outer:?} tunnel fragments for {PINGS} echoes: the senders were not told the path's size"));
+        checks.check(inner.is_some_and(|n| n >= PINGS as u64), || format!("{label}: the sender fragmented {inner:?} of its own echoes, expected all {PINGS}"));
+    }
+    for (node, peer, label) in [(&na, &nb, "alpha"), (&nb, &na, "beta")] {
+        let told = signals(node);
+        let mtu = node.peer(&peer.id.address).ok().flatten().and_then(|p| p.get("inner_mtu").and_then(Value::as_u64));
+        println!("{label}: {told:?} too-big answers, inner_mtu {mtu:?}");
+        checks.check(told.is_some_and(|n| n >= 1), || format!("{label}: status shows {told:?} too-big answers"));
+        checks.check(mtu == Some(INNER), || format!("{label}: status shows inner_mtu {mtu:?}, expected {INNER}"));
+    }
+
+    // IPv4 with DF: an application that asked for no fragmentation learns
+    // the size from the error, as it would from a router.
+    let b_ipv4 = {
+        let out = harness::meshtun::cli(&hb.ns, &["id", "--state-dir", nb.state_dir.to_str().expect("utf-8 path"), "--json"]);
+        harness::meshtun::json_data(&out).ok().and_then(|d| d["ipv4"].as_str().map(str::to_string)).unwrap_or_default()
+    };
+    let ping4 = |size: &str, count: &str| {
+        ha.ns.exec_timeout(&["ping", "-4", "-n", "-c", count, "-i", "0.3", "-W", "2", "-s", size, "-M", "do", &b_ipv4], Duration::from_secs(30))
+    };
+    let warm = ping4("56", "2");
+    checks.check(warm.stdout.contains(" 0% packet loss"), || format!("A -> B over IPv4 ({b_ipv4}): {}", warm.describe()));
+    let out = ping4("1372", "3");
+    let told = format!("{}{}", out.stdout, out.stderr);
+    println!("A -> B, IPv4 with DF, 1400 bytes: {}", told.lines().filter(|l| l.contains("mtu")).collect::<Vec<_>>().join(" | "));
+    checks.check(told.contains(&format!("mtu = {INNER}")) || told.contains(&format!("mtu={INNER}")), || {
+        format!("A -> B, IPv4 with DF: ping was not told the path's size {INNER}: {}", out.describe())
+    });
+
+    if !checks.failures().is_empty() {
+        println!("{}", router.diagnostics());
+        println!("alpha log:\n{}\nbeta log:\n{}", na.proc.log_tail(30), nb.proc.log_tail(30));
+    }
+    let _ = &bb;
+    checks.finish();
+}
+
+/// A counter of /proc/net/snmp6 in `ns`.
+fn snmp6_counter(ns: &harness::Ns, name: &str) -> Option<u64> {
+    let snmp6 = ns.exec(&["cat", "/proc/net/snmp6"]).stdout;
+    snmp6.lines().find_map(|l| {
+        let mut fields = l.split_whitespace();
+        (fields.next() == Some(name)).then(|| fields.next()?.parse().ok())?
+    })
+}
+
 /// A counter of the `Ip:` lines of /proc/net/snmp in `ns`.
 fn ip_counter(ns: &harness::Ns, name: &str) -> Option<u64> {
     let snmp = ns.exec(&["cat", "/proc/net/snmp"]).stdout;

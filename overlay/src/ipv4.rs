@@ -116,6 +116,33 @@ pub fn rewrite(packet: &mut [u8], new_src: Option<Ipv4Addr>, new_dst: Option<Ipv
     true
 }
 
+/// An ICMP "fragmentation needed and DF set" (RFC 792, RFC 1191) telling
+/// the source of `offending` that the path to its destination carries
+/// `mtu` bytes, sent from that destination as the path's last router would.
+/// `None` unless `offending` is a well-formed first (or only) fragment
+/// with DF set that is not itself an ICMP error, or if `mtu` is below the
+/// IPv4 minimum of 68.
+pub fn icmp_fragmentation_needed(mtu: usize, offending: &[u8]) -> Option<Vec<u8>> {
+    use etherparse::{icmpv4::DestUnreachableHeader, Icmpv4Type, PacketBuilder};
+    let (source, destination) = addresses(offending)?;
+    let ihl = usize::from(offending[0] & 0x0f) * 4;
+    let flags_and_offset = u16::from_be_bytes([offending[6], offending[7]]);
+    let dont_fragment = flags_and_offset & 0x4000 != 0;
+    let first_fragment = flags_and_offset & 0x1fff == 0;
+    let icmp_error = offending[9] == 1 && offending.get(ihl).is_some_and(|t| matches!(t, 3 | 4 | 5 | 11 | 12));
+    let next_hop_mtu = u16::try_from(mtu).ok().filter(|&mtu| mtu >= 68)?;
+    if ihl < 20 || ihl > offending.len() || !dont_fragment || !first_fragment || icmp_error {
+        return None;
+    }
+    // As much of the packet as fits a 576-byte error (RFC 1812, 4.3.2.3).
+    let quoted = &offending[..offending.len().min(576 - 20 - 8)];
+    let builder = PacketBuilder::ipv4(destination.octets(), source.octets(), 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(DestUnreachableHeader::FragmentationNeeded { next_hop_mtu }));
+    let mut out = Vec::with_capacity(builder.size(quoted.len()));
+    builder.write(&mut out, quoted).ok()?;
+    Some(out)
+}
+
 /// RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m'), over the two 16-bit words of
 /// an address.
 fn adjust(checksum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
@@ -181,6 +208,56 @@ mod tests {
         p[at + 1] = 0;
         assert!(rewrite(&mut p, Some(Ipv4Addr::new(100, 65, 0, 10)), None));
         assert_eq!(&p[at..at + 2], &[0, 0]);
+    }
+
+    fn udp_packet(len: usize, dont_fragment: bool) -> Vec<u8> {
+        let mut header = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::UDP, [100, 64, 1, 2], [100, 70, 3, 4]).unwrap();
+        header.dont_fragment = dont_fragment;
+        let b = PacketBuilder::ip(etherparse::IpHeaders::Ipv4(header, Default::default())).udp(5000, 9999);
+        let mut out = Vec::new();
+        b.write(&mut out, &vec![9u8; len - 28]).unwrap();
+        out
+    }
+
+    #[test]
+    fn fragmentation_needed_comes_from_the_destination_with_the_mtu_and_quotes_the_packet() {
+        let big = udp_packet(1400, true);
+        let error = icmp_fragmentation_needed(1340, &big).unwrap();
+        assert_eq!(error.len(), 576);
+        assert_eq!(addresses(&error), Some((Ipv4Addr::new(100, 70, 3, 4), Ipv4Addr::new(100, 64, 1, 2))));
+        let sliced = SlicedPacket::from_ip(&error).unwrap();
+        let Some(etherparse::NetSlice::Ipv4(ip)) = &sliced.net else { panic!("not IPv4") };
+        let header = ip.header().to_header();
+        assert_eq!(header.calc_header_checksum(), header.header_checksum);
+        match sliced.transport {
+            Some(TransportSlice::Icmpv4(icmp)) => {
+                assert_eq!(
+                    icmp.icmp_type(),
+                    etherparse::Icmpv4Type::DestinationUnreachable(
+                        etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1340 }
+                    )
+                );
+                // The ones'-complement sum over a message with a valid checksum is all ones.
+                let sum = icmp.slice().chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], *w.get(1).unwrap_or(&0)]))).sum::<u32>();
+                let folded = (sum & 0xffff) + (sum >> 16);
+                assert_eq!((folded & 0xffff) + (folded >> 16), 0xffff);
+                assert_eq!(icmp.payload(), &big[..548]);
+            }
+            other => panic!("not ICMP: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fragmentation_needed_is_only_for_whole_df_packets_that_are_not_errors() {
+        assert!(icmp_fragmentation_needed(1340, &udp_packet(1400, false)).is_none());
+        let mut later_fragment = udp_packet(1400, true);
+        later_fragment[7] = 0x10;
+        assert!(icmp_fragmentation_needed(1340, &later_fragment).is_none());
+        let error = icmp_fragmentation_needed(1340, &udp_packet(1400, true)).unwrap();
+        assert!(icmp_fragmentation_needed(1340, &error).is_none());
+        assert!(icmp_fragmentation_needed(67, &udp_packet(1400, true)).is_none());
+        assert!(icmp_fragmentation_needed(1340, &[0x45, 0, 0]).is_none());
+        assert!(icmp_fragmentation_needed(1340, &[0x60; 60]).is_none());
     }
 
     #[test]

@@ -297,6 +297,10 @@ const MAX_REMEMBERED_RECORDS: usize = 100_000;
 /// Group packets a node may send per second (each fanned out to every member).
 const BROADCAST_RATE: f64 = 50.0;
 const BROADCAST_BURST: f64 = 100.0;
+/// "Too big" answers into the TUN per second: a sender's kernel learns from
+/// one, so more only cover the packets already on their way.
+const TOO_BIG_RATE: f64 = 10.0;
+const TOO_BIG_BURST: f64 = 10.0;
 
 /// One mesh node.
 pub struct Node {
@@ -326,6 +330,7 @@ pub struct Node {
     pings: HashMap<u16, PendingPing>,
     next_ping_seq: u16,
     broadcast_tokens: (f64, Instant),
+    too_big_tokens: (f64, Instant),
     known_group_names: Vec<String>,
     unix_now: u64,
     revocations: Option<meshtun_proto::cert::Revocations>,
@@ -400,6 +405,7 @@ impl Node {
             pings: HashMap::new(),
             next_ping_seq: 1,
             broadcast_tokens: (BROADCAST_BURST, now),
+            too_big_tokens: (TOO_BIG_BURST, now),
             known_group_names: Vec::new(),
             newest: HashMap::new(),
             unix_now: 0,
@@ -997,6 +1003,39 @@ impl Node {
     /// asks the kernel again only when a refusal is not explained by it).
     pub fn path_mtu(&self, dst: SocketAddr, now: Instant) -> Option<usize> {
         self.path_mtus.get(dst, now)
+    }
+
+    /// A packet from the TUN larger than the narrow path to its peer
+    /// carries whole (`limit`, from [`Node::max_packet_toward`]) that the
+    /// driver could not cut to fit (anything but TCP it may cut: UDP, ICMP,
+    /// signed TCP segments). It still goes, fragmented by the UDP layer,
+    /// and its sender is told the path's size as a router on the path would
+    /// tell it (ICMPv6 "packet too big"; for IPv4 with DF, "fragmentation
+    /// needed"), so its kernel fits what follows: IPv6 fragmented at the
+    /// source, a lower MSS, an error to an application that asked for DF.
+    /// IPv6 cannot be told less than 1280 bytes: on a path narrower than
+    /// that, the tunnel's datagrams stay fragmented.
+    #[cold]
+    #[inline(never)]
+    pub fn handle_tun_packet_beyond_path(&mut self, packet: &[u8], limit: usize, now: Instant) {
+        let answer = match packet::ip_version(packet) {
+            Some(6) => packet::icmpv6_packet_too_big(limit, packet),
+            Some(4) => ipv4::icmp_fragmentation_needed(limit, packet),
+            _ => None,
+        };
+        if let Some(answer) = answer {
+            let (tokens, last) = self.too_big_tokens;
+            let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * TOO_BIG_RATE).min(TOO_BIG_BURST);
+            if tokens >= 1.0 {
+                tracing::trace!(limit, len = packet.len(), "telling a sender the path is narrower than its packet");
+                self.tun_out.push_back(answer);
+                self.stats.too_big_signals += 1;
+                self.too_big_tokens = (tokens - 1.0, now);
+            } else {
+                self.too_big_tokens = (tokens, now);
+            }
+        }
+        self.handle_tun_packet(packet, now);
     }
 
     /// The largest inner packet that reaches the destination of `packet`

@@ -30,6 +30,34 @@ pub fn icmpv6_address_unreachable(from: Ipv6Addr, offending: &[u8]) -> Option<Ve
     Some(out)
 }
 
+/// The smallest MTU an IPv6 link may have (RFC 8200): a "packet too big"
+/// cannot ask a sender for less.
+pub const IPV6_MIN_MTU: usize = 1280;
+
+/// An ICMPv6 "packet too big" (RFC 4443) telling the source of `offending`
+/// that the path to its destination carries `mtu` bytes, sent from that
+/// destination as the path's last router would. `None` if `offending` is
+/// not IPv6, is itself an ICMPv6 error (errors are never answered with
+/// errors), or `mtu` is below the IPv6 minimum.
+pub fn icmpv6_packet_too_big(mtu: usize, offending: &[u8]) -> Option<Vec<u8>> {
+    let (source, destination) = ipv6_addresses(offending)?;
+    let mtu = u32::try_from(mtu).ok().filter(|&mtu| mtu as usize >= IPV6_MIN_MTU)?;
+    if is_icmpv6_error(offending) {
+        return None;
+    }
+    let quoted = &offending[..offending.len().min(IPV6_MIN_MTU - 40 - 8)];
+    let builder = PacketBuilder::ipv6(destination.octets(), source.octets(), 64).icmpv6(Icmpv6Type::PacketTooBig { mtu });
+    let mut out = Vec::with_capacity(builder.size(quoted.len()));
+    builder.write(&mut out, quoted).ok()?;
+    Some(out)
+}
+
+/// Whether an IPv6 packet is an ICMPv6 error message (types below 128),
+/// with ICMPv6 straight after the fixed header.
+fn is_icmpv6_error(packet: &[u8]) -> bool {
+    packet.get(6) == Some(&58) && packet.get(40).is_some_and(|&icmp_type| icmp_type < 128)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -67,6 +95,38 @@ mod tests {
             other => panic!("not icmpv6: {other:?}"),
         }
         assert_eq!(ipv6_addresses(&error), Some((a, a)));
+    }
+
+    #[test]
+    fn packet_too_big_comes_from_the_destination_with_the_mtu_and_quotes_the_packet() {
+        let (a, b): (Ipv6Addr, Ipv6Addr) =
+            ("fd4d:6573:6874::1".parse().unwrap(), "fd4d:6573:6874::2".parse().unwrap());
+        let mut request = echo_request(a, b);
+        request.resize(1400, 7);
+        let error = icmpv6_packet_too_big(1340, &request).unwrap();
+        assert_eq!(ipv6_addresses(&error), Some((b, a)));
+        assert_eq!(error.len(), 1280);
+        let parsed = etherparse::SlicedPacket::from_ip(&error).unwrap();
+        match parsed.transport {
+            Some(etherparse::TransportSlice::Icmpv6(icmp)) => {
+                assert_eq!(icmp.icmp_type(), Icmpv6Type::PacketTooBig { mtu: 1340 });
+                assert_eq!(icmp.payload(), &request[..1280 - 48]);
+                assert!(icmp.is_checksum_valid(b.octets(), a.octets()));
+            }
+            other => panic!("not icmpv6: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn packet_too_big_is_never_sent_below_the_ipv6_minimum_nor_about_an_error_nor_for_ipv4() {
+        let (a, b): (Ipv6Addr, Ipv6Addr) =
+            ("fd4d:6573:6874::1".parse().unwrap(), "fd4d:6573:6874::2".parse().unwrap());
+        let request = echo_request(a, b);
+        assert!(icmpv6_packet_too_big(1279, &request).is_none());
+        let error = icmpv6_address_unreachable(a, &request).unwrap();
+        assert!(icmpv6_packet_too_big(1340, &error).is_none());
+        assert!(icmpv6_packet_too_big(1340, &[0x45; 60]).is_none());
+        assert!(icmpv6_packet_too_big(1340, &[0x60, 0, 0]).is_none());
     }
 
     #[test]

@@ -56,6 +56,10 @@ pub struct Stats {
     pub lookup_latency: LatencyHistogram,
     /// Group packets fanned out to members.
     pub broadcasts_sent: u64,
+    /// ICMP "packet too big" (IPv6) and "fragmentation needed" (IPv4 with
+    /// DF) answered into the TUN for packets larger than the narrow path to
+    /// their peer (`Node::handle_tun_packet_beyond_path`).
+    pub too_big_signals: u64,
     /// Records from a backbone that failed verification or did not answer
     /// the query (a misbehaving backbone).
     pub bad_records: u64,

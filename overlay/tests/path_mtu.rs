@@ -71,3 +71,60 @@ fn a_narrow_path_to_the_relay_limits_relayed_peers_by_the_relay_header_too() {
     let sizes: Vec<usize> = std::iter::from_fn(|| net.hosts[a].node.poll_transmit()).map(|t| t.payload.len()).collect();
     assert!(sizes.contains(&(1280 - 20 - 8)), "UDP payloads sent: {sizes:?}");
 }
+
+#[test]
+fn a_packet_beyond_a_narrow_path_still_goes_and_its_sender_is_told_the_path_size_at_a_bounded_rate() {
+    let mut net = Net::new(13);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_millis(500));
+    assert!(net.ping(a, b, Duration::from_secs(2)).is_some());
+    net.run_for(Duration::from_secs(3));
+    let to_b = net.status(a).peers.iter().find(|p| p.ipv6 == net.mesh_ip(b)).unwrap().clone();
+    assert_eq!(to_b.path, "direct");
+    let now = net.now;
+    // A 1400-byte link (a cloud overlay): 1340 bytes of inner packet fit.
+    net.hosts[a].node.handle_path_mtu(to_b.endpoint.unwrap(), 1400, now);
+    let packet = packet_to(&net, a, b);
+    assert_eq!(net.hosts[a].node.max_packet_toward(&packet, now), Some(1340));
+    let node = &mut net.hosts[a].node;
+    while node.poll_tun().is_some() {}
+    while node.poll_transmit().is_some() {}
+
+    node.handle_tun_packet_beyond_path(&packet, 1340, now);
+    let answer = node.poll_tun().expect("an answer into the TUN");
+    let parsed = etherparse::SlicedPacket::from_ip(&answer).unwrap();
+    match parsed.transport {
+        Some(etherparse::TransportSlice::Icmpv6(icmp)) => {
+            assert_eq!(icmp.icmp_type(), etherparse::Icmpv6Type::PacketTooBig { mtu: 1340 })
+        }
+        other => panic!("not ICMPv6: {other:?}"),
+    }
+    assert_eq!(meshtun_overlay::packet::ipv6_addresses(&answer), Some((net.mesh_ip(b), net.mesh_ip(a))));
+    let node = &mut net.hosts[a].node;
+    let sent: Vec<usize> = std::iter::from_fn(|| node.poll_transmit()).map(|t| t.payload.len()).collect();
+    // Whole, in one WireGuard message (32 bytes of framing), for the UDP
+    // layer to fragment.
+    assert_eq!(sent, vec![packet.len() + 32], "the packet itself still goes");
+    assert_eq!(node.stats().too_big_signals, 1);
+
+    // A burst at one instant: every packet goes, the answers are bounded.
+    for _ in 0..50 {
+        node.handle_tun_packet_beyond_path(&packet, 1340, now);
+    }
+    let answers = std::iter::from_fn(|| node.poll_tun()).count();
+    let sent = std::iter::from_fn(|| node.poll_transmit()).count();
+    assert_eq!(sent, 50);
+    assert!((5..=10).contains(&answers), "{answers} answers to a burst of 50");
+    // A second later the sender may be told again.
+    let later = now + Duration::from_secs(1);
+    node.handle_tun_packet_beyond_path(&packet, 1340, later);
+    assert_eq!(std::iter::from_fn(|| node.poll_tun()).count(), 1);
+    while node.poll_transmit().is_some() {}
+
+    // IPv6 cannot be told less than 1280 bytes: the packet goes, untold.
+    node.handle_tun_packet_beyond_path(&packet, 1220, later + Duration::from_secs(1));
+    assert_eq!(std::iter::from_fn(|| node.poll_tun()).count(), 0);
+    let full_size = std::iter::from_fn(|| node.poll_transmit()).filter(|t| t.payload.len() == packet.len() + 32).count();
+    assert_eq!(full_size, 1);
+}
