@@ -776,7 +776,8 @@ fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_
     }
 
     // IPv4 with DF: an application that asked for no fragmentation learns
-    // the size from the error, as it would from a router.
+    // the size from the error, as it would from a router (last: from then
+    // on A's kernel fragments to fit itself).
     let b_ipv4 = {
         let out = harness::meshtun::cli(&hb.ns, &["id", "--state-dir", nb.state_dir.to_str().expect("utf-8 path"), "--json"]);
         harness::meshtun::json_data(&out).ok().and_then(|d| d["ipv4"].as_str().map(str::to_string)).unwrap_or_default()
@@ -786,6 +787,24 @@ fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_
     };
     let warm = ping4("56", "2");
     checks.check(warm.stdout.contains(" 0% packet loss"), || format!("A -> B over IPv4 ({b_ipv4}): {}", warm.describe()));
+    // IPv4 without DF (an application that turned path MTU discovery off):
+    // meshtun fragments it to fit, as a router would, so the tunnel's own
+    // datagrams stay whole. Before any DF packet taught A's kernel the size.
+    let fragmented = |node: &harness::meshtun::Node| {
+        node.status().ok().and_then(|s| s.pointer("/stats/fragmented_for_path").and_then(Value::as_u64))
+    };
+    let (outer_before, cut_before) = (outer_fragments(), fragmented(&na));
+    let out = ha.ns.exec_timeout(
+        &["ping", "-4", "-n", "-c", &PINGS.to_string(), "-i", "0.05", "-W", "2", "-s", "1372", "-M", "dont", &b_ipv4],
+        Duration::from_secs(30),
+    );
+    let summary = out.stdout.lines().find(|l| l.contains("transmitted")).unwrap_or("").to_string();
+    let outer = outer_before.zip(outer_fragments()).map(|(before, after)| after - before);
+    let cut = cut_before.zip(fragmented(&na)).map(|(before, after)| after - before);
+    println!("A -> B, IPv4 without DF: {PINGS} pings of 1400 bytes: {summary}; tunnel fragments {outer:?}, fragmented by alpha to fit {cut:?}");
+    checks.check(summary.contains(" 0% packet loss"), || format!("A -> B, IPv4 without DF: {}", out.describe()));
+    checks.check(outer.is_some_and(|n| n <= 2), || format!("A -> B, IPv4 without DF: {outer:?} tunnel fragments for {PINGS} echoes"));
+    checks.check(cut.is_some_and(|n| n >= PINGS as u64), || format!("A -> B, IPv4 without DF: alpha fragmented {cut:?} of {PINGS} echoes"));
     let out = ping4("1372", "3");
     let told = format!("{}{}", out.stdout, out.stderr);
     println!("A -> B, IPv4 with DF, 1400 bytes: {}", told.lines().filter(|l| l.contains("mtu")).collect::<Vec<_>>().join(" | "));

@@ -143,6 +143,62 @@ pub fn icmp_fragmentation_needed(mtu: usize, offending: &[u8]) -> Option<Vec<u8>
     Some(out)
 }
 
+/// Cuts an IPv4 packet without DF into fragments of at most `max` bytes, as
+/// a router on a narrower link would (RFC 791), and calls `each` with every
+/// one, in order; the receiver's kernel reassembles them. A fragment is
+/// cut again the same way (offsets add up; the last piece keeps its MF).
+/// Returns false, calling nothing, for a packet that must stay whole or
+/// cannot be cut: DF set, IP options (they would need sorting by their
+/// copy flag), malformed, or `max` too small for 8 bytes of data.
+pub fn fragment(packet: &[u8], max: usize, mut each: impl FnMut(&[u8])) -> bool {
+    const HEADER: usize = 20;
+    const DONT_FRAGMENT: u16 = 0x4000;
+    const MORE_FRAGMENTS: u16 = 0x2000;
+    if packet.len() < HEADER || packet[0] != 0x45 {
+        return false;
+    }
+    let total = usize::from(u16::from_be_bytes([packet[2], packet[3]]));
+    let flags_and_offset = u16::from_be_bytes([packet[6], packet[7]]);
+    let piece = max.saturating_sub(HEADER) & !7;
+    if total < HEADER || total > packet.len() || flags_and_offset & DONT_FRAGMENT != 0 || piece == 0 || total <= max {
+        return false;
+    }
+    let (header, data) = (&packet[..HEADER], &packet[HEADER..total]);
+    let first_offset = flags_and_offset & 0x1fff;
+    let last_more = flags_and_offset & MORE_FRAGMENTS;
+    let Some(last_unit) = u16::try_from((data.len() - 1) / 8).ok().and_then(|units| first_offset.checked_add(units)) else {
+        return false;
+    };
+    if last_unit > 0x1fff {
+        return false;
+    }
+    let mut out = Vec::with_capacity(HEADER + piece);
+    for (i, chunk) in data.chunks(piece).enumerate() {
+        let last = (i + 1) * piece >= data.len();
+        let offset = first_offset + (i * piece / 8) as u16;
+        let flags = if last { last_more } else { MORE_FRAGMENTS };
+        out.clear();
+        out.extend_from_slice(header);
+        out.extend_from_slice(chunk);
+        out[2..4].copy_from_slice(&((HEADER + chunk.len()) as u16).to_be_bytes());
+        out[6..8].copy_from_slice(&(flags | offset).to_be_bytes());
+        out[10..12].copy_from_slice(&[0, 0]);
+        let checksum = header_checksum(&out[..HEADER]);
+        out[10..12].copy_from_slice(&checksum.to_be_bytes());
+        each(&out);
+    }
+    true
+}
+
+/// The IPv4 header checksum of `header` (its checksum field zero).
+fn header_checksum(header: &[u8]) -> u16 {
+    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
 /// RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m'), over the two 16-bit words of
 /// an address.
 fn adjust(checksum: u16, old: [u8; 4], new: [u8; 4]) -> u16 {
@@ -258,6 +314,69 @@ mod tests {
         assert!(icmp_fragmentation_needed(67, &udp_packet(1400, true)).is_none());
         assert!(icmp_fragmentation_needed(1340, &[0x45, 0, 0]).is_none());
         assert!(icmp_fragmentation_needed(1340, &[0x60; 60]).is_none());
+    }
+
+    /// (offset in bytes, more fragments, header checksum valid, data) of a fragment.
+    fn fragment_parts(f: &[u8]) -> (usize, bool, bool, Vec<u8>) {
+        let flags_and_offset = u16::from_be_bytes([f[6], f[7]]);
+        let mut zeroed = f[..20].to_vec();
+        zeroed[10..12].copy_from_slice(&[0, 0]);
+        let valid = header_checksum(&zeroed) == u16::from_be_bytes([f[10], f[11]]);
+        assert_eq!(usize::from(u16::from_be_bytes([f[2], f[3]])), f.len());
+        (usize::from(flags_and_offset & 0x1fff) * 8, flags_and_offset & 0x2000 != 0, valid, f[20..].to_vec())
+    }
+
+    #[test]
+    fn a_packet_without_df_is_cut_into_fragments_that_fit_and_reassemble_to_it() {
+        let mut packet = udp_packet(1400, false);
+        for (i, byte) in packet[28..].iter_mut().enumerate() {
+            *byte = i as u8;
+        }
+        let mut fragments = Vec::new();
+        assert!(fragment(&packet, 1340, |f| fragments.push(f.to_vec())));
+        assert_eq!(fragments.len(), 2);
+        let mut reassembled = vec![0u8; 1380];
+        for (i, f) in fragments.iter().enumerate() {
+            assert!(f.len() <= 1340);
+            assert_eq!(f[..2], packet[..2]);
+            assert_eq!(f[4..6], packet[4..6], "one identification for all");
+            assert_eq!(f[12..20], packet[12..20]);
+            let (offset, more, valid, data) = fragment_parts(f);
+            assert!(valid, "header checksum of fragment {i}");
+            assert_eq!(more, i == 0);
+            assert_eq!(offset % 8, 0);
+            reassembled[offset..offset + data.len()].copy_from_slice(&data);
+        }
+        assert_eq!(reassembled, packet[20..]);
+        assert_eq!(fragment_parts(&fragments[1]).0, 1320);
+    }
+
+    #[test]
+    fn a_fragment_cut_again_keeps_its_place_and_its_more_fragments_flag() {
+        let mut packet = udp_packet(1400, false);
+        // The second of several: 800 bytes in, more to come.
+        packet[6..8].copy_from_slice(&(0x2000u16 | 100).to_be_bytes());
+        let mut parts = Vec::new();
+        assert!(fragment(&packet, 1000, |f| parts.push(fragment_parts(f))));
+        let places: Vec<(usize, bool)> = parts.iter().map(|p| (p.0, p.1)).collect();
+        assert_eq!(places, vec![(800, true), (1776, true)]);
+        assert!(parts.iter().all(|p| p.2));
+    }
+
+    #[test]
+    fn packets_that_must_stay_whole_are_not_fragmented() {
+        let mut calls = 0;
+        assert!(!fragment(&udp_packet(1400, true), 1340, |_| calls += 1), "DF");
+        let mut with_options = udp_packet(1400, false);
+        with_options[0] = 0x46;
+        assert!(!fragment(&with_options, 1340, |_| calls += 1), "options");
+        assert!(!fragment(&udp_packet(1400, false), 1400, |_| calls += 1), "already fits");
+        assert!(!fragment(&udp_packet(1400, false), 27, |_| calls += 1), "no room for 8 bytes");
+        let mut short = udp_packet(1400, false);
+        short.truncate(1000);
+        assert!(!fragment(&short, 600, |_| calls += 1), "shorter than its total length");
+        assert!(!fragment(&[0x45, 0, 0], 600, |_| calls += 1));
+        assert_eq!(calls, 0);
     }
 
     #[test]

@@ -1008,16 +1008,29 @@ impl Node {
     /// A packet from the TUN larger than the narrow path to its peer
     /// carries whole (`limit`, from [`Node::max_packet_toward`]) that the
     /// driver could not cut to fit (anything but TCP it may cut: UDP, ICMP,
-    /// signed TCP segments). It still goes, fragmented by the UDP layer,
-    /// and its sender is told the path's size as a router on the path would
-    /// tell it (ICMPv6 "packet too big"; for IPv4 with DF, "fragmentation
-    /// needed"), so its kernel fits what follows: IPv6 fragmented at the
-    /// source, a lower MSS, an error to an application that asked for DF.
-    /// IPv6 cannot be told less than 1280 bytes: on a path narrower than
-    /// that, the tunnel's datagrams stay fragmented.
+    /// signed TCP segments). IPv4 without DF is fragmented here, as a router
+    /// would, into fragments that fit. Anything else still goes, fragmented
+    /// by the UDP layer, and its sender is told the path's size as a router
+    /// on the path would tell it (ICMPv6 "packet too big"; for IPv4 with DF,
+    /// "fragmentation needed"), so its kernel fits what follows: IPv6
+    /// fragmented at the source, a lower MSS, an error to an application
+    /// that asked for DF. IPv6 cannot be told less than 1280 bytes: on a
+    /// path narrower than that, the tunnel's datagrams stay fragmented.
     #[cold]
     #[inline(never)]
     pub fn handle_tun_packet_beyond_path(&mut self, packet: &[u8], limit: usize, now: Instant) {
+        self.kept_deadline.take();
+        if packet::ip_version(packet) == Some(4) {
+            let mut fragments = 0;
+            if ipv4::fragment(packet, limit, |fragment| {
+                fragments += 1;
+                self.handle_tun_packet(fragment, now);
+            }) {
+                self.stats.fragmented_for_path += 1;
+                tracing::trace!(limit, len = packet.len(), fragments, "IPv4 packet fragmented to fit the path");
+                return;
+            }
+        }
         let answer = match packet::ip_version(packet) {
             Some(6) => packet::icmpv6_packet_too_big(limit, packet),
             Some(4) => ipv4::icmp_fragmentation_needed(limit, packet),

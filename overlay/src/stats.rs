@@ -60,6 +60,9 @@ pub struct Stats {
     /// DF) answered into the TUN for packets larger than the narrow path to
     /// their peer (`Node::handle_tun_packet_beyond_path`).
     pub too_big_signals: u64,
+    /// IPv4 packets without DF larger than the narrow path to their peer,
+    /// cut into fragments that fit it (as a router would).
+    pub fragmented_for_path: u64,
     /// Records from a backbone that failed verification or did not answer
     /// the query (a misbehaving backbone).
     pub bad_records: u64,

@@ -128,3 +128,62 @@ fn a_packet_beyond_a_narrow_path_still_goes_and_its_sender_is_told_the_path_size
     let full_size = std::iter::from_fn(|| node.poll_transmit()).filter(|t| t.payload.len() == packet.len() + 32).count();
     assert_eq!(full_size, 1);
 }
+
+fn udp4(src: std::net::Ipv4Addr, dst: std::net::Ipv4Addr, len: usize, dont_fragment: bool) -> Vec<u8> {
+    let mut header = etherparse::Ipv4Header::new(0, 64, etherparse::IpNumber::UDP, src.octets(), dst.octets()).unwrap();
+    header.dont_fragment = dont_fragment;
+    let builder = etherparse::PacketBuilder::ip(etherparse::IpHeaders::Ipv4(header, Default::default())).udp(40000, 8080);
+    let mut out = Vec::new();
+    builder.write(&mut out, &vec![5u8; len - 28]).unwrap();
+    out
+}
+
+#[test]
+fn ipv4_beyond_a_narrow_path_is_fragmented_to_fit_without_df_and_its_sender_told_with_df() {
+    let mut net = Net::new(14);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    let (a4, b4) = (net.hosts[a].node.mesh_ipv4(), net.hosts[b].node.mesh_ipv4());
+    net.inject(a, &udp4(a4, b4, 100, false));
+    net.run_for(Duration::from_secs(3));
+    assert_eq!(net.hosts[b].delivered.len(), 1, "the first datagram arrives whole");
+    let to_b = net.status(a).peers[0].clone();
+    let now = net.now;
+    net.hosts[a].node.handle_path_mtu(to_b.endpoint.unwrap(), 1400, now);
+    let big = udp4(a4, b4, 1400, false);
+    assert_eq!(net.hosts[a].node.max_packet_toward(&big, now), Some(1340));
+
+    // Without DF: cut into fragments that fit, which b's kernel reassembles.
+    net.hosts[a].node.handle_tun_packet_beyond_path(&big, 1340, now);
+    net.run_for(Duration::from_millis(200));
+    let fragments: Vec<Vec<u8>> = net.hosts[b].delivered[1..].to_vec();
+    assert_eq!(fragments.len(), 2, "two fragments delivered");
+    let mut data = vec![0u8; 1380];
+    for f in &fragments {
+        assert!(f.len() <= 1340);
+        assert_eq!(meshtun_overlay::ipv4::addresses(f), Some((a4, b4)));
+        let offset = usize::from(u16::from_be_bytes([f[6], f[7]]) & 0x1fff) * 8;
+        data[offset..offset + f.len() - 20].copy_from_slice(&f[20..]);
+    }
+    assert_eq!(data, big[20..]);
+    assert_eq!(net.hosts[a].node.stats().fragmented_for_path, 1);
+    assert!(net.hosts[a].delivered.is_empty(), "a sender without DF is not told");
+
+    // With DF: it goes whole (the UDP layer fragments it) and the sender is told.
+    net.hosts[a].node.handle_tun_packet_beyond_path(&udp4(a4, b4, 1400, true), 1340, net.now);
+    net.run_for(Duration::from_millis(200));
+    assert_eq!(net.hosts[b].delivered.last().map(Vec::len), Some(1400));
+    let answer = net.hosts[a].delivered.last().expect("an answer into a's TUN").clone();
+    let parsed = etherparse::SlicedPacket::from_ip(&answer).unwrap();
+    match parsed.transport {
+        Some(etherparse::TransportSlice::Icmpv4(icmp)) => assert_eq!(
+            icmp.icmp_type(),
+            etherparse::Icmpv4Type::DestinationUnreachable(etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded {
+                next_hop_mtu: 1340
+            })
+        ),
+        other => panic!("not ICMP: {other:?}"),
+    }
+    assert_eq!(meshtun_overlay::ipv4::addresses(&answer), Some((b4, a4)));
+}
