@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use harness::meshtun::{json_data, Backbone};
 use harness::nat::{
     control_status, direct_expected, keep_traffic, payload, relayed_packets,
-    require_nat_tools, send_hashed, start_sink, Host, NatKind, NatLab, PathWatch, Received, Sent, Side, BB_IP, BB_IP2,
+    require_nat_tools, send_hashed, start_sink, Host, NatKind, NatLab, PathWatch, Router, Received, Sent, Side, BB_IP, BB_IP2,
     BB_PORT,
 };
 use harness::{require_root, require_tool, wait_until, Checks};
@@ -588,16 +588,8 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
     const SMALL_MTU: &str = "1280";
     const TRANSFER: usize = 2 * 1024 * 1024;
     const TRANSFER_WITHIN: Duration = Duration::from_secs(30);
-    let lab = NatLab::new("mtu");
-    let router = lab.router(NatKind::FullCone);
-    let hb = lab.host_behind(&router, "b");
-    let ha = lab.public_host("a");
-    for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
-        ns.exec_ok(&["ip", "link", "set", dev, "mtu", SMALL_MTU]);
-    }
-    let bb = lab.start_backbone(&[bb_addr()]);
-    let na = lab.start_node(&ha, "alpha", &bb);
-    let nb = lab.start_node(&hb, "beta", &bb);
+    // Bound lab first so that it drops last, after the nodes.
+    let NarrowLinkLab { lab: _lab, router, hb, ha, bb, nb, na } = NarrowLinkLab::new("mtu", SMALL_MTU);
     let mut checks = Checks::new();
 
     // Inner packets of the full mesh MTU (1420 = 40 + 8 + 1372), DF inside.
@@ -715,6 +707,11 @@ fn a_path_with_a_smaller_mtu_still_carries_full_size_packets_and_bulk_tcp_cut_to
     checks.finish();
 }
 
+/// Packets that are not TCP to cut, larger than a 1400-byte link carries:
+/// their senders are told the path's size (ICMPv6 "packet too big", ICMP
+/// "fragmentation needed" for IPv4 with DF) and IPv4 without DF is
+/// fragmented to fit by meshtun, so the tunnel's own datagrams are never
+/// fragmented once the path is known.
 #[test]
 fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_stops_fragmenting() {
     let name = "senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_stops_fragmenting";
@@ -727,16 +724,8 @@ fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_
     const LINK_MTU: &str = "1400";
     const INNER: u64 = 1340;
     const PINGS: usize = 20;
-    let lab = NatLab::new("ptb");
-    let router = lab.router(NatKind::FullCone);
-    let hb = lab.host_behind(&router, "b");
-    let ha = lab.public_host("a");
-    for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
-        ns.exec_ok(&["ip", "link", "set", dev, "mtu", LINK_MTU]);
-    }
-    let bb = lab.start_backbone(&[bb_addr()]);
-    let na = lab.start_node(&ha, "alpha", &bb);
-    let nb = lab.start_node(&hb, "beta", &bb);
+    // Bound lab first so that it drops last, after the nodes.
+    let NarrowLinkLab { lab: _lab, router, hb, ha, bb, nb, na } = NarrowLinkLab::new("ptb", LINK_MTU);
     let mut checks = Checks::new();
     let outer_fragments = || [&ha.ns, &hb.ns, &router.ns].iter().map(|ns| ip_counter(ns, "FragCreates")).sum::<Option<u64>>();
     let inner_fragments = |ns: &harness::Ns| snmp6_counter(ns, "Ip6FragCreates");
@@ -818,6 +807,37 @@ fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_
     }
     let _ = &bb;
     checks.finish();
+}
+
+/// Host a on the internet side, host b behind a full-cone router, with
+/// the router's links and b's own narrowed to `link_mtu`; a backbone and
+/// nodes "alpha" (a) and "beta" (b). Fields drop in order: nodes first,
+/// the namespaces last (a destructuring `let` drops in reverse, so it
+/// binds `lab` first).
+struct NarrowLinkLab {
+    na: harness::meshtun::Node,
+    nb: harness::meshtun::Node,
+    bb: Backbone,
+    ha: Host,
+    hb: Host,
+    router: Router,
+    lab: NatLab,
+}
+
+impl NarrowLinkLab {
+    fn new(name: &str, link_mtu: &str) -> NarrowLinkLab {
+        let lab = NatLab::new(name);
+        let router = lab.router(NatKind::FullCone);
+        let hb = lab.host_behind(&router, "b");
+        let ha = lab.public_host("a");
+        for (ns, dev) in [(&router.ns, "pb"), (&router.ns, "lan"), (&hb.ns, "eth0")] {
+            ns.exec_ok(&["ip", "link", "set", dev, "mtu", link_mtu]);
+        }
+        let bb = lab.start_backbone(&[bb_addr()]);
+        let na = lab.start_node(&ha, "alpha", &bb);
+        let nb = lab.start_node(&hb, "beta", &bb);
+        NarrowLinkLab { na, nb, bb, ha, hb, router, lab }
+    }
 }
 
 /// A counter of /proc/net/snmp6 in `ns`.
