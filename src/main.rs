@@ -625,6 +625,15 @@ fn dropped_line(dropped: &serde_json::Value) -> Option<String> {
     Some(format!("dropped: {}", list.join(", ")))
 }
 
+/// What the narrow paths made the node do, once it did anything: senders
+/// told a path's size, IPv4 packets fragmented to fit one.
+fn narrow_paths_line(stats: &serde_json::Value) -> Option<String> {
+    let told = stats["too_big_signals"].as_u64().unwrap_or(0);
+    let fragmented = stats["fragmented_for_path"].as_u64().unwrap_or(0);
+    (told + fragmented > 0)
+        .then(|| format!("narrow paths: {told} sender(s) told a path's size, {fragmented} IPv4 packet(s) fragmented to fit"))
+}
+
 fn print_status(data: &serde_json::Value) {
     let s = |v: &serde_json::Value| match v {
         serde_json::Value::Null => "-".to_string(),
@@ -670,6 +679,9 @@ fn print_status(data: &serde_json::Value) {
     if let Some(line) = dropped_line(&data["stats"]["dropped"]) {
         println!("{line}");
     }
+    if let Some(line) = narrow_paths_line(&data["stats"]) {
+        println!("{line}");
+    }
     let peers = data["peers"].as_array().cloned().unwrap_or_default();
     println!("{} peer(s)", peers.len());
     for p in peers {
@@ -702,7 +714,7 @@ fn print_status(data: &serde_json::Value) {
 
 #[cfg(test)]
 mod status_text_tests {
-    use super::dropped_line;
+    use super::{dropped_line, narrow_paths_line};
 
     #[test]
     fn the_dropped_line_lists_counters_that_moved_first_and_the_rest_after() {
@@ -710,5 +722,15 @@ mod status_text_tests {
         assert_eq!(dropped_line(&dropped).as_deref(), Some("dropped: replay 7, firewall 3, malformed 0, no_route 0"));
         assert_eq!(dropped_line(&serde_json::json!({"firewall": 0})).as_deref(), Some("dropped: firewall 0"));
         assert_eq!(dropped_line(&serde_json::Value::Null), None, "an old daemon without stats prints no line");
+    }
+
+    #[test]
+    fn the_narrow_paths_line_appears_once_a_sender_was_told_or_a_packet_fragmented() {
+        assert_eq!(narrow_paths_line(&serde_json::json!({"too_big_signals": 0, "fragmented_for_path": 0})), None);
+        assert_eq!(narrow_paths_line(&serde_json::Value::Null), None, "an old daemon prints no line");
+        assert_eq!(
+            narrow_paths_line(&serde_json::json!({"too_big_signals": 2, "fragmented_for_path": 0})).as_deref(),
+            Some("narrow paths: 2 sender(s) told a path's size, 0 IPv4 packet(s) fragmented to fit")
+        );
     }
 }

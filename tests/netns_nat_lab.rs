@@ -762,6 +762,10 @@ fn senders_of_large_non_tcp_packets_are_told_a_narrow_paths_size_and_the_tunnel_
         println!("{label}: {told:?} too-big answers, inner_mtu {mtu:?}");
         checks.check(told.is_some_and(|n| n >= 1), || format!("{label}: status shows {told:?} too-big answers"));
         checks.check(mtu == Some(INNER), || format!("{label}: status shows inner_mtu {mtu:?}, expected {INNER}"));
+        let text = harness::meshtun::cli(&node.ns, &["status", "--socket", node.socket.to_str().expect("utf-8 path")]);
+        checks.check(text.stdout.contains("narrow paths: ") && text.stdout.contains("narrow path: packets up to 1340 B"), || {
+            format!("{label}: `meshtun status` does not show the narrow path and what it did: {}", text.describe())
+        });
     }
 
     // IPv4 with DF: an application that asked for no fragmentation learns
