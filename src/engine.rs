@@ -857,21 +857,17 @@ impl Engine {
     #[cold]
     #[inline(never)]
     fn learn_path_mtu(&mut self, dst: std::net::SocketAddr, refused: usize, now: Instant) {
-        let needs = meshtun_overlay::path_mtu::udp_ip_header_len(dst) + refused;
-        if self.node.path_mtu(dst, now).is_some_and(|known| needs > known) {
-            // Full-size packets that are not cut (UDP, ICMP): expected.
-            return;
-        }
         if self.path_mtu_asked.get(&dst).is_some_and(|&at| now < at + PATH_MTU_RETRY) {
             return;
         }
-        match udp::path_mtu(dst) {
-            Ok(mtu) if mtu < needs => {
+        match self.path_mtu_explains(dst, refused, now) {
+            // Full-size packets that are not cut (UDP, ICMP) are expected
+            // toward a path already known.
+            Ok(true) => {
                 self.path_mtu_asked.remove(&dst);
-                self.node.handle_path_mtu(dst, mtu, now);
                 return;
             }
-            Ok(mtu) => tracing::debug!(%dst, mtu, refused, "datagrams refused, but not for the path MTU"),
+            Ok(false) => tracing::debug!(%dst, refused, "datagrams refused, but not for the path MTU"),
             Err(e) => tracing::debug!(%dst, error = %e, "could not read the path MTU; datagrams to it stay fragmented"),
         }
         if self.path_mtu_asked.len() >= MAX_PATH_MTU_ASKED {
@@ -890,15 +886,24 @@ impl Engine {
     #[inline(never)]
     fn check_lone_datagram_path(&mut self, dst: std::net::SocketAddr, len: usize, now: Instant) {
         self.next_lone_datagram_check = now + DF_PROBE_INTERVAL;
+        if let Err(e) = self.path_mtu_explains(dst, len, now) {
+            tracing::debug!(%dst, error = %e, "could not read the path MTU");
+        }
+    }
+
+    /// Whether the path MTU explains a datagram of `len` bytes to `dst` not
+    /// fitting: the one the node already believes, else the kernel's, which
+    /// the node then learns.
+    fn path_mtu_explains(&mut self, dst: std::net::SocketAddr, len: usize, now: Instant) -> std::io::Result<bool> {
         let needs = meshtun_overlay::path_mtu::udp_ip_header_len(dst) + len;
         if self.node.path_mtu(dst, now).is_some_and(|known| needs > known) {
-            return;
+            return Ok(true);
         }
-        match udp::path_mtu(dst) {
-            Ok(mtu) if mtu < needs => self.node.handle_path_mtu(dst, mtu, now),
-            Ok(_) => {}
-            Err(e) => tracing::debug!(%dst, error = %e, "could not read the path MTU"),
+        let mtu = udp::path_mtu(dst)?;
+        if mtu < needs {
+            self.node.handle_path_mtu(dst, mtu, now);
         }
+        Ok(mtu < needs)
     }
 
     /// Out of line: events are rare next to packets, and the packet path

@@ -182,21 +182,10 @@ pub fn fragment(packet: &[u8], max: usize, mut each: impl FnMut(&[u8])) -> bool 
         out.extend_from_slice(chunk);
         out[2..4].copy_from_slice(&((HEADER + chunk.len()) as u16).to_be_bytes());
         out[6..8].copy_from_slice(&(flags | offset).to_be_bytes());
-        out[10..12].copy_from_slice(&[0, 0]);
-        let checksum = header_checksum(&out[..HEADER]);
-        out[10..12].copy_from_slice(&checksum.to_be_bytes());
+        crate::offload::ipv4_header_checksum(&mut out[..HEADER]);
         each(&out);
     }
     true
-}
-
-/// The IPv4 header checksum of `header` (its checksum field zero).
-fn header_checksum(header: &[u8]) -> u16 {
-    let mut sum: u32 = header.chunks(2).map(|w| u32::from(u16::from_be_bytes([w[0], w[1]]))).sum();
-    while sum >> 16 != 0 {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
 }
 
 /// RFC 1624, eqn. 3: HC' = ~(~HC + ~m + m'), over the two 16-bit words of
@@ -319,9 +308,8 @@ mod tests {
     /// (offset in bytes, more fragments, header checksum valid, data) of a fragment.
     fn fragment_parts(f: &[u8]) -> (usize, bool, bool, Vec<u8>) {
         let flags_and_offset = u16::from_be_bytes([f[6], f[7]]);
-        let mut zeroed = f[..20].to_vec();
-        zeroed[10..12].copy_from_slice(&[0, 0]);
-        let valid = header_checksum(&zeroed) == u16::from_be_bytes([f[10], f[11]]);
+        let header = etherparse::Ipv4HeaderSlice::from_slice(f).unwrap().to_header();
+        let valid = header.calc_header_checksum() == header.header_checksum;
         assert_eq!(usize::from(u16::from_be_bytes([f[2], f[3]])), f.len());
         (usize::from(flags_and_offset & 0x1fff) * 8, flags_and_offset & 0x2000 != 0, valid, f[20..].to_vec())
     }

@@ -28,6 +28,7 @@ pub mod path_mtu;
 pub mod peer;
 mod peer_table;
 pub mod prefetch;
+mod token_bucket;
 pub mod probe;
 mod stats;
 
@@ -329,8 +330,8 @@ pub struct Node {
     answers: VecDeque<Answer>,
     pings: HashMap<u16, PendingPing>,
     next_ping_seq: u16,
-    broadcast_tokens: (f64, Instant),
-    too_big_tokens: (f64, Instant),
+    broadcasts: token_bucket::TokenBucket,
+    too_big_answers: token_bucket::TokenBucket,
     known_group_names: Vec<String>,
     unix_now: u64,
     revocations: Option<meshtun_proto::cert::Revocations>,
@@ -404,8 +405,8 @@ impl Node {
             answers: VecDeque::new(),
             pings: HashMap::new(),
             next_ping_seq: 1,
-            broadcast_tokens: (BROADCAST_BURST, now),
-            too_big_tokens: (TOO_BIG_BURST, now),
+            broadcasts: token_bucket::TokenBucket::new(BROADCAST_RATE, BROADCAST_BURST, now),
+            too_big_answers: token_bucket::TokenBucket::new(TOO_BIG_RATE, TOO_BIG_BURST, now),
             known_group_names: Vec::new(),
             newest: HashMap::new(),
             unix_now: 0,
@@ -1020,33 +1021,26 @@ impl Node {
     #[inline(never)]
     pub fn handle_tun_packet_beyond_path(&mut self, packet: &[u8], limit: usize, now: Instant) {
         self.kept_deadline.take();
-        if packet::ip_version(packet) == Some(4) {
-            let mut fragments = 0;
-            if ipv4::fragment(packet, limit, |fragment| {
-                fragments += 1;
-                self.handle_tun_packet(fragment, now);
-            }) {
-                self.stats.fragmented_for_path += 1;
-                tracing::trace!(limit, len = packet.len(), fragments, "IPv4 packet fragmented to fit the path");
-                return;
-            }
-        }
         let answer = match packet::ip_version(packet) {
+            Some(4) => {
+                let mut fragments = 0;
+                if ipv4::fragment(packet, limit, |fragment| {
+                    fragments += 1;
+                    self.handle_tun_packet(fragment, now);
+                }) {
+                    self.stats.fragmented_for_path += 1;
+                    tracing::trace!(limit, len = packet.len(), fragments, "IPv4 packet fragmented to fit the path");
+                    return;
+                }
+                ipv4::icmp_fragmentation_needed(limit, packet)
+            }
             Some(6) => packet::icmpv6_packet_too_big(limit, packet),
-            Some(4) => ipv4::icmp_fragmentation_needed(limit, packet),
             _ => None,
         };
-        if let Some(answer) = answer {
-            let (tokens, last) = self.too_big_tokens;
-            let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * TOO_BIG_RATE).min(TOO_BIG_BURST);
-            if tokens >= 1.0 {
-                tracing::trace!(limit, len = packet.len(), "telling a sender the path is narrower than its packet");
-                self.tun_out.push_back(answer);
-                self.stats.too_big_signals += 1;
-                self.too_big_tokens = (tokens - 1.0, now);
-            } else {
-                self.too_big_tokens = (tokens, now);
-            }
+        if let Some(answer) = answer.filter(|_| self.too_big_answers.take(now)) {
+            tracing::trace!(limit, len = packet.len(), "telling a sender the path is narrower than its packet");
+            self.tun_out.push_back(answer);
+            self.stats.too_big_signals += 1;
         }
         self.handle_tun_packet(packet, now);
     }
@@ -1213,14 +1207,10 @@ impl Node {
             self.drop_packet(DropReason::NoRoute);
             return;
         }
-        let (tokens, last) = self.broadcast_tokens;
-        let tokens = (tokens + now.saturating_duration_since(last).as_secs_f64() * BROADCAST_RATE).min(BROADCAST_BURST);
-        if tokens < 1.0 {
-            self.broadcast_tokens = (tokens, now);
+        if !self.broadcasts.take(now) {
             self.drop_packet(DropReason::RateLimited);
             return;
         }
-        self.broadcast_tokens = (tokens - 1.0, now);
         // The address is a hash: only groups this node can name resolve.
         let Some(name) = self.group_name_for(group_ip) else {
             self.drop_packet(DropReason::NoRoute);

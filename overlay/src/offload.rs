@@ -264,7 +264,9 @@ fn fold(mut sum: u64) -> u16 {
     sum as u16
 }
 
-fn ipv4_header_checksum(header: &mut [u8]) {
+/// Writes the header checksum of an IPv4 `header` (the whole header,
+/// options included) into its field.
+pub(crate) fn ipv4_header_checksum(header: &mut [u8]) {
     header[10] = 0;
     header[11] = 0;
     let sum = !fold(sum_words(header, 0));

@@ -22,12 +22,7 @@ pub fn ip_version(packet: &[u8]) -> Option<u8> {
 /// error to the minimum IPv6 MTU.
 pub fn icmpv6_address_unreachable(from: Ipv6Addr, offending: &[u8]) -> Option<Vec<u8>> {
     let (source, _) = ipv6_addresses(offending)?;
-    let quoted = &offending[..offending.len().min(1280 - 40 - 8)];
-    let builder = PacketBuilder::ipv6(from.octets(), source.octets(), 64)
-        .icmpv6(Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Address));
-    let mut out = Vec::with_capacity(builder.size(quoted.len()));
-    builder.write(&mut out, quoted).ok()?;
-    Some(out)
+    icmpv6_error(from, source, Icmpv6Type::DestinationUnreachable(DestUnreachableCode::Address), offending)
 }
 
 /// The smallest MTU an IPv6 link may have (RFC 8200): a "packet too big"
@@ -45,8 +40,14 @@ pub fn icmpv6_packet_too_big(mtu: usize, offending: &[u8]) -> Option<Vec<u8>> {
     if is_icmpv6_error(offending) {
         return None;
     }
+    icmpv6_error(destination, source, Icmpv6Type::PacketTooBig { mtu }, offending)
+}
+
+/// An ICMPv6 error of `kind` from `from` to `to`, quoting as much of
+/// `offending` as keeps the whole error within the minimum IPv6 MTU (RFC 4443).
+fn icmpv6_error(from: Ipv6Addr, to: Ipv6Addr, kind: Icmpv6Type, offending: &[u8]) -> Option<Vec<u8>> {
     let quoted = &offending[..offending.len().min(IPV6_MIN_MTU - 40 - 8)];
-    let builder = PacketBuilder::ipv6(destination.octets(), source.octets(), 64).icmpv6(Icmpv6Type::PacketTooBig { mtu });
+    let builder = PacketBuilder::ipv6(from.octets(), to.octets(), 64).icmpv6(kind);
     let mut out = Vec::with_capacity(builder.size(quoted.len()));
     builder.write(&mut out, quoted).ok()?;
     Some(out)
