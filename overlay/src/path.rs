@@ -35,6 +35,13 @@ const QUICK_ROUNDS: [Duration; 6] = [
 const RELAYED_REPROBE: Duration = Duration::from_secs(15);
 const ACTIVE_KEEPALIVE: Duration = Duration::from_secs(1);
 const IDLE_KEEPALIVE: Duration = Duration::from_secs(25);
+/// A keepalive falls due but authenticated traffic came from the peer on
+/// the path within this long: the path is proven as an answered keepalive
+/// would prove it, so the keepalive waits a tick (see `on_timeout`).
+const HEARD_LATELY: Duration = TICK;
+/// Even on a path proven by traffic, a keepalive goes this often, to keep
+/// the path's RTT (shown by `status`, used to compare paths) current.
+const RTT_REFRESH: Duration = Duration::from_secs(10);
 /// Traffic within this window makes a peer active.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(5);
 /// How long keepalives on the current direct path may go unanswered.
@@ -288,7 +295,14 @@ impl PathAgent {
             .max(now + Duration::from_millis(1));
         }
         if let (Some(Path::Direct(addr)), Some(at)) = (self.current, self.next_keepalive) {
-            if at <= now {
+            let heard_lately = self.direct_last_rx.is_some_and(|rx| now.saturating_duration_since(rx) < HEARD_LATELY);
+            let rtt_stale = || self.candidates.iter().find(|c| c.addr == addr).is_none_or(|c| c.last_ping.is_none_or(|t| now.saturating_duration_since(t) >= RTT_REFRESH));
+            if at <= now && heard_lately && !rtt_stale() {
+                // Traffic both ways keeps the path proven without probes
+                // (two to four datagrams a second, each a wake-up at the
+                // other end). The first tick the peer is silent, it goes.
+                self.next_keepalive = Some(self.grid.after(now));
+            } else if at <= now {
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
                     if let Some(id) = ping(c, now, &mut txid, true) {
                         pings.push((addr, id));
@@ -540,6 +554,72 @@ mod tests {
         let silent = gave_up - first_unanswered.expect("a keepalive went out");
         assert!(silent <= ACTIVE_DEAD_AFTER + TICK, "{silent:?}");
         assert!(silent + first_late >= ACTIVE_DEAD_AFTER, "{silent:?}");
+    }
+
+    /// Runs the agent's timers when due from `from` to `until`, the peer's
+    /// traffic arriving on `direct` every 10 ms while `peer_talks(t)`.
+    /// Returns the keepalives sent to `direct` and the first path change.
+    fn run_with_peer_traffic(
+        agent: &mut PathAgent,
+        ids: &mut impl FnMut() -> TxId,
+        direct: SocketAddr,
+        from: Instant,
+        until: Instant,
+        peer_talks: impl Fn(Instant) -> bool,
+    ) -> (Vec<Instant>, Option<(Instant, PathChange)>) {
+        let mut keepalives = Vec::new();
+        let mut t = from;
+        while t < until {
+            t += Duration::from_millis(10);
+            agent.on_activity(t);
+            if peer_talks(t) {
+                agent.on_direct_rx(direct, t);
+            }
+            if agent.poll_timeout() <= t {
+                let (pings, change) = agent.on_timeout(t, &mut *ids);
+                keepalives.extend(pings.iter().filter(|&&(to, _)| to == direct).map(|_| t));
+                if let Some(change) = change {
+                    return (keepalives, Some((t, change)));
+                }
+            }
+        }
+        (keepalives, None)
+    }
+
+    #[test]
+    fn a_path_carrying_the_peers_traffic_sends_only_the_rtt_refresh_keepalives() {
+        let now = Instant::now();
+        let direct = addr("198.18.0.2:1");
+        let mut agent = PathAgent::new(&[direct], Some(addr("198.18.0.1:7400")), TimerGrid::new(now), now);
+        let mut ids = counter();
+        let (pings, _) = agent.on_timeout(now, &mut ids);
+        agent.on_pong(direct, pings[0].1, now + Duration::from_millis(5));
+        // The quick probe rounds (to 4 s) ping every candidate, this one too.
+        let settled = now + Duration::from_secs(5);
+        run_with_peer_traffic(&mut agent, &mut ids, direct, now, settled, |_| true);
+        let (keepalives, change) =
+            run_with_peer_traffic(&mut agent, &mut ids, direct, settled, settled + Duration::from_secs(30), |_| true);
+        assert!(change.is_none());
+        // 30 s of traffic: one keepalive each RTT_REFRESH, not one a second.
+        assert_eq!(keepalives.len(), 3, "{keepalives:?}");
+    }
+
+    #[test]
+    fn once_the_peer_falls_silent_a_keepalive_goes_within_a_tick_or_two_and_the_path_is_given_up_three_seconds_later() {
+        let now = Instant::now();
+        let (direct, relay) = (addr("198.18.0.2:1"), addr("198.18.0.1:7400"));
+        let mut agent = PathAgent::new(&[direct], Some(relay), TimerGrid::new(now), now);
+        let mut ids = counter();
+        let (pings, _) = agent.on_timeout(now, &mut ids);
+        agent.on_pong(direct, pings[0].1, now + Duration::from_millis(5));
+        let silent_from = now + Duration::from_millis(4_130);
+        let (keepalives, change) =
+            run_with_peer_traffic(&mut agent, &mut ids, direct, now, now + Duration::from_secs(10), |t| t < silent_from);
+        let first = *keepalives.iter().find(|&&t| t >= silent_from).expect("a keepalive after the silence began");
+        assert!(first <= silent_from + 2 * TICK, "first keepalive {:?} after the silence", first - silent_from);
+        let (gave_up, change) = change.expect("the path was given up");
+        assert_eq!(change.to, Path::Relay(relay));
+        assert!(gave_up - first >= ACTIVE_DEAD_AFTER && gave_up - first <= ACTIVE_DEAD_AFTER + TICK, "{:?}", gave_up - first);
     }
 
     #[test]

@@ -75,3 +75,35 @@ fn the_deadline_kept_between_calls_moves_with_a_lookup_and_its_answer() {
     let after = net.hosts[a].node.poll_timeout().expect("still registered");
     assert!(after > waiting, "the answered lookup no longer sets the deadline");
 }
+
+#[test]
+fn a_conversation_in_both_directions_sends_the_peer_no_path_keepalives_beyond_the_rtt_refresh() {
+    let mut net = Net::new(75);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    net.ping(a, b, Duration::from_secs(2)).expect("first ping");
+    // Past the quick probe rounds (the first 4 s), which probe every path.
+    net.run_for(Duration::from_secs(6));
+    assert_eq!(net.path(a, b), "direct");
+
+    // An echo every 20 ms for 30 s: b answers each (auto echo), so data
+    // flows both ways and proves the path at both ends.
+    let from_a = net.hosts[a].internal;
+    let before = net.hosts[b].datagrams_from.get(&from_a).copied().unwrap_or(0);
+    let mut echoes = 0u64;
+    for _ in 0..1500 {
+        net.ping(a, b, Duration::from_secs(1)).expect("ping");
+        echoes += 1;
+        let spent = net.now - net.start;
+        let next = Duration::from_millis(20) * (spent.as_millis() as u32 / 20 + 1);
+        net.run_for(next - spent);
+    }
+    let datagrams = net.hosts[b].datagrams_from.get(&from_a).copied().unwrap_or(0) - before;
+    let beyond_data = datagrams - echoes;
+    println!("{datagrams} datagrams from a to b for {echoes} echoes in 30 s: {beyond_data} more");
+    // Each end's RTT refresh (every 10 s) is a ping and its pong, and draws
+    // a ping back: up to 4 datagrams from a per refresh of either end.
+    // A keepalive a second each way was about 60.
+    assert!(beyond_data <= 16, "{beyond_data} datagrams besides the echoes in 30 s");
+}

@@ -125,6 +125,8 @@ pub struct Host {
     pub answers: Vec<meshtun_overlay::Answer>,
     /// How often the node's own deadline woke it (its `handle_timeout`).
     pub timer_wakeups: u64,
+    /// Datagrams handed to the node, by the address they came from.
+    pub datagrams_from: std::collections::HashMap<SocketAddr, u64>,
 }
 
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
@@ -212,7 +214,7 @@ impl Net {
         let mut config = config;
         adjust(&mut config);
         let node = Node::new(config, identity(identity_index), StaticSecret::from([i as u8 + 1; 32]), self.now);
-        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new(), timer_wakeups: 0 });
+        self.hosts.push(Host { internal, nat, node, delivered: Vec::new(), events: Vec::new(), answers: Vec::new(), timer_wakeups: 0, datagrams_from: Default::default() });
         i
     }
 
@@ -359,6 +361,7 @@ impl Net {
             if let Some(internal) = self.nats[n].inbound(f.from, f.to.port(), now) {
                 if let Some(h) = self.hosts.iter_mut().find(|h| h.nat == Some(n) && h.internal == internal) {
                     h.node.prefetch_packet_path();
+                    *h.datagrams_from.entry(f.from).or_default() += 1;
                     h.node.handle_udp(f.from, &f.payload, now);
                     // As the daemon does: buffers go back for reuse, so the
                     // simulations also prove a reused buffer carries only
@@ -374,6 +377,7 @@ impl Net {
         if let Some(h) = self.hosts.iter_mut().find(|h| h.internal == f.to) {
             if h.nat.is_none() || h.nat == sender_lan {
                 h.node.prefetch_packet_path();
+                *h.datagrams_from.entry(f.from).or_default() += 1;
                 h.node.handle_udp(f.from, &f.payload, now);
                 h.node.recycle(f.payload);
             }
