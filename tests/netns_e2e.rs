@@ -220,6 +220,7 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
 
     // (a) ICMPv6 over the mesh; the first probes may be lost during setup.
     let t = Instant::now();
+    let first_ping = t;
     let mut attempts = 0;
     let ok = wait_until(Duration::from_secs(10), &format!("ping -6 from a to beta's {}", b.id.ipv6), || {
         attempts += 1;
@@ -380,6 +381,25 @@ fn two_hosts_talk_tcp_over_the_mesh_through_a_backbone() {
             checks.check(v6 == Some(b.id.ipv6), || format!("(d) alpha's peer entry ipv6 should be {}: {peer}", b.id.ipv6));
         }
     }
+
+    // (f) A conversation in both directions proves the direct path at both
+    // ends: no keepalive probes, only the echoes (and at most each end's
+    // RTT refresh, a ping, its pong and a ping back) cross the bridge.
+    // Past the quick probe rounds, which probe every path for 4 s.
+    thread::sleep(Duration::from_secs(6).saturating_sub(first_ping.elapsed()));
+    let echoes = 250;
+    let cap = Capture::start(m.sw.ns.name(), None);
+    let out = m.a_ns.exec_timeout(
+        &["ping", "-6", "-n", "-q", "-i", "0.02", "-c", &echoes.to_string(), "-W", "1", &b.id.ipv6.to_string()],
+        Duration::from_secs(30),
+    );
+    let talk = cap.stop().udp_between(A_IP, B_IP);
+    let beyond = talk.frames.saturating_sub(2 * echoes);
+    println!("(f) {echoes} echoes 20 ms apart: {}; {} UDP frames a<->b, {beyond} besides the echoes", ping_summary(&out), talk.frames);
+    checks.check(out.success() && out.stdout.contains(&format!("{echoes} received")), || format!("(f) echoes lost: {}", ping_summary(&out)));
+    // With a keepalive a second each way (each drawing a pong and a ping
+    // back) this was 37.
+    checks.check(beyond <= 12, || format!("(f) {beyond} datagrams besides the echoes crossed between a and b in 5 s of conversation"));
 
     // (e1) `meshtun down` for b.
     let sock_b = b.socket.to_str().unwrap().to_string();
