@@ -296,7 +296,10 @@ impl PathAgent {
         }
         if let (Some(Path::Direct(addr)), Some(at)) = (self.current, self.next_keepalive) {
             let heard_lately = self.direct_last_rx.is_some_and(|rx| now.saturating_duration_since(rx) < HEARD_LATELY);
-            let rtt_stale = || self.candidates.iter().find(|c| c.addr == addr).is_none_or(|c| c.last_ping.is_none_or(|t| now.saturating_duration_since(t) >= RTT_REFRESH));
+            let rtt_stale = || {
+                let last_ping = self.candidates.iter().find(|c| c.addr == addr).and_then(|c| c.last_ping);
+                last_ping.is_none_or(|t| now.saturating_duration_since(t) >= RTT_REFRESH)
+            };
             if at <= now && heard_lately && !rtt_stale() {
                 // Traffic both ways keeps the path proven without probes
                 // (two to four datagrams a second, each a wake-up at the
