@@ -343,9 +343,10 @@ impl PathAgent {
             }
             None => return None,
         };
-        if self.current == Some(Path::Direct(from)) {
-            self.heard_on_current(now);
-        }
+        // A ping proves only the way from the peer, and a peer that gave
+        // this path up (it stopped hearing us) still sends its probe rounds
+        // on it: only answers to our keepalives, and the peer's data, prove
+        // the path both ways.
         let c = self.candidates.get_mut(index)?;
         ping(c, now, &mut txid, false).map(|id| (from, id))
     }

@@ -312,3 +312,74 @@ fn a_host_moving_behind_another_nat_mid_session_resumes_traffic_in_the_same_sess
     let old_lan = net.backbone.get(&a_addr).map(|e| e.record.record.endpoints.clone()).unwrap_or_default();
     assert!(!old_lan.iter().any(|e| e.ip() == old_observed.ip()), "the old network's endpoints are gone from the record: {old_lan:?}");
 }
+
+/// Two public hosts on a direct path, past the quick probe rounds.
+fn direct_pair(seed: u64) -> (Net, usize, usize) {
+    let mut net = Net::new(seed);
+    let a = net.add_host(0, None);
+    let b = net.add_host(1, None);
+    net.run_for(Duration::from_secs(1));
+    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
+    net.run_for(Duration::from_secs(6));
+    assert_eq!(net.path(a, b), "direct");
+    (net, a, b)
+}
+
+/// Runs until the next 20 ms mark of the simulation.
+fn to_next_20ms(net: &mut Net) {
+    let spent = net.now - net.start;
+    let next = Duration::from_millis(20) * (spent.as_millis() as u32 / 20 + 1);
+    net.run_for(next - spent);
+}
+
+#[test]
+fn a_path_broken_one_way_is_given_up_at_both_ends_within_four_seconds() {
+    let (mut net, a, b) = direct_pair(81);
+    for _ in 0..100 {
+        net.ping(a, b, Duration::from_millis(200)).expect("echo on the direct path");
+        to_next_20ms(&mut net);
+    }
+    // a's datagrams stop reaching b; b's still reach a. b hears nothing
+    // and gives the path up; its probe rounds still reach a on it, which
+    // must not keep a on the path (they prove only the way to a).
+    let (ip_a, ip_b) = (net.hosts[a].internal.ip(), net.hosts[b].internal.ip());
+    net.blocked.push((ip_a, ip_b));
+    let broken = net.now;
+    let (mut a_gave_up, mut b_gave_up, mut resumed) = (None, None, None);
+    while net.now - broken < Duration::from_secs(15) && resumed.is_none() {
+        let answered = net.ping(a, b, Duration::from_millis(200)).is_some();
+        to_next_20ms(&mut net);
+        let since = net.now - broken;
+        if a_gave_up.is_none() && net.path(a, b) == "relay" {
+            a_gave_up = Some(since);
+        }
+        if b_gave_up.is_none() && net.path(b, a) == "relay" {
+            b_gave_up = Some(since);
+        }
+        if answered && a_gave_up.is_some() {
+            resumed = Some(since);
+        }
+    }
+    println!("one-way break: b gave the path up after {b_gave_up:?}, a after {a_gave_up:?}, echoes again after {resumed:?}");
+    let limit = Duration::from_secs(4);
+    assert!(b_gave_up.is_some_and(|t| t <= limit), "b: {b_gave_up:?}");
+    // With the peer's probe rounds counted as proof, a held on for 11.4 s.
+    assert!(a_gave_up.is_some_and(|t| t <= limit), "a: {a_gave_up:?}");
+    assert!(resumed.is_some_and(|t| t <= limit + Duration::from_millis(500)), "echoes resumed after {resumed:?}");
+}
+
+#[test]
+fn a_one_way_stream_over_a_lossy_path_keeps_its_direct_path() {
+    // Only answers to its keepalives prove the path to the sending end
+    // (its peer sends no data): 5% loss must not make it give up.
+    let (mut net, a, b) = direct_pair(91);
+    net.auto_echo = false;
+    net.loss = 0.05;
+    let (src, dst) = (net.mesh_ip(a), net.mesh_ip(b));
+    for seq in 0..12_000u32 {
+        let packet = netsim::echo_request(src, dst, seq as u16, b"stream");
+        net.inject(a, &packet);
+        to_next_20ms(&mut net);
+        assert_eq!(net.path(a, b), "direct", "gave the direct path up after {:?} of 5% loss", Duration::from_millis(20) * seq);
+    }
+}

@@ -157,6 +157,9 @@ pub struct Net {
     /// How late a node's timers run after their deadline, as a real
     /// driver's wake-up is: timers that reschedule from `now` drift by it.
     pub timer_latency: Duration,
+    /// Datagrams from the first address to the second are dropped: a path
+    /// broken in one direction only.
+    pub blocked: Vec<(IpAddr, IpAddr)>,
 }
 
 impl Net {
@@ -178,6 +181,7 @@ impl Net {
             latency: Duration::from_millis(10),
             heartbeat: Duration::from_secs(5),
             timer_latency: Duration::ZERO,
+            blocked: Vec::new(),
         }
     }
 
@@ -299,6 +303,9 @@ impl Net {
             None => src,
         };
         if self.loss > 0.0 && self.rng.gen_bool(self.loss) {
+            return;
+        }
+        if self.blocked.contains(&(from.ip(), dst.ip())) {
             return;
         }
         self.seq += 1;
