@@ -325,19 +325,12 @@ fn direct_pair(seed: u64) -> (Net, usize, usize) {
     (net, a, b)
 }
 
-/// Runs until the next 20 ms mark of the simulation.
-fn to_next_20ms(net: &mut Net) {
-    let spent = net.now - net.start;
-    let next = Duration::from_millis(20) * (spent.as_millis() as u32 / 20 + 1);
-    net.run_for(next - spent);
-}
-
 #[test]
 fn a_path_broken_one_way_is_given_up_at_both_ends_within_four_seconds() {
     let (mut net, a, b) = direct_pair(81);
     for _ in 0..100 {
         net.ping(a, b, Duration::from_millis(200)).expect("echo on the direct path");
-        to_next_20ms(&mut net);
+        net.run_to_next(Duration::from_millis(20));
     }
     // a's datagrams stop reaching b; b's still reach a. b hears nothing
     // and gives the path up; its probe rounds still reach a on it, which
@@ -348,7 +341,7 @@ fn a_path_broken_one_way_is_given_up_at_both_ends_within_four_seconds() {
     let (mut a_gave_up, mut b_gave_up, mut resumed) = (None, None, None);
     while net.now - broken < Duration::from_secs(15) && resumed.is_none() {
         let answered = net.ping(a, b, Duration::from_millis(200)).is_some();
-        to_next_20ms(&mut net);
+        net.run_to_next(Duration::from_millis(20));
         let since = net.now - broken;
         if a_gave_up.is_none() && net.path(a, b) == "relay" {
             a_gave_up = Some(since);
@@ -379,7 +372,7 @@ fn a_one_way_stream_over_a_lossy_path_keeps_its_direct_path() {
     for seq in 0..12_000u32 {
         let packet = netsim::echo_request(src, dst, seq as u16, b"stream");
         net.inject(a, &packet);
-        to_next_20ms(&mut net);
+        net.run_to_next(Duration::from_millis(20));
         assert_eq!(net.path(a, b), "direct", "gave the direct path up after {:?} of 5% loss", Duration::from_millis(20) * seq);
     }
 }

@@ -37,9 +37,7 @@ fn a_node_with_an_awake_session_wakes_only_on_the_wireguard_tick_grid() {
     let before = (net.hosts[a].timer_wakeups, net.now);
     for _ in 0..40 {
         net.ping(a, b, Duration::from_secs(1)).expect("ping");
-        let spent = net.now - net.start;
-        let next = Duration::from_millis(100) * (spent.as_millis() as u32 / 100 + 1);
-        net.run_for(next - spent);
+        net.run_to_next(Duration::from_millis(100));
     }
     let busy = net.hosts[a].timer_wakeups - before.0;
     let span = net.now - before.1;
@@ -95,9 +93,7 @@ fn a_conversation_in_both_directions_sends_the_peer_no_path_keepalives_beyond_th
     for _ in 0..1500 {
         net.ping(a, b, Duration::from_secs(1)).expect("ping");
         echoes += 1;
-        let spent = net.now - net.start;
-        let next = Duration::from_millis(20) * (spent.as_millis() as u32 / 20 + 1);
-        net.run_for(next - spent);
+        net.run_to_next(Duration::from_millis(20));
     }
     let datagrams = net.hosts[b].datagrams_from.get(&from_a).copied().unwrap_or(0) - before;
     let beyond_data = datagrams - echoes;

@@ -397,6 +397,14 @@ impl Net {
         self.run_until(until, |_| false);
     }
 
+    /// Runs to the next multiple of `period` since the simulation's start:
+    /// traffic sent at that pace keeps it whatever each step took.
+    pub fn run_to_next(&mut self, period: Duration) {
+        let spent = self.now - self.start;
+        let next = period * (spent.as_nanos() / period.as_nanos() + 1) as u32;
+        self.run_for(next - spent);
+    }
+
     /// Runs until `done` says so or `limit` passes; returns the time taken.
     pub fn run_until(&mut self, limit: Instant, mut done: impl FnMut(&Net) -> bool) -> Option<Duration> {
         let started = self.now;
