@@ -295,19 +295,19 @@ impl PathAgent {
             .max(now + Duration::from_millis(1));
         }
         if let (Some(Path::Direct(addr)), Some(at)) = (self.current, self.next_keepalive) {
-            let heard_lately = self.direct_last_rx.is_some_and(|rx| now.saturating_duration_since(rx) < HEARD_LATELY);
-            let rtt_stale = || {
-                let last_ping = self.candidates.iter().find(|c| c.addr == addr).and_then(|c| c.last_ping);
-                last_ping.is_none_or(|t| now.saturating_duration_since(t) >= RTT_REFRESH)
-            };
-            if at <= now && heard_lately && !rtt_stale() {
-                // Traffic both ways keeps the path proven without probes
-                // (two to four datagrams a second, each a wake-up at the
-                // other end). The first tick the peer is silent, it goes.
-                self.next_keepalive = Some(self.grid.after(now));
-            } else if at <= now {
+            if at <= now {
+                let heard_lately = self.direct_last_rx.is_some_and(|rx| now.saturating_duration_since(rx) < HEARD_LATELY);
+                let interval = if self.is_active(now) { ACTIVE_KEEPALIVE } else { IDLE_KEEPALIVE };
+                let mut next = self.grid.next_period(at, interval, now);
                 if let Some(c) = self.candidates.iter_mut().find(|c| c.addr == addr) {
-                    if let Some(id) = ping(c, now, &mut txid, true) {
+                    let rtt_fresh = c.last_ping.is_some_and(|t| now.saturating_duration_since(t) < RTT_REFRESH);
+                    if heard_lately && rtt_fresh {
+                        // Traffic both ways keeps the path proven without
+                        // probes (two to four datagrams a second, each a
+                        // wake-up at the other end). The first tick the
+                        // peer is silent, it goes.
+                        next = self.grid.after(now);
+                    } else if let Some(id) = ping(c, now, &mut txid, true) {
                         pings.push((addr, id));
                         // From when it was due, so that the wake-up's own
                         // lateness (which varies) cannot put the keepalive
@@ -317,8 +317,7 @@ impl PathAgent {
                         self.unanswered_since.get_or_insert(due);
                     }
                 }
-                let interval = if self.is_active(now) { ACTIVE_KEEPALIVE } else { IDLE_KEEPALIVE };
-                self.next_keepalive = Some(self.grid.next_period(at, interval, now));
+                self.next_keepalive = Some(next);
             }
         }
         (pings, change)

@@ -313,21 +313,9 @@ fn a_host_moving_behind_another_nat_mid_session_resumes_traffic_in_the_same_sess
     assert!(!old_lan.iter().any(|e| e.ip() == old_observed.ip()), "the old network's endpoints are gone from the record: {old_lan:?}");
 }
 
-/// Two public hosts on a direct path, past the quick probe rounds.
-fn direct_pair(seed: u64) -> (Net, usize, usize) {
-    let mut net = Net::new(seed);
-    let a = net.add_host(0, None);
-    let b = net.add_host(1, None);
-    net.run_for(Duration::from_secs(1));
-    net.ping(a, b, FIRST_PACKET_LIMIT).expect("first packet");
-    net.run_for(Duration::from_secs(6));
-    assert_eq!(net.path(a, b), "direct");
-    (net, a, b)
-}
-
 #[test]
 fn a_path_broken_one_way_is_given_up_at_both_ends_within_four_seconds() {
-    let (mut net, a, b) = direct_pair(81);
+    let (mut net, a, b) = Net::direct_pair(81);
     for _ in 0..100 {
         net.ping(a, b, Duration::from_millis(200)).expect("echo on the direct path");
         net.run_to_next(Duration::from_millis(20));
@@ -365,7 +353,7 @@ fn a_path_broken_one_way_is_given_up_at_both_ends_within_four_seconds() {
 fn a_one_way_stream_over_a_lossy_path_keeps_its_direct_path() {
     // Only answers to its keepalives prove the path to the sending end
     // (its peer sends no data): 5% loss must not make it give up.
-    let (mut net, a, b) = direct_pair(91);
+    let (mut net, a, b) = Net::direct_pair(91);
     net.auto_echo = false;
     net.loss = 0.05;
     let (src, dst) = (net.mesh_ip(a), net.mesh_ip(b));

@@ -76,14 +76,7 @@ fn the_deadline_kept_between_calls_moves_with_a_lookup_and_its_answer() {
 
 #[test]
 fn a_conversation_in_both_directions_sends_the_peer_no_path_keepalives_beyond_the_rtt_refresh() {
-    let mut net = Net::new(75);
-    let a = net.add_host(0, None);
-    let b = net.add_host(1, None);
-    net.run_for(Duration::from_secs(1));
-    net.ping(a, b, Duration::from_secs(2)).expect("first ping");
-    // Past the quick probe rounds (the first 4 s), which probe every path.
-    net.run_for(Duration::from_secs(6));
-    assert_eq!(net.path(a, b), "direct");
+    let (mut net, a, b) = Net::direct_pair(75);
 
     // An echo every 20 ms for 30 s: b answers each (auto echo), so data
     // flows both ways and proves the path at both ends.

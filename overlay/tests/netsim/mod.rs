@@ -397,6 +397,19 @@ impl Net {
         self.run_until(until, |_| false);
     }
 
+    /// Two public hosts (identities 0 and 1) on a direct path, past the
+    /// quick probe rounds (the first 4 s), which probe every path.
+    pub fn direct_pair(seed: u64) -> (Net, usize, usize) {
+        let mut net = Net::new(seed);
+        let a = net.add_host(0, None);
+        let b = net.add_host(1, None);
+        net.run_for(Duration::from_secs(1));
+        net.ping(a, b, Duration::from_secs(2)).expect("first packet");
+        net.run_for(Duration::from_secs(6));
+        assert_eq!(net.path(a, b), "direct");
+        (net, a, b)
+    }
+
     /// Runs to the next multiple of `period` since the simulation's start:
     /// traffic sent at that pace keeps it whatever each step took.
     pub fn run_to_next(&mut self, period: Duration) {
